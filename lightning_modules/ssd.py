@@ -1,0 +1,259 @@
+"""SSD300 / SSD512 on VGG16, with per-layer widths named as in the papers.
+
+Plain ``nn.Module`` parts only (no Lightning): the builder, the L2Norm layer and the default boxes.
+The heads are torchvision's ``SSDHead`` and the default boxes come from torchvision's
+``DefaultBoxGenerator``; what is written here by hand is the VGG16 trunk + extras with *named,
+re-sizable* convolutions, which torchvision's ``SSDFeatureExtractorVGG`` does not offer (its layers
+are anonymous ``Sequential`` entries and its SSD512 variant has the wrong extra layers, see METHOD.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSDHead
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One named convolution of the detector (the papers' layer names)."""
+
+    name: str
+    width: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    pool_after: str | None = None  # "max" (2x2/2), "max_ceil" (2x2/2, ceil mode) or "pool5" (3x3/1, pad 1)
+
+
+# VGG16 trunk as in the original SSD (Liu et al. 2016): pool3 uses ceil mode (75 -> 38 at 300 px),
+# pool5 is 3x3/1 and fc6/fc7 become conv6 (3x3, dilation 6) and conv7 (1x1).
+_VGG = (
+    ConvSpec("conv1_1", 64), ConvSpec("conv1_2", 64, pool_after="max"),
+    ConvSpec("conv2_1", 128), ConvSpec("conv2_2", 128, pool_after="max"),
+    ConvSpec("conv3_1", 256), ConvSpec("conv3_2", 256), ConvSpec("conv3_3", 256, pool_after="max_ceil"),
+    ConvSpec("conv4_1", 512), ConvSpec("conv4_2", 512), ConvSpec("conv4_3", 512, pool_after="max"),
+    ConvSpec("conv5_1", 512), ConvSpec("conv5_2", 512), ConvSpec("conv5_3", 512, pool_after="pool5"),
+    ConvSpec("conv6", 1024, padding=6, dilation=6), ConvSpec("conv7", 1024, kernel=1, padding=0),
+)
+_EXTRAS_300 = (
+    ConvSpec("conv8_1", 256, kernel=1, padding=0), ConvSpec("conv8_2", 512, stride=2),
+    ConvSpec("conv9_1", 128, kernel=1, padding=0), ConvSpec("conv9_2", 256, stride=2),
+    ConvSpec("conv10_1", 128, kernel=1, padding=0), ConvSpec("conv10_2", 256, padding=0),
+    ConvSpec("conv11_1", 128, kernel=1, padding=0), ConvSpec("conv11_2", 256, padding=0),
+)
+# SSD512 (original Caffe model): conv10_2 / conv11_2 are 3x3 stride 2 pad 1 and conv12_2 is 4x4 pad 1.
+_EXTRAS_512 = (
+    ConvSpec("conv8_1", 256, kernel=1, padding=0), ConvSpec("conv8_2", 512, stride=2),
+    ConvSpec("conv9_1", 128, kernel=1, padding=0), ConvSpec("conv9_2", 256, stride=2),
+    ConvSpec("conv10_1", 128, kernel=1, padding=0), ConvSpec("conv10_2", 256, stride=2),
+    ConvSpec("conv11_1", 128, kernel=1, padding=0), ConvSpec("conv11_2", 256, stride=2),
+    ConvSpec("conv12_1", 128, kernel=1, padding=0), ConvSpec("conv12_2", 256, kernel=4, padding=1),
+)
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """Default-box settings of the original SSD (Liu et al. 2016, Caffe prototxts)."""
+
+    sources: tuple[str, ...]
+    feature_maps: tuple[int, ...]
+    steps: tuple[int, ...]
+    min_sizes: tuple[float, ...]
+    max_sizes: tuple[float, ...]
+    aspect_ratios: tuple[tuple[int, ...], ...]
+    variances: tuple[float, float] = (0.1, 0.2)
+
+
+PRIORS = {
+    300: PriorSpec(
+        sources=("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2"),
+        feature_maps=(38, 19, 10, 5, 3, 1),
+        steps=(8, 16, 32, 64, 100, 300),
+        min_sizes=(30, 60, 111, 162, 213, 264),
+        max_sizes=(60, 111, 162, 213, 264, 315),
+        aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    ),
+    512: PriorSpec(
+        sources=("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2", "conv12_2"),
+        feature_maps=(64, 32, 16, 8, 4, 2, 1),
+        steps=(8, 16, 32, 64, 128, 256, 512),
+        min_sizes=(35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8),
+        max_sizes=(76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6),
+        aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
+    ),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The 13 VGG16 convolutions in torchvision's ``vgg16().features`` order.
+VGG_CONV_NAMES = tuple(s.name for s in _VGG[:13])
+
+
+def layer_specs(size: int) -> tuple[ConvSpec, ...]:
+    """All named convolutions of SSD``size`` in forward order."""
+    if size not in PRIORS:
+        raise ValueError(f"size must be 300 or 512, got {size}")
+    return _VGG + (_EXTRAS_300 if size == 300 else _EXTRAS_512)
+
+
+def default_boxes(size: int, num_branches: int | None = None) -> Tensor:
+    """Default boxes as (cx, cy, w, h) in [0, 1], (8732, 4) for SSD300 and (24564, 4) for SSD512.
+
+    torchvision's ``DefaultBoxGenerator`` does the geometry; it expresses min/max sizes as scales
+    s_k = min_size_k / size with s_{k+1} = max_size_k / size, which is exactly the original rule.
+    """
+    spec = PRIORS[size]
+    k = len(spec.sources) if num_branches is None else num_branches
+    scales = [m / size for m in spec.min_sizes[:k]] + [spec.max_sizes[k - 1] / size]
+    gen = DefaultBoxGenerator([list(a) for a in spec.aspect_ratios[:k]], scales=scales, steps=list(spec.steps[:k]))
+    grids = [[f, f] for f in spec.feature_maps[:k]]
+    return gen._grid_default_boxes(grids, [size, size])
+
+
+def num_anchors(size: int) -> list[int]:
+    return [2 + 2 * len(a) for a in PRIORS[size].aspect_ratios]
+
+
+class L2Norm(nn.Module):
+    """Channel-wise L2 normalisation with a learned per-channel scale (ParseNet; SSD's conv4_3, scale 20)."""
+
+    def __init__(self, channels: int, scale: float = 20.0, eps: float = 1e-10):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), float(scale)))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
+        return x / norm * self.weight.view(1, -1, 1, 1)
+
+
+class SSD(nn.Module):
+    """SSD detector. ``forward`` returns the raw head outputs ``(loc, conf)``:
+    ``loc`` (N, P, 4) box offsets against the default boxes and ``conf`` (N, P, num_classes + 1) logits,
+    class 0 being background. Decoding lives in :mod:`lightning_modules.box_ops`.
+    """
+
+    def __init__(self, size: int, num_classes: int, channels: dict[str, int], num_branches: int):
+        super().__init__()
+        self.size = size
+        self.num_classes = num_classes
+        self.num_branches = num_branches
+        spec = PRIORS[size]
+        self.sources = spec.sources[:num_branches]
+        last_source = self.sources[-1]
+        self.specs: tuple[ConvSpec, ...] = ()
+        self.layers = nn.ModuleDict()
+        in_ch = 3
+        for s in layer_specs(size):
+            width = channels[s.name]
+            self.layers[s.name] = nn.Conv2d(in_ch, width, s.kernel, s.stride, s.padding, s.dilation)
+            self.specs += (s,)
+            in_ch = width
+            if s.name == last_source:
+                break
+        self.l2norm = L2Norm(channels["conv4_3"])
+        self.head = SSDHead([channels[n] for n in self.sources], num_anchors(size)[:num_branches], num_classes + 1)
+        self.register_buffer("priors", default_boxes(size, num_branches), persistent=False)
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Current width (output channels) of every named layer."""
+        return {name: conv.out_channels for name, conv in self.layers.items()}
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = []
+        for s in self.specs:
+            x = F.relu(self.layers[s.name](x), inplace=True)
+            if s.name == "conv4_3":
+                features.append(self.l2norm(x))
+            elif s.name in self.sources:
+                features.append(x)
+            if s.pool_after == "max":
+                x = F.max_pool2d(x, 2, 2)
+            elif s.pool_after == "max_ceil":
+                x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+            elif s.pool_after == "pool5":
+                x = F.max_pool2d(x, 3, 1, 1)
+        out = self.head(features)
+        return out["bbox_regression"], out["cls_logits"]
+
+
+def resolve_channels(size: int, channels: dict[str, int] | None = None, width_mult: float = 1.0) -> dict[str, int]:
+    """Widths of every layer: the paper defaults times ``width_mult`` (at least 1), then ``channels`` overrides."""
+    names = [s.name for s in layer_specs(size)]
+    out = {s.name: max(1, int(round(s.width * width_mult))) for s in layer_specs(size)}
+    for name, width in (channels or {}).items():
+        if name not in out:
+            raise ValueError(f"unknown layer {name!r} in channels; SSD{size} layers are: {', '.join(names)}")
+        if int(width) < 1:
+            raise ValueError(f"channels[{name!r}] must be >= 1, got {width}")
+        out[name] = int(width)
+    return out
+
+
+def _init_weights(model: SSD) -> None:
+    for conv in model.layers.values():
+        nn.init.xavier_uniform_(conv.weight)
+        nn.init.zeros_(conv.bias)
+
+
+def load_vgg16_imagenet(model: SSD) -> None:
+    """Copy torchvision's ImageNet VGG16 conv weights (``VGG16_Weights.IMAGENET1K_FEATURES``) into conv1_1..conv5_3.
+
+    Only layers whose width matches the dense VGG16 are loaded, so this is for the unpruned trunk.
+    """
+    from torchvision.models import VGG16_Weights, vgg16
+
+    try:
+        vgg = vgg16(weights=VGG16_Weights.IMAGENET1K_FEATURES)
+    except Exception as err:  # network errors surface as URLError, OSError, RuntimeError...
+        raise RuntimeError(
+            "could not load torchvision's ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_FEATURES): "
+            f"{err}. They are downloaded on first use into the torch hub cache (~/.cache/torch/hub/checkpoints); "
+            "on an offline machine copy the file there first, or run with --model.pretrained_backbone false."
+        ) from err
+    convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
+    for name, src in zip(VGG_CONV_NAMES, convs):
+        dst = model.layers[name]
+        if dst.weight.shape != src.weight.shape:
+            raise ValueError(
+                f"pretrained_backbone needs the full VGG16 width at {name}: model has {tuple(dst.weight.shape)}, "
+                f"ImageNet weights are {tuple(src.weight.shape)}"
+            )
+        with torch.no_grad():
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+
+
+def build_ssd(
+    size: int = 300,
+    num_classes: int = 21,
+    channels: dict[str, int] | None = None,
+    width_mult: float = 1.0,
+    num_branches: int | None = None,
+    pretrained_backbone: bool = False,
+) -> SSD:
+    """Build SSD``size`` on VGG16.
+
+    ``num_classes`` counts the object classes *with* background, as in the papers' "21 classes" for VOC;
+    ``channels`` maps the papers' layer names to widths (the rest follow ``width_mult``);
+    ``num_branches`` keeps only the first k detection branches (paper A's "pruned-kdet").
+    """
+    n_src = len(PRIORS[size].sources) if size in PRIORS else 0
+    if size not in PRIORS:
+        raise ValueError(f"size must be 300 or 512, got {size}")
+    k = n_src if num_branches is None else int(num_branches)
+    if not 1 <= k <= n_src:
+        raise ValueError(f"num_branches must be in 1..{n_src} for SSD{size}, got {num_branches}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
+    model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k)
+    _init_weights(model)
+    if pretrained_backbone:
+        load_vgg16_imagenet(model)
+    return model

@@ -1,0 +1,152 @@
+"""VOC mAP: hand-worked cases and a loop-by-loop transcription of the devkit's voc_eval as the reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.metrics import VOCMeanAveragePrecision, voc_ap
+
+
+def devkit_ap(dets, gts, cls, use_07):
+    """Transcription of py-faster-rcnn voc_eval for one class. dets: list of (img, score, box)."""
+    recs = {}
+    npos = 0
+    for img, g in enumerate(gts):
+        m = g["labels"] == cls
+        bb, diff = g["boxes"][m], g["difficult"][m]
+        npos += int((~diff).sum())
+        recs[img] = {"bbox": bb, "difficult": diff, "det": [False] * len(bb)}
+    d = [x for x in dets if x[3] == cls]
+    d.sort(key=lambda x: -x[1])
+    tp, fp = np.zeros(len(d)), np.zeros(len(d))
+    for i, (img, _, bb, _) in enumerate(d):
+        r = recs[img]
+        ovmax, jmax = -np.inf, -1
+        if len(r["bbox"]):
+            g = r["bbox"]
+            ixmin, iymin = np.maximum(g[:, 0], bb[0]), np.maximum(g[:, 1], bb[1])
+            ixmax, iymax = np.minimum(g[:, 2], bb[2]), np.minimum(g[:, 3], bb[3])
+            iw, ih = np.maximum(ixmax - ixmin + 1.0, 0.0), np.maximum(iymax - iymin + 1.0, 0.0)
+            inters = iw * ih
+            uni = (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0) + (g[:, 2] - g[:, 0] + 1.0) * (g[:, 3] - g[:, 1] + 1.0) - inters
+            ov = inters / uni
+            ovmax, jmax = ov.max(), ov.argmax()
+        if ovmax > 0.5:
+            if not r["difficult"][jmax]:
+                if not r["det"][jmax]:
+                    tp[i] = 1.0
+                    r["det"][jmax] = True
+                else:
+                    fp[i] = 1.0
+        else:
+            fp[i] = 1.0
+    if npos == 0:
+        return float("nan")
+    fp, tp = np.cumsum(fp), np.cumsum(tp)
+    rec = tp / float(npos)
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    if use_07:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+            ap += p / 11.0
+        return ap
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    for i in range(mpre.size - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _t(boxes, labels, difficult=None, scores=None):
+    d = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels, dtype=torch.long)}
+    if difficult is not None:
+        d["difficult"] = torch.tensor(difficult, dtype=torch.bool)
+    if scores is not None:
+        d["scores"] = torch.tensor(scores, dtype=torch.float32)
+    return d
+
+
+def test_perfect_detection_is_one():
+    m = VOCMeanAveragePrecision(num_classes=2)
+    m.update([_t([[10, 10, 50, 50]], [0], scores=[0.9])], [_t([[10, 10, 50, 50]], [0])])
+    out = m.compute()
+    assert out["map"].item() == pytest.approx(1.0)
+    assert torch.isnan(out["ap_per_class"][1])  # class 1 has no ground truth: excluded from the mean
+
+
+def test_duplicate_detection_is_false_positive():
+    # Two detections on one gt: the second (lower score) is an FP -> precision 1 at recall 1 still first.
+    m = VOCMeanAveragePrecision(num_classes=1, use_07_metric=False)
+    m.update([_t([[10, 10, 50, 50], [11, 11, 50, 50]], [0, 0], scores=[0.9, 0.8])],
+             [_t([[10, 10, 50, 50], [100, 100, 140, 140]], [0, 0])])
+    # rec = [0.5, 0.5], prec = [1, 0.5] -> all-point AP = 0.5
+    assert m.compute()["map"].item() == pytest.approx(0.5)
+
+
+def test_difficult_is_neither_tp_nor_fp():
+    m = VOCMeanAveragePrecision(num_classes=1, use_07_metric=False)
+    # Highest score hits the difficult gt: ignored. Next hits the normal gt: TP. -> AP 1.
+    m.update([_t([[0, 0, 20, 20], [50, 50, 90, 90]], [0, 0], scores=[0.99, 0.5])],
+             [_t([[0, 0, 20, 20], [50, 50, 90, 90]], [0, 0], difficult=[True, False])])
+    assert m.compute()["map"].item() == pytest.approx(1.0)
+
+
+def test_no_detections_gives_zero():
+    m = VOCMeanAveragePrecision(num_classes=1)
+    m.update([_t([], [], scores=[])], [_t([[0, 0, 20, 20]], [0])])
+    assert m.compute()["map"].item() == 0.0
+
+
+def test_inclusive_pixel_convention():
+    # 10x10 px boxes [0,9] and [5,14]: devkit IoU = 50/150 = 1/3 (< 0.5) -> FP; without +1 it would be 45/155.
+    # Shift by 4 instead: overlap 6x10=60 of 140 = 0.43 -> FP; shift by 3: 70/130 = 0.538 -> TP.
+    for shift, expected in ((4, 0.0), (3, 1.0)):
+        m = VOCMeanAveragePrecision(num_classes=1)
+        m.update([_t([[shift, 0, 9 + shift, 9]], [0], scores=[1.0])], [_t([[0, 0, 9, 9]], [0])])
+        assert m.compute()["map"].item() == pytest.approx(expected)
+
+
+def test_11_point_vs_all_point():
+    # rec [0.5, 0.5, 1.0], prec [1, 0.5, 0.667]: 11-pt = (6*1 + 5*0.667)/11 ; all-point = 0.5*1 + 0.5*0.667
+    rec = torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64)
+    prec = torch.tensor([1.0, 0.5, 2 / 3], dtype=torch.float64)
+    assert voc_ap(rec, prec, True).item() == pytest.approx((6 + 5 * 2 / 3) / 11)
+    assert voc_ap(rec, prec, False).item() == pytest.approx(0.5 + 0.5 * 2 / 3)
+
+
+def _random_case(rng, n_img, n_cls):
+    preds, gts, dets_np, gts_np = [], [], [], []
+    for img in range(n_img):
+        ng = rng.integers(0, 5)
+        xy = rng.uniform(0, 200, (ng, 2))
+        wh = rng.uniform(5, 100, (ng, 2))
+        gb = np.round(np.concatenate([xy, xy + wh], 1))
+        gl = rng.integers(0, n_cls, ng)
+        gd = rng.random(ng) < 0.2
+        nd = rng.integers(0, 8)
+        src = gb[rng.integers(0, max(ng, 1), nd)] if ng else rng.uniform(0, 200, (nd, 4))
+        db = src + rng.normal(0, 8, (nd, 4))
+        db[:, 2:] = np.maximum(db[:, 2:], db[:, :2] + 1)
+        dl = np.where(rng.random(nd) < 0.8, gl[rng.integers(0, max(ng, 1), nd)] if ng else 0, rng.integers(0, n_cls, nd))
+        ds = rng.random(nd)
+        preds.append(_t(db, dl, scores=ds))
+        gts.append(_t(gb, gl, difficult=gd))
+        dets_np += [(img, s, b, l) for s, b, l in zip(ds.astype(np.float32), db.astype(np.float32).astype(np.float64), dl)]
+        gts_np.append({"boxes": gb, "labels": gl, "difficult": gd})
+    return preds, gts, dets_np, gts_np
+
+
+@pytest.mark.parametrize("use_07", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_devkit_reference(seed, use_07):
+    rng = np.random.default_rng(seed)
+    preds, gts, dets_np, gts_np = _random_case(rng, n_img=40, n_cls=4)
+    m = VOCMeanAveragePrecision(num_classes=4, use_07_metric=use_07)
+    # Feed in two chunks, as validation batches would.
+    m.update(preds[:17], gts[:17])
+    m.update(preds[17:], gts[17:])
+    ours = m.compute()["ap_per_class"].numpy()
+    ref = np.array([devkit_ap(dets_np, gts_np, c, use_07) for c in range(4)])
+    np.testing.assert_allclose(ours, ref, atol=1e-6, equal_nan=True)
