@@ -1,0 +1,74 @@
+"""Model size / cost measurements for the compression report and ``summary.json``.
+
+MACs and parameter counts come from Torch-Pruning's ``count_ops_and_params``; latency is measured here
+(median of repeated batch-1 forward passes on the CPU of the machine that ran).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """fp32 size of the saved weights in MB (10^6 bytes), the unit of the papers' tables."""
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()) / 1e6
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, input_size: int, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of one batch-1 forward pass on CPU, in milliseconds."""
+    import copy
+
+    m = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(1, 3, input_size, input_size)
+    for _ in range(warmup):
+        m(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict[str, float]:
+    """params, MACs (one image), fp32 size (MB) and CPU latency (ms, batch 1) of a detector."""
+    import torch_pruning as tp
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
+    model.train(was_training)
+    stats = {"params": int(params), "macs": int(macs), "size_mb": round(model_size_mb(model), 4)}
+    if latency:
+        stats["latency_ms"] = round(cpu_latency_ms(model, input_size), 3)
+    return stats
+
+
+def compression(dense: dict, final: dict) -> dict[str, float]:
+    def ratio(key: str) -> float:
+        return round(dense[key] / final[key], 4) if final.get(key) else float("nan")
+
+    return {
+        "params_x": ratio("params"),
+        "size_x": ratio("size_mb"),
+        "macs_x": ratio("macs"),
+        "speedup_x": round(dense["latency_ms"] / final["latency_ms"], 4) if final.get("latency_ms") else float("nan"),
+    }
+
+
+def write_summary(path: Path, summary: dict) -> Path:
+    """Write ``summary.json`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,180 @@
+"""The SSD LightningModule: loss, optimiser and schedule, decoding, VOC07 + COCO-style mAP."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+
+from lightning_modules.box_ops import MultiBoxLoss, decode
+from lightning_modules.metrics import VOCMeanAveragePrecision
+from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or Inf."""
+
+
+class SSDDetector(pl.LightningModule):
+    """SSD300/SSD512 detector.
+
+    Args:
+        classes: object class names (background excluded); linked from the data module, so ``num_classes``
+            (``len(classes) + 1``) follows the data set.
+        size: 300 or 512.
+        channels: per-layer widths by the papers' layer names (a pruned model's architecture).
+        width_mult: scales every default width (small demo models).
+        num_branches: keep only the first k detection branches.
+        pretrained_backbone: start conv1_1..conv5_3 from torchvision's ImageNet VGG16 features.
+        lr, momentum, weight_decay: SGD settings (SSD recipe: 1e-3, 0.9, 5e-4 at batch 32).
+        warmup_iters: linear warm-up from ``warmup_factor * lr`` over this many iterations.
+        lr_milestones: iterations at which the learning rate is multiplied by ``lr_gamma``
+            (recipe: 80k and 100k of 120k). ``cosine_iters`` > 0 replaces the steps by a cosine decay to 0
+            over that many iterations (used by the short demo).
+        conf_threshold, nms_threshold, top_k: test-time decoding (recipe: 0.01, 0.45, 200).
+        use_07_metric: VOC2007 11-point AP (True) or all-point AP.
+        coco_map: also log COCO-style mAP@[.5:.95], @.5, @.75 (torchmetrics, faster_coco_eval backend).
+    """
+
+    def __init__(
+        self,
+        classes: list[str],
+        size: int = 300,
+        channels: dict[str, int] | None = None,
+        width_mult: float = 1.0,
+        num_branches: int | None = None,
+        pretrained_backbone: bool = False,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_iters: int = 500,
+        warmup_factor: float = 1.0 / 3,
+        lr_milestones: list[int] = (80_000, 100_000),
+        lr_gamma: float = 0.1,
+        cosine_iters: int = 0,
+        neg_pos_ratio: int = 3,
+        conf_threshold: float = 0.01,
+        nms_threshold: float = 0.45,
+        top_k: int = 200,
+        use_07_metric: bool = True,
+        coco_map: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.classes = list(classes)
+        self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone)
+        self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.metrics = torch.nn.ModuleDict()
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_voc"] = VOCMeanAveragePrecision(len(self.classes), use_07_metric=use_07_metric)
+            if coco_map:
+                self.metrics[f"{stage}_coco"] = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+
+    # ----------------------------------------------------------------- forward / loss
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 RGB batch -> ImageNet-normalised float (done on the device, on whole batches)."""
+        return (images.float() - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model(self.preprocess(images))
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        loc, conf = self(images)
+        losses = self.loss_fn(loc, conf, self.model.priors, targets)
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"training loss became {losses['loss'].item()} at global step {self.global_step} "
+                f"(loc {losses['loc'].item():.4g}, conf {losses['conf'].item():.4g}). Training stopped; the last good "
+                "checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr or lengthen the warm-up "
+                "(--model.warmup_iters), and check the data for broken boxes."
+            )
+        bs = images.shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/loss_loc", losses["loc"], batch_size=bs)
+        self.log("train/loss_conf", losses["conf"], batch_size=bs)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        return losses["loss"]
+
+    # ----------------------------------------------------------------- evaluation
+    def predict_batch(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Detections with normalised xyxy boxes."""
+        loc, conf = self(images)
+        hp = self.hparams
+        return decode(loc, conf, self.model.priors, hp.conf_threshold, hp.nms_threshold, hp.top_k)
+
+    def _eval_step(self, batch, stage: str) -> None:
+        images, targets = batch
+        if not targets:
+            return
+        dets = self.predict_batch(images)
+        voc_preds, voc_targets, coco_preds, coco_targets = [], [], [], []
+        for d, t in zip(dets, targets):
+            h, w = t["orig_size"].tolist()
+            px = d["boxes"] * d["boxes"].new_tensor([w, h, w, h])
+            # continuous 0-based -> VOC 1-based inclusive pixels, the devkit's convention
+            voc_boxes = torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], dim=1)
+            voc_preds.append({"boxes": voc_boxes, "scores": d["scores"], "labels": d["labels"]})
+            voc_targets.append({"boxes": t["voc_boxes"], "labels": t["voc_labels"], "difficult": t["voc_difficult"]})
+            keep = ~t["voc_difficult"]
+            gt = t["voc_boxes"][keep].clone()
+            gt[:, :2] -= 1
+            coco_preds.append({"boxes": px, "scores": d["scores"], "labels": d["labels"]})
+            coco_targets.append({"boxes": gt, "labels": t["voc_labels"][keep]})
+        self.metrics[f"{stage}_voc"].update(voc_preds, voc_targets)
+        if f"{stage}_coco" in self.metrics:
+            self.metrics[f"{stage}_coco"].update(coco_preds, coco_targets)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        voc = self.metrics[f"{stage}_voc"].compute()
+        self.metrics[f"{stage}_voc"].reset()
+        self.log(f"{stage}/map50", voc["map"], prog_bar=True, sync_dist=False)
+        for name, ap in zip(self.classes, voc["ap_per_class"]):
+            if not math.isnan(ap.item()):
+                self.log(f"{stage}/ap50/{name}", ap)
+        if f"{stage}_coco" in self.metrics:
+            coco = self.metrics[f"{stage}_coco"].compute()
+            self.metrics[f"{stage}_coco"].reset()
+            for key in ("map", "map_50", "map_75"):
+                self.log(f"{stage}/coco_{key}", coco[key])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ----------------------------------------------------------------- optimisation
+    def lr_factor(self, it: int) -> float:
+        """Learning-rate multiplier at iteration ``it``: linear warm-up, then steps (or cosine)."""
+        hp = self.hparams
+        if hp.cosine_iters > 0:
+            factor = 0.5 * (1 + math.cos(math.pi * min(it, hp.cosine_iters) / hp.cosine_iters))
+        else:
+            factor = hp.lr_gamma ** sum(it >= m for m in hp.lr_milestones)
+        if it < hp.warmup_iters:
+            factor *= hp.warmup_factor + (1 - hp.warmup_factor) * it / hp.warmup_iters
+        return factor
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if name.endswith("bias") or name.startswith("l2norm") else decay).append(p)
+        opt = torch.optim.SGD(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, momentum=hp.momentum,
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

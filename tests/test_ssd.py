@@ -1,0 +1,118 @@
+"""Model builder, default boxes, loss and decoding."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_modules.box_ops import MultiBoxLoss, decode
+from lightning_modules.ssd import build_ssd, default_boxes, resolve_channels
+
+# Paper A, Table 1: SSD300 pruned-6det widths.
+P6DET = {"conv1_2": 56, "conv2_1": 107, "conv2_2": 121, "conv3_1": 193, "conv3_2": 158, "conv3_3": 195,
+         "conv4_1": 263, "conv4_2": 181, "conv4_3": 331, "conv5_1": 98, "conv5_2": 108, "conv5_3": 78,
+         "conv6": 146, "conv7": 106, "conv8_1": 34, "conv8_2": 198, "conv9_1": 12, "conv9_2": 36,
+         "conv10_1": 22, "conv10_2": 41, "conv11_1": 22, "conv11_2": 66}
+
+
+def nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_the_papers():
+    assert nparams(build_ssd(300, 21)) == 26_285_486
+    assert nparams(build_ssd(512, 21)) == 27_188_676
+    assert nparams(build_ssd(300, 21, channels=P6DET)) == 3_926_774  # METHOD.md: 3.927M
+
+
+def test_same_count_as_torchvision_ssd300():
+    import torchvision
+
+    tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21)
+    assert nparams(tv) == nparams(build_ssd(300, 21))
+
+
+@pytest.mark.parametrize("size,count,maps", [(300, 8732, [38, 19, 10, 5, 3, 1]), (512, 24564, [64, 32, 16, 8, 4, 2, 1])])
+def test_default_box_counts_and_feature_maps(size, count, maps):
+    assert default_boxes(size).shape == (count, 4)
+    model = build_ssd(size, 3, width_mult=0.0625)
+    feats = []
+    for name in model.sources:
+        model.layers[name].register_forward_hook(lambda m, i, o: feats.append(o.shape[-1]))
+    loc, conf = model(torch.zeros(1, 3, size, size))
+    assert feats == maps
+    assert loc.shape == (1, count, 4) and conf.shape == (1, count, 3)
+
+
+def test_default_box_golden_values():
+    b = default_boxes(300)
+    # first location of conv4_3: centre (0.5 * 8 / 300), sizes 30/300, sqrt(30*60)/300, 0.1*sqrt(2) x 0.1/sqrt(2)
+    c = 4 / 300
+    torch.testing.assert_close(b[0], torch.tensor([c, c, 0.1, 0.1]))
+    torch.testing.assert_close(b[1], torch.tensor([c, c, math.sqrt(0.02), math.sqrt(0.02)]))
+    torch.testing.assert_close(b[2], torch.tensor([c, c, 0.1 * math.sqrt(2), 0.1 / math.sqrt(2)]))
+    # last box of SSD300: the 1x1 map, centre 0.5, aspect 1/2 of the 264 px box
+    torch.testing.assert_close(b[-1], torch.tensor([0.5, 0.5, 0.88 / math.sqrt(2), min(1.0, 0.88 * math.sqrt(2))]))
+    # SSD512 conv12_2 (1x1, step 512) centre is 0.5
+    assert default_boxes(512)[-1, :2].tolist() == [0.5, 0.5]
+
+
+def test_num_branches_keeps_first_k():
+    m = build_ssd(300, 21, num_branches=3)
+    assert "conv9_1" not in m.layers and m.sources == ("conv4_3", "conv7", "conv8_2")
+    assert m.priors.shape[0] == 38 * 38 * 4 + 19 * 19 * 6 + 10 * 10 * 6
+    loc, _ = m(torch.zeros(1, 3, 300, 300))
+    assert loc.shape[1] == m.priors.shape[0]
+
+
+def test_channels_and_errors():
+    ch = resolve_channels(300, {"conv6": 100}, width_mult=0.5)
+    assert ch["conv6"] == 100 and ch["conv7"] == 512
+    with pytest.raises(ValueError, match="unknown layer 'conv99'"):
+        build_ssd(300, 21, channels={"conv99": 3})
+    with pytest.raises(ValueError, match="size must be 300 or 512"):
+        build_ssd(400)
+    with pytest.raises(ValueError, match="num_branches"):
+        build_ssd(300, num_branches=7)
+
+
+def test_pretrained_backbone_offline_fails_clearly(monkeypatch):
+    import torchvision.models
+
+    def boom(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models, "vgg16", boom)
+    with pytest.raises(RuntimeError, match="IMAGENET1K_FEATURES.*offline"):
+        build_ssd(300, 21, pretrained_backbone=True)
+
+
+def test_loss_is_finite_with_and_without_objects():
+    torch.manual_seed(0)
+    m = build_ssd(300, 4, width_mult=0.0625)
+    loc, conf = m(torch.randn(2, 3, 300, 300))
+    targets = [
+        {"boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6], [0.5, 0.5, 0.52, 0.53]]), "labels": torch.tensor([0, 2])},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)},
+    ]
+    out = MultiBoxLoss()(loc, conf, m.priors, targets)
+    assert torch.isfinite(out["loss"]) and out["num_pos"] >= 2  # every gt gets at least its best prior
+    out["loss"].backward()
+
+
+def test_hard_negatives_three_to_one():
+    loss = MultiBoxLoss()
+    priors = default_boxes(300)
+    cls_t, _ = loss.match(priors, [{"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6]]), "labels": torch.tensor([1])}])
+    assert set(cls_t.unique().tolist()) == {0, 2}  # background + label 1 shifted by one
+
+
+def test_decode_respects_top_k_and_threshold():
+    m = build_ssd(300, 6, width_mult=0.0625)
+    loc, conf = m(torch.randn(2, 3, 300, 300))
+    dets = decode(loc, conf, m.priors, conf_threshold=0.01, top_k=50)
+    assert len(dets) == 2
+    for d in dets:
+        assert len(d["boxes"]) <= 50 and (d["scores"] > 0.01).all()
+        assert d["labels"].min() >= 0 and d["labels"].max() < 5
+        assert (d["boxes"] >= 0).all() and (d["boxes"] <= 1).all()

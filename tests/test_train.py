@@ -1,0 +1,113 @@
+"""train.py end to end: every experiment YAML on shrunken data, CLI overrides, bad configs, NaN guard, W&B."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_train
+from tests.voc_fixture import tiny_voc
+
+SUMMARY_KEYS = {"params", "macs", "size_mb", "map50", "latency_ms"}
+
+
+def _summary(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("summary: "), proc.stdout[-2000:]
+    path = Path(last[len("summary: "):])
+    if not path.is_absolute():
+        path = Path(__file__).resolve().parents[1] / path
+    return path, json.loads(path.read_text())
+
+
+def _demo_args(tmp_path, *extra):
+    return ["--config", "experiments/demo.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--data.root", str(tmp_path / "syn"), "--data.synthetic.num_train", "8", "--data.synthetic.num_test", "4",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.logger", "false", *extra]
+
+
+def test_demo_fast_dev_run_writes_summary(tmp_path):
+    proc = run_train(_demo_args(tmp_path, "--trainer.fast_dev_run", "true"))
+    path, s = _summary(proc)
+    assert SUMMARY_KEYS <= set(s["dense"]) and SUMMARY_KEYS <= set(s["final"])
+    assert set(s["compression"]) == {"params_x", "size_x", "macs_x", "speedup_x"}
+    assert s["compression"]["params_x"] == 1.0 and s["channels"]["conv7"] == 128
+    assert (path.parent / "config.yaml").is_file()
+    assert 0.0 <= s["final"]["map50"] <= 1.0
+
+
+@pytest.mark.parametrize("config,size", [("voc_ssd300", 300), ("voc_ssd512", 512)])
+def test_voc_experiments_fast_dev_run(tmp_path, config, size):
+    tiny_voc(tmp_path / "voc", classes=("cat", "dog"), year=2007)
+    tiny_voc(tmp_path / "voc", classes=("dog", "person"), year=2012)
+    proc = run_train(["--config", f"experiments/{config}.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                      "--data.root", str(tmp_path / "voc"), "--data.batch_size", "2", "--data.num_workers", "0",
+                      "--model.pretrained_backbone", "false", "--trainer.fast_dev_run", "true",
+                      "--trainer.accelerator", "cpu", "--trainer.logger", "false"])
+    path, s = _summary(proc)
+    # full-width SSD with the 20 VOC classes
+    assert s["final"]["params"] == {300: 26_285_486, 512: 27_188_676}[size]
+
+
+def test_any_voc_format_dataset_and_overrides(tmp_path):
+    tiny_voc(tmp_path / "pets", classes=("cat", "dog"))
+    proc = run_train(["--config", "experiments/demo.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+                      "--data.root", str(tmp_path / "pets"), "--data.train_sets", "[[2007, trainval]]",
+                      "--data.test_set", "[2007, test]", "--data.classes", "[cat, dog]",
+                      "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.max_epochs", "1",
+                      "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+                      "--run_name", "pets"])
+    path, s = _summary(proc)
+    cfg = yaml.safe_load((path.parent / "config.yaml").read_text())
+    assert cfg["data"]["init_args"]["batch_size"] == 2 and cfg["trainer"]["max_epochs"] == 1
+    assert cfg["model"]["init_args"]["classes"] == ["cat", "dog"]  # num_classes follows the data
+    ckpt = torch.load(path.parent / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["state_dict"]["model.head.classification_head.module_list.0.bias"].shape[0] == 4 * 3
+
+
+def test_missing_data_root_stops_with_clear_message(tmp_path):
+    proc = run_train(["--config", "experiments/voc_ssd300.yaml", "--data.root", str(tmp_path / "nowhere"),
+                      "--model.pretrained_backbone", "false", "--trainer.logger", "false",
+                      "--trainer.default_root_dir", str(tmp_path / "runs")])
+    assert proc.returncode == 2
+    assert "nowhere/VOCdevkit/VOC2007/ImageSets/Main/trainval.txt" in proc.stderr
+    assert "--data.download true" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wrong_config_key_is_a_cli_error(tmp_path):
+    proc = run_train(["--config", "experiments/demo.yaml", "--model.learning_rate", "0.1"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "learning_rate" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    proc = run_train(_demo_args(tmp_path, "--model.class_path", "tests.helpers.NaNAfterDetector",
+                                "--model.init_args.nan_step", "3", "--trainer.max_epochs", "4",
+                                "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                                "--run_name", "nan"))
+    assert proc.returncode == 1
+    assert "training loss became nan at global step 3" in proc.stderr and "Traceback" not in proc.stderr
+    ckpt = tmp_path / "runs" / "nan" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_wandb_offline_without_credentials(tmp_path):
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": ""}
+    args = _demo_args(tmp_path, "--trainer.fast_dev_run", "true")
+    args = args[: args.index("--trainer.logger")] + args[args.index("--trainer.logger") + 2:]
+    e = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    e["HOME"] = str(tmp_path)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=Path(__file__).resolve().parents[1], env=e,
+                          capture_output=True, text=True, timeout=600)
+    path, s = _summary(proc)
+    assert s["wandb_dir"] and Path(s["wandb_dir"]).is_dir()
+    assert f"wandb sync {s['wandb_dir']}" in proc.stdout

@@ -1,0 +1,96 @@
+"""SSD augmentation: property tests of the min-IoU crop and the whole training pipeline."""
+
+import albumentations as A
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datamodules.transforms import MinIoURandomCrop, ZoomOut, _iou_with_crop, ssd_train_transform
+
+
+@st.composite
+def image_and_boxes(draw):
+    h = draw(st.integers(40, 300))
+    w = draw(st.integers(40, 300))
+    n = draw(st.integers(1, 6))
+    boxes = []
+    for _ in range(n):
+        x1 = draw(st.floats(0, w - 5))
+        y1 = draw(st.floats(0, h - 5))
+        x2 = draw(st.floats(x1 + 2, w))
+        y2 = draw(st.floats(y1 + 2, h))
+        boxes.append((x1, y1, x2, y2))
+    return np.zeros((h, w, 3), np.uint8), np.asarray(boxes, np.float32)
+
+
+def _compose(t):
+    return A.Compose([t], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True), seed=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=image_and_boxes(), min_iou=st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]), seed=st.integers(0, 10_000))
+def test_min_iou_crop_honours_its_condition(data, min_iou, seed):
+    img, boxes = data
+    crop_t = MinIoURandomCrop(min_ious=(min_iou,))
+    crop_t.set_random_seed(seed)
+    h, w = img.shape[:2]
+    norm = boxes / np.array([w, h, w, h], np.float32)
+    params = crop_t.get_params_dependent_on_data({"shape": img.shape}, {"bboxes": norm})
+    x0, y0, x1, y1 = params["crop_coords"]
+    if (x0, y0, x1, y1) != (0, 0, w, h):
+        # an accepted crop overlaps *every* box by at least the minimum IoU ...
+        assert _iou_with_crop(boxes.astype(np.float64), np.array([x0, y0, x1, y1], np.float64)).min() >= min_iou
+        # ... and its sides are at least 0.3 of the image with aspect in [1/2, 2]
+        assert x1 - x0 >= int(0.3 * w) - 1 and y1 - y0 >= int(0.3 * h) - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=image_and_boxes(), seed=st.integers(0, 10_000))
+def test_min_iou_crop_keeps_valid_boxes_with_centre_inside(data, seed):
+    img, boxes = data
+    t = _compose(MinIoURandomCrop())
+    t.set_random_seed(seed)
+    labels = list(range(len(boxes)))
+    out = t(image=img, bboxes=boxes, labels=labels)
+    oh, ow = out["image"].shape[:2]
+    ob = np.asarray(out["bboxes"]).reshape(-1, 4)
+    assert len(ob) == len(out["labels"]) >= 1  # an accepted crop holds at least one box centre
+    assert (ob[:, 2] > ob[:, 0]).all() and (ob[:, 3] > ob[:, 1]).all()
+    assert (ob >= 0).all() and (ob[:, [0, 2]] <= ow + 1e-3).all() and (ob[:, [1, 3]] <= oh + 1e-3).all()
+
+
+def test_min_iou_crop_drops_boxes_whose_centre_is_outside():
+    t = MinIoURandomCrop()
+    bboxes = np.array([[0.0, 0.0, 0.2, 0.2, 0], [0.6, 0.6, 0.9, 0.9, 1]], np.float32)  # normalised + label column
+    out = t.apply_to_bboxes(bboxes, crop_coords=(50, 50, 100, 100), shape=(100, 100, 3))
+    assert out.shape == (1, 5) and out[0, 4] == 1
+    np.testing.assert_allclose(out[0, :4], [0.2, 0.2, 0.8, 0.8], atol=1e-6)
+
+
+def test_the_old_broken_condition_would_accept_everything():
+    # ssd.pytorch: `if overlap.min() < min_iou and max_iou < overlap.max(): continue` with max_iou=inf never fires.
+    overlap = np.array([0.05, 0.6])
+    assert not (overlap.min() < 0.5 and float("inf") < overlap.max())
+    assert overlap.min() < 0.5  # ours rejects this crop
+
+
+def test_zoom_out_keeps_boxes_on_the_object():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[20:60, 40:120] = 255
+    t = _compose(ZoomOut(max_ratio=3.0, p=1.0))
+    out = t(image=img, bboxes=np.array([[40, 20, 120, 60]], np.float32), labels=[0])
+    x1, y1, x2, y2 = np.round(out["bboxes"][0]).astype(int)
+    assert out["image"].shape[0] >= 100 and (out["image"][y1:y2, x1:x2] == 255).all()
+
+
+def test_train_pipeline_outputs_fixed_size_and_valid_boxes():
+    rng = np.random.default_rng(0)
+    t = ssd_train_transform(300)
+    for i in range(30):
+        img = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        boxes = np.array([[10, 10, 100, 120], [150, 60, 300, 230]], np.float32)
+        out = t(image=img, bboxes=boxes, labels=[0, 1], difficult=[False, True])
+        assert out["image"].shape == (300, 300, 3)
+        ob = np.asarray(out["bboxes"]).reshape(-1, 4)
+        assert len(ob) == len(out["labels"]) == len(out["difficult"])
+        assert (ob[:, 2] > ob[:, 0]).all() and (ob >= 0).all() and (ob <= 300).all()

@@ -1,0 +1,118 @@
+"""The VOC loader on data written in the real on-disk layout, and its errors for bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.transforms import ssd_eval_transform, ssd_train_transform
+from datamodules.voc import DataError, VOCDataModule, VOCDataset, collate
+from lightning_modules.box_ops import MultiBoxLoss
+from lightning_modules.ssd import build_ssd
+from tests.voc_fixture import tiny_voc, write_voc
+
+CLASSES = ("cat", "dog")
+
+
+def test_reads_any_child_order_and_names_images_by_id(tmp_path):
+    write_voc(tmp_path, 2007, {"trainval": ["a", "b"]}, {
+        "a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)]),
+        "b": (120, 90, [("dog", (1, 1, 120, 90), False)]),
+    })
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    assert [a.image_id for a in ds.items] == ["a", "b"]
+    a = ds.items[0]
+    assert a.image_path.name == "a.jpg" and (a.width, a.height) == (100, 80)
+    order = np.argsort(a.labels)  # the fixture shuffles object order too
+    np.testing.assert_array_equal(a.boxes[order], [[10, 12, 50, 60], [30, 20, 90, 70]])
+    assert a.labels[order].tolist() == [0, 1] and a.difficult[order].tolist() == [False, True]
+    img, t = ds[0]
+    assert img.shape == (3, 300, 300) and img.dtype == torch.uint8
+    # eval keeps difficult objects, flagged; normalised boxes are the 0-based continuous ones
+    assert sorted(t["voc_difficult"].tolist()) == [False, True]
+    cat = int(torch.nonzero(t["labels"] == 0)[0])
+    torch.testing.assert_close(t["boxes"][cat], torch.tensor([9 / 100, 11 / 80, 50 / 100, 60 / 80]))
+
+
+def test_difficult_dropped_for_training_by_default(tmp_path):
+    write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)])})
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_train_transform(300), keep_difficult=False)
+    assert ds.items[0].labels.tolist() == [0]
+
+
+def test_missing_root_names_path_and_layout(tmp_path):
+    with pytest.raises(DataError) as err:
+        VOCDataset(tmp_path / "nope", [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    msg = str(err.value)
+    assert "nope/VOCdevkit/VOC2007/ImageSets/Main/trainval.txt" in msg
+    assert "Expected layout" in msg and "--data.download true" in msg
+
+
+def test_missing_split_file(tmp_path):
+    tiny_voc(tmp_path)
+    with pytest.raises(DataError, match="split file not found: .*VOC2007/ImageSets/Main/val.txt"):
+        VOCDataset(tmp_path, [(2007, "val")], CLASSES, ssd_eval_transform(300))
+
+
+def test_malformed_xml_names_file_or_is_skipped(tmp_path):
+    base = tiny_voc(tmp_path) / "VOCdevkit" / "VOC2007"
+    bad = base / "Annotations" / "2007_0001.xml"
+    bad.write_text("<annotation><size><width>10</width>")
+    with pytest.raises(DataError, match="2007_0001.xml: malformed XML"):
+        VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    with pytest.warns(UserWarning, match="1 bad samples skipped"):
+        ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300), skip_bad_samples=True)
+    assert len(ds) == 3 and len(ds.skipped) == 1
+
+
+def test_unreadable_image_names_file_or_is_skipped(tmp_path):
+    base = tiny_voc(tmp_path) / "VOCdevkit" / "VOC2007"
+    (base / "JPEGImages" / "2007_0002.jpg").write_bytes(b"not a jpeg")
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    with pytest.raises(DataError, match="2007_0002.jpg: unreadable or corrupt image"):
+        ds[2]
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300), skip_bad_samples=True)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        images, targets = collate([ds[1], ds[2], ds[3]])
+    assert images.shape[0] == 2 and len(targets) == 2
+
+
+def test_unknown_class_lists_names(tmp_path):
+    write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("horse", (10, 12, 50, 60), False)])})
+    with pytest.raises(DataError, match=r"unknown class 'horse'.*cat, dog.*--data.classes"):
+        VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+
+
+def test_degenerate_boxes_clipped_or_dropped_never_nan(tmp_path):
+    write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [
+        ("cat", (50, 10, 40, 60), False),     # x2 <= x1: dropped
+        ("dog", (-20, 5, 140, 200), False),   # outside the image: clipped
+        ("cat", (120, 90, 150, 99), False),   # entirely outside: dropped
+        ("dog", (10, 10, 30, 30), False),
+    ])})
+    with pytest.warns(UserWarning, match="degenerate or out-of-image boxes"):
+        ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_train_transform(300))
+    assert sorted(ds.items[0].boxes.tolist()) == [[1, 5, 100, 80], [10, 10, 30, 30]]
+    model = build_ssd(300, 3, width_mult=0.0625)
+    for _ in range(5):
+        images, targets = collate([ds[0], ds[0]])
+        loc, conf = model(images.float())
+        assert torch.isfinite(MultiBoxLoss()(loc, conf, model.priors, targets)["loss"])
+
+
+def test_datamodule_generates_synthetic_data_once(tmp_path):
+    from datamodules.voc import SyntheticSpec
+
+    dm = VOCDataModule(root=str(tmp_path / "syn"), train_sets=[(2007, "trainval")], test_set=(2007, "test"),
+                       classes=["circle", "square", "triangle"], batch_size=4, num_workers=0,
+                       synthetic=SyntheticSpec(num_train=8, num_test=4, seed=1))
+    dm.prepare_data()
+    first = sorted(p.name for p in (tmp_path / "syn/VOCdevkit/VOC2007/JPEGImages").iterdir())
+    dm.prepare_data()  # second call: nothing regenerated
+    assert sorted(p.name for p in (tmp_path / "syn/VOCdevkit/VOC2007/JPEGImages").iterdir()) == first
+    dm.setup("fit")
+    images, targets = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 300, 300) and len(targets) == 4
+    dm.setup("test")
+    assert len(dm.test_ds) == 4
