@@ -88,7 +88,8 @@ def main(args: list[str] | None = None) -> Path:
     if trainer.is_global_zero:
         final = model_stats(model.model, model.hparams.size)
         final["map50"] = float(results[0]["test/map50"])
-        dense = getattr(model, "dense_stats", None) or final
+        dense = next((cb.state.dense_stats for cb in trainer.callbacks
+                      if getattr(getattr(cb, "state", None), "dense_stats", None)), None) or final
         wandb_dir = None
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):

@@ -29,7 +29,9 @@ class SSDDetector(pl.LightningModule):
         width_mult: scales every default width (small demo models).
         num_branches: keep only the first k detection branches.
         pretrained_backbone: start conv1_1..conv5_3 from torchvision's ImageNet VGG16 features.
-        lr, momentum, weight_decay: SGD settings (SSD recipe: 1e-3, 0.9, 5e-4 at batch 32).
+        batch_norm: BatchNorm after every convolution (off in the SSD recipe; on for the from-scratch demo).
+        optimizer: "sgd" (the recipe) or "adamw".
+        lr, momentum, weight_decay: optimiser settings (SSD recipe: SGD 1e-3, 0.9, 5e-4 at batch 32).
         warmup_iters: linear warm-up from ``warmup_factor * lr`` over this many iterations.
         lr_milestones: iterations at which the learning rate is multiplied by ``lr_gamma``
             (recipe: 80k and 100k of 120k). ``cosine_iters`` > 0 replaces the steps by a cosine decay to 0
@@ -47,6 +49,8 @@ class SSDDetector(pl.LightningModule):
         width_mult: float = 1.0,
         num_branches: int | None = None,
         pretrained_backbone: bool = False,
+        batch_norm: bool = False,
+        optimizer: str = "sgd",
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -65,7 +69,7 @@ class SSDDetector(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.classes = list(classes)
-        self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone)
+        self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone, batch_norm)
         self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
@@ -74,6 +78,21 @@ class SSDDetector(pl.LightningModule):
             self.metrics[f"{stage}_voc"] = VOCMeanAveragePrecision(len(self.classes), use_07_metric=use_07_metric)
             if coco_map:
                 self.metrics[f"{stage}_coco"] = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+
+    # ----------------------------------------------------------------- architecture in checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["architecture"] = {"channels": self.model.channels, "num_branches": self.model.num_branches}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A pruned checkpoint's widths differ from what the config builds: rebuild before the weights load."""
+        arch = checkpoint.get("architecture")
+        if arch and (arch["channels"] != self.model.channels or arch["num_branches"] != self.model.num_branches):
+            hp = self.hparams
+            device = self.model.priors.device
+            self.model = build_ssd(hp.size, len(self.classes) + 1, arch["channels"], 1.0, arch["num_branches"],
+                                   False, hp.batch_norm).to(device)
+            self.hparams["channels"] = arch["channels"]
+            self.hparams["num_branches"] = arch["num_branches"]
 
     # ----------------------------------------------------------------- forward / loss
     def preprocess(self, images: Tensor) -> Tensor:
@@ -171,10 +190,13 @@ class SSDDetector(pl.LightningModule):
         hp = self.hparams
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if name.endswith("bias") or name.startswith("l2norm") else decay).append(p)
-        opt = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, momentum=hp.momentum,
-        )
+            (no_decay if p.ndim <= 1 else decay).append(p)  # biases, BatchNorm and L2Norm scales: no decay
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        else:
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -138,7 +138,8 @@ class SSD(nn.Module):
     class 0 being background. Decoding lives in :mod:`lightning_modules.box_ops`.
     """
 
-    def __init__(self, size: int, num_classes: int, channels: dict[str, int], num_branches: int):
+    def __init__(self, size: int, num_classes: int, channels: dict[str, int], num_branches: int,
+                 batch_norm: bool = False):
         super().__init__()
         self.size = size
         self.num_classes = num_classes
@@ -148,10 +149,13 @@ class SSD(nn.Module):
         last_source = self.sources[-1]
         self.specs: tuple[ConvSpec, ...] = ()
         self.layers = nn.ModuleDict()
+        self.norms = nn.ModuleDict()
         in_ch = 3
         for s in layer_specs(size):
             width = channels[s.name]
             self.layers[s.name] = nn.Conv2d(in_ch, width, s.kernel, s.stride, s.padding, s.dilation)
+            if batch_norm:
+                self.norms[s.name] = nn.BatchNorm2d(width)
             self.specs += (s,)
             in_ch = width
             if s.name == last_source:
@@ -168,7 +172,10 @@ class SSD(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = []
         for s in self.specs:
-            x = F.relu(self.layers[s.name](x), inplace=True)
+            x = self.layers[s.name](x)
+            if s.name in self.norms:
+                x = self.norms[s.name](x)
+            x = F.relu(x, inplace=True)
             if s.name == "conv4_3":
                 features.append(self.l2norm(x))
             elif s.name in self.sources:
@@ -237,12 +244,15 @@ def build_ssd(
     width_mult: float = 1.0,
     num_branches: int | None = None,
     pretrained_backbone: bool = False,
+    batch_norm: bool = False,
 ) -> SSD:
     """Build SSD``size`` on VGG16.
 
     ``num_classes`` counts the object classes *with* background, as in the papers' "21 classes" for VOC;
     ``channels`` maps the papers' layer names to widths (the rest follow ``width_mult``);
-    ``num_branches`` keeps only the first k detection branches (paper A's "pruned-kdet").
+    ``num_branches`` keeps only the first k detection branches (paper A's "pruned-kdet");
+    ``batch_norm`` adds BatchNorm after every convolution (not in the original SSD; it lets small models
+    train from scratch quickly, as the CPU demo must, since ImageNet weights cannot be fetched there).
     """
     n_src = len(PRIORS[size].sources) if size in PRIORS else 0
     if size not in PRIORS:
@@ -252,7 +262,9 @@ def build_ssd(
         raise ValueError(f"num_branches must be in 1..{n_src} for SSD{size}, got {num_branches}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
-    model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k)
+    if pretrained_backbone and batch_norm:
+        raise ValueError("pretrained_backbone loads the plain VGG16 (no BatchNorm); use batch_norm=false with it")
+    model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k, batch_norm)
     _init_weights(model)
     if pretrained_backbone:
         load_vgg16_imagenet(model)

@@ -1,0 +1,119 @@
+"""FilterSelection: paper A's stage 2 — which filters to remove, from the sparsity of two consecutive layers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from callbacks.state import Phase, find_state
+from lightning_modules.ssd import layer_specs
+
+
+def splevel(t: Tensor, dim: int) -> Tensor:
+    """Fraction of zero weights per slice along ``dim`` (``dim=0``: per filter F_i, ``dim=1``: per column G_i)."""
+    t = t.transpose(0, dim) if dim else t
+    return (t == 0).flatten(1).float().mean(dim=1)
+
+
+def select_filters(
+    weights: dict[str, Tensor],
+    layers: list[str],
+    next_layer: dict[str, str | None],
+    s_F: float,
+    s_F_min: float,
+    s_G: float,
+    min_width: int = 1,
+    round_to: int = 1,
+) -> dict[str, list[int]]:
+    """Paper A's rule: remove filter i of layer l iff
+    ``splevel(F_i) >= s'_F and (splevel(F_i) >= s_F or splevel(G_i) >= s_G)``,
+    with F_i = W_l[i] and G_i = W_{l+1}[:, i], on the thresholded weights.
+
+    Layers are visited in order and each removal updates the statistics the next layer reads: layer l+1's F
+    rows are measured on the input channels that survive layer l's removals. A layer keeps at least
+    ``min_width`` filters, and its kept width is rounded *up* to a multiple of ``round_to`` (filters put
+    back are the least sparse of those selected). ``s_F_min`` is the paper's s'_F.
+    """
+    removed_inputs: dict[str, Tensor] = {}  # layer -> bool mask of surviving input channels
+    selection: dict[str, list[int]] = {}
+    for name in layers:
+        w = weights[name]
+        keep_in = removed_inputs.get(name)
+        w_eff = w[:, keep_in] if keep_in is not None else w
+        sp_f = splevel(w_eff, 0)
+        nxt = next_layer.get(name)
+        sp_g = splevel(weights[nxt], 1) if nxt is not None and nxt in weights else torch.zeros_like(sp_f)
+        prune = (sp_f >= s_F_min) & ((sp_f >= s_F) | (sp_g >= s_G))
+        n = w.shape[0]
+        kept = n - int(prune.sum())
+        target = max(kept, min(min_width, n))
+        if round_to > 1:
+            target = min(n, int(math.ceil(target / round_to) * round_to))
+        if target > kept:  # put back the least sparse of the selected filters
+            cand = torch.nonzero(prune).squeeze(1)
+            order = cand[torch.argsort(sp_f[cand], stable=True)]
+            prune[order[: target - kept]] = False
+        idx = torch.nonzero(prune).squeeze(1)
+        selection[name] = idx.tolist()
+        if nxt is not None:
+            mask = torch.ones(n, dtype=torch.bool, device=w.device)
+            mask[idx] = False
+            removed_inputs[nxt] = mask
+    return selection
+
+
+def prunable_layers(phase: Phase, is_last_phase: bool) -> list[str]:
+    """A phase prunes its layers except conv1_1 (the input layer, never pruned) and its last layer, which is
+    the first layer of the next phase (phases share their boundary layer); the final phase prunes its last
+    layer too (F rule only: nothing follows it in the trunk)."""
+    layers = [n for n in phase.layers if n != "conv1_1"]
+    if not is_last_phase and layers and layers[-1] == phase.layers[-1]:
+        layers = layers[:-1]
+    return layers
+
+
+def trunk_successors(size: int, present: set[str]) -> dict[str, str | None]:
+    names = [s.name for s in layer_specs(size) if s.name in present]
+    return {a: b for a, b in zip(names, names[1:] + [None])}
+
+
+class FilterSelection(Callback):
+    """Selects the filters to remove at each phase's surgery boundary (paper A, stage 2).
+
+    Args:
+        s_F: a filter whose own sparsity reaches this is removed (given it also reaches ``s_F_min``).
+        s_F_min: the paper's s'_F, the sparsity a filter must reach at all before it can be removed.
+        s_G: a filter whose *column in the next layer* reaches this sparsity is removed (given ``s_F_min``).
+        min_width: never leave a layer with fewer filters than this.
+        round_to: round each kept width up to a multiple of this (8 or 16 run fast on real hardware).
+    """
+
+    def __init__(self, s_F: float = 0.7, s_F_min: float = 0.3, s_G: float = 0.7, min_width: int = 8, round_to: int = 1):
+        for k, v in {"s_F": s_F, "s_F_min": s_F_min, "s_G": s_G}.items():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k} must be in [0, 1], got {v}")
+        if min_width < 1 or round_to < 1:
+            raise ValueError("min_width and round_to must be >= 1")
+        self.s_F, self.s_F_min, self.s_G = s_F, s_F_min, s_G
+        self.min_width, self.round_to = min_width, round_to
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        state = find_state(trainer)
+        for i, phase in enumerate(state.phases):
+            done = any(s["phase"] == i for s in state.surgeries)
+            if phase.selection_epoch == trainer.current_epoch and not done and not state.selection:
+                state.selection = self.select(pl_module, phase, i == len(state.phases) - 1)
+                state.selection = trainer.strategy.broadcast(state.selection, src=0)
+                for name, idx in state.selection.items():
+                    pl_module.log(f"prune/selected/{name}", float(len(idx)))
+
+    @torch.no_grad()
+    def select(self, pl_module, phase: Phase, is_last_phase: bool) -> dict[str, list[int]]:
+        model = pl_module.model
+        weights = {n: conv.weight.detach() for n, conv in model.layers.items()}
+        layers = prunable_layers(phase, is_last_phase)
+        nxt = trunk_successors(pl_module.hparams.size, set(model.layers))
+        return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to)

@@ -1,0 +1,178 @@
+"""SparsityInduction: paper A's stage 1 — L1 training of a phase's weights, then the improved global threshold.
+
+It declares the pruning schedule and owns the state the three pruning callbacks share.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+
+from callbacks.state import Phase, PruningState, apply_masks, callback_order_check, validate_schedule
+from lightning_modules.metrics import VOCMeanAveragePrecision
+
+
+def normalised_magnitudes(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """|w| / rms(W_l): the layer-normalised magnitude the improved global threshold compares with one tau.
+
+    A plain global magnitude threshold over-prunes layers whose weights are small (wide layers such as
+    conv6/conv7, METHOD.md); normalising each layer by its RMS puts all layers on one scale.
+    """
+    out = {}
+    for name, w in weights.items():
+        rms = w.detach().float().pow(2).mean().sqrt().clamp(min=1e-12)
+        out[name] = w.detach().float().abs() / rms
+    return out
+
+
+def tau_for_sparsity(norm: dict[str, Tensor], sparsity: float) -> float:
+    """The tau that zeroes the fraction ``sparsity`` of the phase's weights."""
+    flat = torch.cat([v.flatten().cpu() for v in norm.values()])
+    k = int(round(sparsity * flat.numel()))
+    if k <= 0:
+        return 0.0
+    return float(flat.kthvalue(min(k, flat.numel())).values)
+
+
+def masks_for_tau(norm: dict[str, Tensor], tau: float) -> dict[str, Tensor]:
+    return {name: v > tau for name, v in norm.items()}
+
+
+class SparsityInduction(Callback):
+    """L1 sparsity training and the improved global threshold, per phase of ``schedule``.
+
+    During a phase's L1 window, adds ``l1_lambda * sign(W)`` to the gradients of the phase's conv weights (the
+    subgradient of ``l1_lambda * sum ||W_l||_1``). When the window ends, zeroes every weight whose
+    layer-normalised magnitude |w| / rms(W_l) is <= one global tau, chosen by ``threshold_mode``:
+
+    * ``target_sparsity``: tau zeroes ``target_sparsity`` of the phase's weights;
+    * ``max_map_drop``: the largest sparsity (binary search, ``search_steps`` evaluations) whose VOC mAP@0.5 on
+      ``search_batches`` validation batches drops by at most ``max_map_drop`` (absolute).
+
+    Zeroed weights (and their momentum) are held at exactly zero after every optimiser step until the surgery.
+    """
+
+    def __init__(
+        self,
+        schedule: list[Phase],
+        l1_lambda: float = 1e-4,
+        threshold_mode: str = "target_sparsity",
+        target_sparsity: float = 0.5,
+        max_map_drop: float = 0.01,
+        search_batches: int = 5,
+        search_steps: int = 6,
+    ):
+        if threshold_mode not in ("target_sparsity", "max_map_drop"):
+            raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        phases = [p if isinstance(p, Phase) else Phase(**p) for p in schedule]
+        self.state = PruningState(phases)
+        self.l1_lambda = l1_lambda
+        self.threshold_mode = threshold_mode
+        self.target_sparsity = target_sparsity
+        self.max_map_drop = max_map_drop
+        self.search_batches = search_batches
+        self.search_steps = search_steps
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callback_order_check(trainer)
+        validate_schedule(self.state.phases, pl_module.hparams.size, trainer.max_epochs)
+        for p in self.state.phases:
+            missing = [n for n in p.layers if n not in pl_module.model.layers]
+            if missing:
+                raise ValueError(f"schedule names layers the model does not have (dropped branches?): {missing}")
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ L1 and masks
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        phase = self.state.active_l1_phase(trainer.current_epoch)
+        if phase is None or self.l1_lambda == 0:
+            return
+        with torch.no_grad():
+            for name in phase.layers:
+                w = pl_module.model.layers[name].weight
+                if w.grad is not None:
+                    w.grad.add_(torch.sign(w), alpha=self.l1_lambda)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.state.masks:
+            apply_masks(pl_module.model, self.state.masks, trainer.optimizers[0] if trainer.optimizers else None)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        for i, phase in enumerate(self.state.phases):
+            if phase.threshold_epoch == trainer.current_epoch and i not in self.state.thresholds:
+                self.threshold(trainer, pl_module, i)
+
+    # ------------------------------------------------------------------ the improved global threshold
+    @torch.no_grad()
+    def threshold(self, trainer, pl_module, index: int) -> float:
+        phase = self.state.phases[index]
+        weights = {n: pl_module.model.layers[n].weight for n in phase.layers}
+        norm = normalised_magnitudes(weights)
+        if self.threshold_mode == "target_sparsity":
+            tau = tau_for_sparsity(norm, self.target_sparsity)
+        else:
+            tau = self._search_tau(trainer, pl_module, weights, norm)
+        tau = float(trainer.strategy.broadcast(tau, src=0))
+        masks = masks_for_tau(norm, tau)
+        self.state.masks.update(masks)
+        self.state.thresholds[index] = tau
+        apply_masks(pl_module.model, masks, trainer.optimizers[0] if trainer.optimizers else None)
+        total = sum(m.numel() for m in masks.values())
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        pl_module.log(f"prune/phase{index}/tau", tau)
+        pl_module.log(f"prune/phase{index}/sparsity", zeros / total)
+        for name, m in masks.items():
+            pl_module.log(f"prune/sparsity/{name}", 1.0 - m.float().mean().item())
+        return tau
+
+    def _eval_map(self, trainer, pl_module) -> float:
+        loader = trainer.datamodule.val_dataloader()
+        metric = VOCMeanAveragePrecision(len(pl_module.classes), use_07_metric=pl_module.hparams.use_07_metric)
+        was_training = pl_module.training
+        pl_module.eval()
+        for images, targets in itertools.islice(loader, self.search_batches):
+            if not targets:
+                continue
+            dets = pl_module.predict_batch(images.to(pl_module.device))
+            preds, gts = [], []
+            for d, t in zip(dets, targets):
+                h, w = t["orig_size"].tolist()
+                px = d["boxes"].cpu() * torch.tensor([w, h, w, h])
+                preds.append({"boxes": torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], 1),
+                              "scores": d["scores"].cpu(), "labels": d["labels"].cpu()})
+                gts.append({"boxes": t["voc_boxes"], "labels": t["voc_labels"], "difficult": t["voc_difficult"]})
+            metric.update(preds, gts)
+        pl_module.train(was_training)
+        return float(metric.compute()["map"])
+
+    def _search_tau(self, trainer, pl_module, weights, norm) -> float:
+        """Largest sparsity whose validation-subset mAP drop stays within ``max_map_drop`` (binary search)."""
+        original = {n: w.detach().clone() for n, w in weights.items()}
+        base = self._eval_map(trainer, pl_module)
+        lo, hi = 0.0, 0.99
+        best = 0.0
+        for _ in range(self.search_steps):
+            mid = (lo + hi) / 2
+            tau = tau_for_sparsity(norm, mid)
+            for n, w in weights.items():
+                w.mul_(norm[n] > tau)
+            drop = base - self._eval_map(trainer, pl_module)
+            for n, w in weights.items():
+                w.copy_(original[n])
+            if drop <= self.max_map_drop:
+                best, lo = mid, mid
+            else:
+                hi = mid
+        return tau_for_sparsity(norm, best)

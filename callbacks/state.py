@@ -1,0 +1,157 @@
+"""The pruning schedule (declared once) and the small state the three pruning callbacks share.
+
+A schedule is a list of phases (paper A prunes SSD in 4). Each phase names its layers (the papers' layer
+names) and its epoch windows, all counted in epochs, actions happening at epoch boundaries:
+
+* ``l1_epochs: [a, b]`` — L1 sparsity training during epochs a .. b-1; at the end of epoch b-1 the improved
+  global threshold zeroes the phase's small weights (masks hold them at zero from then on);
+* ``surgery_epoch: c`` (>= b, default b) — at the end of epoch c-1 the filters are selected and removed;
+* retraining (plain loss) runs from epoch c until the next phase starts (or training ends).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_modules.ssd import layer_specs
+
+
+@dataclass
+class Phase:
+    """One pruning phase: its layers and its epoch windows (see module docstring)."""
+
+    layers: list[str]
+    l1_epochs: tuple[int, int]
+    surgery_epoch: int | None = None
+
+    def __post_init__(self):
+        self.layers = list(self.layers)
+        self.l1_epochs = (int(self.l1_epochs[0]), int(self.l1_epochs[1]))
+        if self.surgery_epoch is None:
+            self.surgery_epoch = self.l1_epochs[1]
+
+    @property
+    def threshold_epoch(self) -> int:
+        """Last epoch of the L1 window: the threshold is applied when it ends."""
+        return self.l1_epochs[1] - 1
+
+    @property
+    def selection_epoch(self) -> int:
+        """Epoch at whose end selection and surgery run."""
+        return int(self.surgery_epoch) - 1
+
+
+def validate_schedule(phases: list[Phase], size: int, max_epochs: int | None) -> None:
+    """Fail at start-up, with a message saying what to change, on a schedule that cannot run."""
+    names = [s.name for s in layer_specs(size)]
+    if not phases:
+        raise ValueError("the pruning schedule is empty: give at least one phase")
+    prev_end = 0
+    for i, p in enumerate(phases):
+        unknown = [n for n in p.layers if n not in names]
+        if unknown:
+            raise ValueError(f"phase {i}: unknown layer(s) {unknown}; SSD{size} layers are: {', '.join(names)}")
+        order = [names.index(n) for n in p.layers]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ValueError(f"phase {i}: layers must be distinct and in network order, got {p.layers}")
+        a, b = p.l1_epochs
+        if not 0 <= a < b:
+            raise ValueError(f"phase {i}: l1_epochs must be [start, end) with 0 <= start < end, got {[a, b]}")
+        if p.surgery_epoch < b:
+            raise ValueError(f"phase {i}: surgery_epoch {p.surgery_epoch} comes before the end of its L1 window {b}")
+        if a < prev_end:
+            raise ValueError(
+                f"phase {i}: its L1 window starts at epoch {a}, before phase {i - 1}'s surgery at epoch {prev_end} "
+                "(windows overlap); start it at or after that epoch")
+        prev_end = p.surgery_epoch
+        if max_epochs is not None and max_epochs > 0 and p.surgery_epoch >= max_epochs:
+            raise ValueError(
+                f"phase {i}: surgery at epoch {p.surgery_epoch} is not before trainer.max_epochs={max_epochs}; "
+                "the pruned model would never be retrained. Raise max_epochs or move the phase earlier.")
+
+
+@dataclass
+class PruningState:
+    """What the callbacks share and what a checkpoint must carry to resume mid-schedule."""
+
+    phases: list[Phase]
+    masks: dict[str, Tensor] = field(default_factory=dict)  # layer -> bool keep-mask of its weight
+    thresholds: dict[int, float] = field(default_factory=dict)  # phase -> tau
+    selection: dict[str, list[int]] = field(default_factory=dict)  # layer -> filter indices to remove
+    surgeries: list[dict] = field(default_factory=list)  # one record per surgery done
+    dense_stats: dict | None = None
+
+    def active_l1_phase(self, epoch: int) -> Phase | None:
+        for p in self.phases:
+            if p.l1_epochs[0] <= epoch < p.l1_epochs[1]:
+                return p
+        return None
+
+    def phase_index(self, phase: Phase) -> int:
+        return self.phases.index(phase)
+
+    def state_dict(self) -> dict:
+        return {
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "thresholds": dict(self.thresholds),
+            "selection": {k: list(v) for k, v in self.selection.items()},
+            "surgeries": list(self.surgeries),
+            "dense_stats": self.dense_stats,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.masks = {k: v.bool() for k, v in sd.get("masks", {}).items()}
+        self.thresholds = {int(k): float(v) for k, v in sd.get("thresholds", {}).items()}
+        self.selection = {k: list(v) for k, v in sd.get("selection", {}).items()}
+        self.surgeries = list(sd.get("surgeries", []))
+        self.dense_stats = sd.get("dense_stats")
+
+
+def find_state(trainer) -> PruningState:
+    """The state owned by the trainer's ``SparsityInduction`` callback (which declares the schedule)."""
+    from callbacks.sparsity import SparsityInduction
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, SparsityInduction):
+            return cb.state
+    raise RuntimeError("FilterSelection and StructuredSurgery need a SparsityInduction callback, which declares "
+                       "the pruning schedule; add it to trainer.callbacks before them")
+
+
+def callback_order_check(trainer) -> None:
+    from callbacks.selection import FilterSelection
+    from callbacks.sparsity import SparsityInduction
+    from callbacks.surgery import StructuredSurgery
+
+    kinds = [type(cb) for cb in trainer.callbacks if isinstance(cb, (SparsityInduction, FilterSelection, StructuredSurgery))]
+    expected = [k for k in (SparsityInduction, FilterSelection, StructuredSurgery) if k in kinds]
+    if kinds != expected or len(kinds) != len(set(kinds)):
+        raise ValueError("pruning callbacks must appear once each, in the order SparsityInduction, FilterSelection, "
+                         f"StructuredSurgery; got {[k.__name__ for k in kinds]}")
+
+
+def zero_fraction(t: Tensor) -> Tensor:
+    return (t == 0).float().mean()
+
+
+def conv_weights(model) -> dict[str, Tensor]:
+    return {name: conv.weight for name, conv in model.layers.items()}
+
+
+@torch.no_grad()
+def apply_masks(model, masks: dict[str, Tensor], optimizer=None) -> None:
+    """Zero masked weights (and their optimiser state, so momentum cannot revive them)."""
+    for name, mask in masks.items():
+        w = model.layers[name].weight
+        if w.shape != mask.shape:
+            continue
+        m = mask.to(w.device)
+        w.mul_(m)
+        if optimizer is not None:
+            st = optimizer.state.get(w, {})
+            for key in ("momentum_buffer", "exp_avg"):
+                if isinstance(st.get(key), Tensor):
+                    st[key].mul_(m)

@@ -1,0 +1,214 @@
+"""StructuredSurgery: paper A's stage 3 — physically remove the selected filters, then retrain.
+
+The channel surgery itself is Torch-Pruning's dependency graph: removing conv l's output channels also
+removes conv l+1's input channels, the BatchNorm channels, conv4_3's L2Norm scales and the loc/conf heads'
+input channels. Written here: a Torch-Pruning pruner for our ``L2Norm`` (a custom layer), and the transfer of
+the optimiser state (momentum) to the surviving weights, so training continues where it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch_pruning as tp
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from callbacks.report import model_stats
+from callbacks.state import find_state
+from lightning_modules.ssd import SSD, L2Norm
+
+
+class L2NormPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning handler for ``L2Norm``: its per-channel scale follows conv4_3's channels."""
+
+    TARGET_MODULES = L2Norm
+
+    def prune_out_channels(self, layer: L2Norm, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        layer.weight = nn.Parameter(layer.weight.data[keep].clone())
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: L2Norm) -> int:
+        return layer.weight.shape[0]
+
+    get_in_channels = get_out_channels
+
+
+def _param_dims(model: SSD) -> dict[str, tuple[str | None, str | None]]:
+    """For each parameter: which layer's channels index its dim 0 and dim 1 (None: unaffected)."""
+    names = [s.name for s in model.specs]
+    prev = dict(zip(names[1:], names[:-1]))
+    dims: dict[str, tuple[str | None, str | None]] = {}
+    for n in names:
+        dims[f"layers.{n}.weight"] = (n, prev.get(n))
+        dims[f"layers.{n}.bias"] = (n, None)
+        dims[f"norms.{n}.weight"] = (n, None)
+        dims[f"norms.{n}.bias"] = (n, None)
+    dims["l2norm.weight"] = ("conv4_3", None)
+    for head in ("classification_head", "regression_head"):
+        for k, src in enumerate(model.sources):
+            dims[f"head.{head}.module_list.{k}.weight"] = (None, src)
+            dims[f"head.{head}.module_list.{k}.bias"] = (None, None)
+    return dims
+
+
+def _index(t: Tensor, d0: Tensor | None, d1: Tensor | None) -> Tensor:
+    if d0 is not None:
+        t = t.index_select(0, d0.to(t.device))
+    if d1 is not None and t.dim() > 1:
+        t = t.index_select(1, d1.to(t.device))
+    return t
+
+
+def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Remove ``selection[layer]`` filters from ``model`` in place (Torch-Pruning), and carry the optimiser's
+    per-parameter state (momentum, Adam moments) over to the surviving entries."""
+    selection = {k: sorted(set(v)) for k, v in selection.items() if v}
+    if not selection:
+        return
+    for name, idx in selection.items():
+        n = model.layers[name].out_channels
+        if len(idx) >= n:
+            raise ValueError(f"cannot remove all {n} filters of {name}")
+    keep = {name: torch.tensor(sorted(set(range(model.layers[name].out_channels)) - set(idx)))
+            for name, idx in selection.items()}
+    named = dict(model.named_parameters())
+    old_names = {id(p): n for n, p in named.items()}
+    dims = _param_dims(model)
+    saved_state = {}
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in optimizer.state:
+                    saved_state[old_names[id(p)]] = optimizer.state.pop(p)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, model.size, model.size, device=device)
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                   customized_pruners={L2Norm: L2NormPruner()})
+    with torch.no_grad():
+        for name, idx in selection.items():
+            group = dg.get_pruning_group(model.layers[name], tp.prune_conv_out_channels, idxs=idx)
+            group.prune()
+    model.train(was_training)
+    new_named = dict(model.named_parameters())
+    for pname, p in new_named.items():  # verify every parameter has the shape our bookkeeping predicts
+        old = named[pname]
+        d0, d1 = dims.get(pname, (None, None))
+        expected = _index(old, keep.get(d0) if d0 else None, keep.get(d1) if d1 else None).shape
+        if p.shape != expected:
+            raise RuntimeError(f"surgery gave {pname} the shape {tuple(p.shape)}, expected {tuple(expected)}")
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new_named[old_names[id(p)]] for p in group["params"]]
+        for pname, st in saved_state.items():
+            d0, d1 = dims.get(pname, (None, None))
+            k0, k1 = (keep.get(d0) if d0 else None), (keep.get(d1) if d1 else None)
+            p = new_named[pname]
+            optimizer.state[p] = {key: (_index(v, k0, k1) if isinstance(v, Tensor) and v.shape == named[pname].shape else v)
+                                  for key, v in st.items()}
+
+
+@torch.no_grad()
+def drop_branches(model: SSD, k: int) -> None:
+    """Keep only the first k detection branches (paper A's "pruned-kdet"): later extra layers, their heads and
+    their default boxes go."""
+    if k >= len(model.sources):
+        return
+    from lightning_modules.ssd import default_boxes
+
+    last = model.sources[k - 1]
+    names = [s.name for s in model.specs]
+    cut = names.index(last) + 1
+    for n in names[cut:]:
+        del model.layers[n]
+        if n in model.norms:
+            del model.norms[n]
+    model.specs = model.specs[:cut]
+    model.sources = model.sources[:k]
+    model.num_branches = k
+    for head in (model.head.classification_head, model.head.regression_head):
+        head.module_list = nn.ModuleList(list(head.module_list)[:k])
+    model.priors = default_boxes(model.size, k).to(model.priors.device)
+
+
+class StructuredSurgery(Callback):
+    """Removes the filters ``FilterSelection`` chose, at each phase's surgery boundary, and keeps training.
+
+    After the surgery the model is a plain, smaller ``nn.Module``; the optimiser keeps its state for the surviving
+    weights and the learning-rate schedule continues. The masks of the phase are dropped (retraining is free).
+    Before the first surgery it measures the dense model (params, MACs, size, CPU latency, test mAP@0.5) for the
+    compression report; after every surgery it logs the new size and the width of every layer.
+
+    Args:
+        num_branches: after the last surgery keep only the first k detection branches ("pruned-kdet").
+        measure_dense_map: evaluate the dense model on the test split before the first surgery (for summary.json).
+    """
+
+    def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True):
+        self.num_branches = num_branches
+        self.measure_dense_map = measure_dense_map
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = find_state(trainer)
+        for i, phase in enumerate(state.phases):
+            if phase.selection_epoch != trainer.current_epoch or any(s["phase"] == i for s in state.surgeries):
+                continue
+            if state.dense_stats is None:
+                state.dense_stats = self.measure(trainer, pl_module, with_map=self.measure_dense_map)
+            t0 = time.perf_counter()
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            prune_filters(pl_module.model, state.selection, optimizer)
+            if i == len(state.phases) - 1 and self.num_branches:
+                drop_branches(pl_module.model, self.num_branches)
+            seconds = time.perf_counter() - t0
+            for name in phase.layers:
+                state.masks.pop(name, None)
+            # later masks (none by construction) would be stale; the architecture now travels in hparams
+            pl_module.hparams["channels"] = pl_module.model.channels
+            pl_module.hparams["num_branches"] = pl_module.model.num_branches
+            record = {"phase": i, "epoch": trainer.current_epoch, "seconds": round(seconds, 4),
+                      "removed": {k: len(v) for k, v in state.selection.items()},
+                      "params": sum(p.numel() for p in pl_module.model.parameters())}
+            state.surgeries.append(record)
+            state.selection = {}
+            pl_module.log(f"prune/phase{i}/surgery_seconds", seconds)
+            pl_module.log("prune/params", float(record["params"]))
+            for name, width in pl_module.model.channels.items():
+                pl_module.log(f"prune/width/{name}", float(width))
+
+    def measure(self, trainer, pl_module, with_map: bool) -> dict:
+        stats = model_stats(pl_module.model, pl_module.hparams.size)
+        if with_map and trainer.datamodule is not None:
+            stats["map50"] = self._test_map(trainer, pl_module)
+        return stats
+
+    @torch.no_grad()
+    def _test_map(self, trainer, pl_module) -> float:
+        dm = trainer.datamodule
+        if not hasattr(dm, "test_ds"):
+            dm.setup("test")
+        metric = pl_module.metrics["test_voc"]
+        metric.reset()
+        was_training = pl_module.training
+        pl_module.eval()
+        coco = pl_module.metrics.pop("test_coco", None)  # dense mAP@0.5 only; keep the COCO metric clean
+        try:
+            for batch in dm.test_dataloader():
+                pl_module._eval_step(move_data_to_device(batch, pl_module.device), "test")
+            value = float(metric.compute()["map"])
+        finally:
+            if coco is not None:
+                pl_module.metrics["test_coco"] = coco
+            metric.reset()
+            pl_module.train(was_training)
+        return value

@@ -1,0 +1,154 @@
+"""Pruning callbacks: exact surgery, selection rule, masks under SGD, schedule validation and checkpoint round trip."""
+
+import pytest
+import torch
+
+from callbacks.selection import prunable_layers, select_filters, splevel
+from callbacks.sparsity import masks_for_tau, normalised_magnitudes, tau_for_sparsity
+from callbacks.state import Phase, PruningState, apply_masks, validate_schedule
+from callbacks.surgery import drop_branches, prune_filters
+from lightning_modules.ssd import build_ssd
+
+SELECTION = {"conv1_2": [0, 3], "conv3_3": [7], "conv4_3": [1, 2, 5], "conv5_3": [0, 1], "conv6": [3, 9],
+             "conv7": [0, 10, 20], "conv8_2": [4], "conv9_1": [2], "conv11_1": [0], "conv11_2": [3]}
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_ssd(300, 4, width_mult=0.125, **kw).eval()
+
+
+def test_surgery_of_zero_filters_leaves_outputs_unchanged():
+    m = _model()
+    with torch.no_grad():
+        for name, idx in SELECTION.items():
+            m.layers[name].weight[idx] = 0
+            m.layers[name].bias[idx] = 0
+    x = torch.randn(2, 3, 300, 300)
+    with torch.no_grad():
+        loc0, conf0 = m(x)
+    before = m.channels
+    prune_filters(m, SELECTION)
+    with torch.no_grad():
+        loc1, conf1 = m(x)
+    assert (loc0 - loc1).abs().max() <= 1e-5 and (conf0 - conf1).abs().max() <= 1e-5
+    for name, width in m.channels.items():
+        assert width == before[name] - len(SELECTION.get(name, []))
+    assert m.l2norm.weight.shape[0] == m.channels["conv4_3"]
+    assert m.head.classification_head.module_list[1].in_channels == m.channels["conv7"]
+    assert isinstance(m, torch.nn.Module) and not any("mask" in n for n, _ in m.named_buffers())
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_random_surgery_widths_and_optimizer_state(batch_norm):
+    m = _model(batch_norm=batch_norm).train()
+    g = torch.Generator().manual_seed(1)
+    sel = {n: torch.randperm(c.out_channels, generator=g)[: int(torch.randint(1, c.out_channels // 2 + 1, (1,), generator=g))].tolist()
+           for n, c in m.layers.items() if n != "conv1_1"}
+    opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(2, 3, 300, 300)
+    sum(o.abs().mean() for o in m(x)).backward()
+    opt.step()
+    w7, buf7 = m.layers["conv7"].weight.detach().clone(), opt.state[m.layers["conv7"].weight]["momentum_buffer"].clone()
+    widths = {n: c.out_channels - len(sel.get(n, [])) for n, c in m.layers.items()}
+    prune_filters(m, sel, opt)
+    assert m.channels == widths
+    keep7 = sorted(set(range(w7.shape[0])) - set(sel["conv7"]))
+    keep6 = sorted(set(range(w7.shape[1])) - set(sel["conv6"]))
+    new7 = m.layers["conv7"].weight
+    torch.testing.assert_close(new7, w7[keep7][:, keep6])
+    torch.testing.assert_close(opt.state[new7]["momentum_buffer"], buf7[keep7][:, keep6])
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in m.parameters()}
+    opt.zero_grad()
+    sum(o.abs().mean() for o in m(x)).backward()  # trains a step
+    opt.step()
+
+
+def test_drop_branches():
+    m = _model()
+    drop_branches(m, 3)
+    loc, conf = m(torch.zeros(1, 3, 300, 300))
+    assert loc.shape[1] == m.priors.shape[0] == 38 * 38 * 4 + 19 * 19 * 6 + 10 * 10 * 6
+    assert "conv9_1" not in m.layers
+
+
+def test_selection_rule_on_hand_built_weights():
+    # layer a: 4 filters over 2 inputs (k=1); layer b: 3 filters over a's 4 channels
+    a = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]).view(4, 2, 1, 1)
+    b = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]]).view(3, 4, 1, 1)
+    # splevel(F): [0, .5, 1, .5]; splevel(G) (columns of b): [0, 1, 1/3, 1/3]
+    assert splevel(a, 0).tolist() == [0.0, 0.5, 1.0, 0.5]
+    sel = select_filters({"a": a, "b": b}, ["a"], {"a": "b", "b": None}, s_F=0.9, s_F_min=0.4, s_G=0.9)
+    # filter 1: F .5 >= s'_F and G 1 >= s_G -> pruned; filter 2: F 1 >= s_F -> pruned; filter 3: G 1/3 -> kept
+    assert sel["a"] == [1, 2]
+
+
+def test_selection_updates_next_layer_statistics_and_honours_widths():
+    a = torch.ones(4, 1, 1, 1)
+    a[0] = 0
+    b = torch.ones(2, 4, 1, 1)
+    b[0, 1:] = 0  # after a's filter 0 is removed, b's filter 0 is fully zero over the surviving inputs
+    sel = select_filters({"a": a, "b": b}, ["a", "b"], {"a": "b", "b": None}, s_F=1.0, s_F_min=1.0, s_G=1.0)
+    assert sel == {"a": [0], "b": [0]}
+    z = torch.zeros(16, 1, 1, 1)
+    assert len(select_filters({"z": z}, ["z"], {"z": None}, 0.5, 0.5, 0.5, min_width=4)["z"]) == 12
+    z[:3] = 1  # 13 prunable -> keep 3, rounded up to 8
+    assert len(select_filters({"z": z}, ["z"], {"z": None}, 0.5, 0.5, 0.5, round_to=8)["z"]) == 8
+
+
+def test_improved_global_threshold_is_layer_normalised():
+    small = torch.randn(1000) * 1e-3  # a wide layer with small weights
+    big = torch.randn(1000)
+    norm = normalised_magnitudes({"small": small, "big": big})
+    masks = masks_for_tau(norm, tau_for_sparsity(norm, 0.5))
+    # a plain global threshold would zero ~all of `small`; the normalised one treats both layers alike
+    assert 0.35 < (~masks["small"]).float().mean() < 0.65 and 0.35 < (~masks["big"]).float().mean() < 0.65
+
+
+def test_masks_hold_zero_under_momentum_and_weight_decay():
+    m = _model().train()
+    norm = normalised_magnitudes({n: m.layers[n].weight for n in ("conv5_1", "conv6")})
+    masks = masks_for_tau(norm, tau_for_sparsity(norm, 0.6))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    apply_masks(m, masks, opt)
+    x = torch.randn(1, 3, 300, 300)
+    for _ in range(15):
+        opt.zero_grad()
+        sum(o.abs().mean() for o in m(x)).backward()
+        opt.step()
+        apply_masks(m, masks, opt)
+        for n, mask in masks.items():
+            assert (m.layers[n].weight[~mask] == 0).all()
+            assert (opt.state[m.layers[n].weight]["momentum_buffer"][~mask] == 0).all()
+
+
+def test_prunable_layers_share_boundaries():
+    p1 = Phase(["conv1_1", "conv1_2", "conv4_3"], (0, 1))
+    assert prunable_layers(p1, is_last_phase=False) == ["conv1_2"]
+    assert prunable_layers(Phase(["conv8_2", "conv11_2"], (0, 1)), is_last_phase=True) == ["conv8_2", "conv11_2"]
+
+
+@pytest.mark.parametrize("phases,max_epochs,msg", [
+    ([Phase(["conv5_1", "conv99"], (0, 2))], 10, "unknown layer"),
+    ([Phase(["conv5_1"], (0, 3)), Phase(["conv6"], (2, 4))], 10, "overlap"),
+    ([Phase(["conv5_1"], (0, 3), surgery_epoch=12)], 10, "max_epochs=10"),
+    ([Phase(["conv6", "conv5_1"], (0, 3))], 10, "network order"),
+    ([Phase(["conv6"], (3, 3))], 10, "l1_epochs"),
+])
+def test_bad_schedules_fail_clearly(phases, max_epochs, msg):
+    with pytest.raises(ValueError, match=msg):
+        validate_schedule(phases, 300, max_epochs)
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    st = PruningState([Phase(["conv5_1", "conv6"], (0, 2), 3)])
+    st.masks = {"conv6": torch.rand(8, 4, 3, 3) > 0.5}
+    st.thresholds = {0: 0.37}
+    st.selection = {"conv5_1": [1, 4]}
+    st.surgeries = [{"phase": 0, "epoch": 2}]
+    st.dense_stats = {"params": 10}
+    torch.save({"cb": st.state_dict()}, tmp_path / "c.ckpt")
+    st2 = PruningState(st.phases)
+    st2.load_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["cb"])
+    assert torch.equal(st2.masks["conv6"], st.masks["conv6"])
+    assert (st2.thresholds, st2.selection, st2.surgeries, st2.dense_stats) == (st.thresholds, st.selection, st.surgeries, st.dense_stats)
