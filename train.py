@@ -17,6 +17,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.report import compression, model_stats, write_summary
+from callbacks.state import ScheduleError
 from datamodules.voc import DataError
 from lightning_modules.detector import NonFiniteLossError
 
@@ -115,6 +116,6 @@ def main(args: list[str] | None = None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, ScheduleError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

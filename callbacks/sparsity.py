@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from callbacks.state import Phase, PruningState, apply_masks, callback_order_check, validate_schedule
+from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
 from lightning_modules.metrics import VOCMeanAveragePrecision
 
 
@@ -86,7 +86,7 @@ class SparsityInduction(Callback):
         for p in self.state.phases:
             missing = [n for n in p.layers if n not in pl_module.model.layers]
             if missing:
-                raise ValueError(f"schedule names layers the model does not have (dropped branches?): {missing}")
+                raise ScheduleError(f"schedule names layers the model does not have (dropped branches?): {missing}")
 
     def state_dict(self) -> dict:
         return self.state.state_dict()

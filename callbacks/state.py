@@ -19,6 +19,10 @@ from torch import Tensor
 from lightning_modules.ssd import layer_specs
 
 
+class ScheduleError(ValueError):
+    """A pruning schedule that cannot run; raised at start-up."""
+
+
 @dataclass
 class Phase:
     """One pruning phase: its layers and its epoch windows (see module docstring)."""
@@ -48,27 +52,27 @@ def validate_schedule(phases: list[Phase], size: int, max_epochs: int | None) ->
     """Fail at start-up, with a message saying what to change, on a schedule that cannot run."""
     names = [s.name for s in layer_specs(size)]
     if not phases:
-        raise ValueError("the pruning schedule is empty: give at least one phase")
+        raise ScheduleError("the pruning schedule is empty: give at least one phase")
     prev_end = 0
     for i, p in enumerate(phases):
         unknown = [n for n in p.layers if n not in names]
         if unknown:
-            raise ValueError(f"phase {i}: unknown layer(s) {unknown}; SSD{size} layers are: {', '.join(names)}")
+            raise ScheduleError(f"phase {i}: unknown layer(s) {unknown}; SSD{size} layers are: {', '.join(names)}")
         order = [names.index(n) for n in p.layers]
         if order != sorted(order) or len(set(order)) != len(order):
-            raise ValueError(f"phase {i}: layers must be distinct and in network order, got {p.layers}")
+            raise ScheduleError(f"phase {i}: layers must be distinct and in network order, got {p.layers}")
         a, b = p.l1_epochs
         if not 0 <= a < b:
-            raise ValueError(f"phase {i}: l1_epochs must be [start, end) with 0 <= start < end, got {[a, b]}")
+            raise ScheduleError(f"phase {i}: l1_epochs must be [start, end) with 0 <= start < end, got {[a, b]}")
         if p.surgery_epoch < b:
-            raise ValueError(f"phase {i}: surgery_epoch {p.surgery_epoch} comes before the end of its L1 window {b}")
+            raise ScheduleError(f"phase {i}: surgery_epoch {p.surgery_epoch} comes before the end of its L1 window {b}")
         if a < prev_end:
-            raise ValueError(
+            raise ScheduleError(
                 f"phase {i}: its L1 window starts at epoch {a}, before phase {i - 1}'s surgery at epoch {prev_end} "
                 "(windows overlap); start it at or after that epoch")
         prev_end = p.surgery_epoch
         if max_epochs is not None and max_epochs > 0 and p.surgery_epoch >= max_epochs:
-            raise ValueError(
+            raise ScheduleError(
                 f"phase {i}: surgery at epoch {p.surgery_epoch} is not before trainer.max_epochs={max_epochs}; "
                 "the pruned model would never be retrained. Raise max_epochs or move the phase earlier.")
 
@@ -129,7 +133,7 @@ def callback_order_check(trainer) -> None:
     kinds = [type(cb) for cb in trainer.callbacks if isinstance(cb, (SparsityInduction, FilterSelection, StructuredSurgery))]
     expected = [k for k in (SparsityInduction, FilterSelection, StructuredSurgery) if k in kinds]
     if kinds != expected or len(kinds) != len(set(kinds)):
-        raise ValueError("pruning callbacks must appear once each, in the order SparsityInduction, FilterSelection, "
+        raise ScheduleError("pruning callbacks must appear once each, in the order SparsityInduction, FilterSelection, "
                          f"StructuredSurgery; got {[k.__name__ for k in kinds]}")
 
 

@@ -90,8 +90,8 @@ def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.
                     saved_state[old_names[id(p)]] = optimizer.state.pop(p)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    example = torch.zeros(1, 3, model.size, model.size, device=device)
+    ref = next(model.parameters())
+    example = torch.zeros(1, 3, model.size, model.size, device=ref.device, dtype=ref.dtype)
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
                                                    customized_pruners={L2Norm: L2NormPruner()})

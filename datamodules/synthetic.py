@@ -82,7 +82,7 @@ def _texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.where(t[..., None], base, other)
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def _background(h: int, w: int, rng: np.random.Generator, max_clutter: int = 12) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
     a = rng.uniform(0, 2 * math.pi)
@@ -94,7 +94,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     low = cv2.resize(rng.normal(0, 25, (6, 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     img = img + low
     # clutter: lines, arcs, blobs (not objects)
-    for _ in range(rng.integers(3, 12)):
+    for _ in range(rng.integers(0, max_clutter + 1)):
         col = tuple(float(v) for v in rng.uniform(0, 255, 3))
         r = rng.random()
         p1 = (int(rng.uniform(0, w)), int(rng.uniform(0, h)))
@@ -116,16 +116,17 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def render_image(rng: np.random.Generator, classes: tuple[str, ...], min_objects: int, max_objects: int):
+def render_image(rng: np.random.Generator, classes: tuple[str, ...], min_objects: int, max_objects: int,
+                 min_scale: float = 0.1, max_scale: float = 0.75, max_clutter: int = 12):
     """One image (uint8 RGB), its objects as (class name, (x1, y1, x2, y2) 1-based, visible fraction, truncated),
     and its (width, height)."""
     w, h = int(rng.integers(320, 481)), int(rng.integers(240, 361))
-    img = _background(h, w, rng)
+    img = _background(h, w, rng, max_clutter)
     short = min(h, w)
     masks, names, areas = [], [], []
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
         kind = classes[int(rng.integers(0, len(classes)))]
-        size = short * math.exp(rng.uniform(math.log(0.1), math.log(0.75))) / 2
+        size = short * math.exp(rng.uniform(math.log(min_scale), math.log(max_scale))) / 2
         aspect = math.exp(rng.uniform(-0.25, 0.25))
         sx, sy = size * aspect, size / aspect
         cx, cy = rng.uniform(0.05 * w, 0.95 * w), rng.uniform(0.05 * h, 0.95 * h)
@@ -198,7 +199,8 @@ def generate_synthetic_voc(root: str | Path, spec, classes: tuple[str, ...] = SH
             ids = []
             for _ in range(count):
                 image_id = f"{n:06d}"
-                img, objects, size = render_image(rng, tuple(classes), spec.min_objects, spec.max_objects)
+                img, objects, size = render_image(rng, tuple(classes), spec.min_objects, spec.max_objects,
+                                                   spec.min_scale, spec.max_scale, spec.max_clutter)
                 cv2.imwrite(str(base / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 92])
                 (base / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, size, objects))

@@ -137,17 +137,21 @@ def _bbox_params() -> A.BboxParams:
     return A.BboxParams(format="pascal_voc", label_fields=["labels", "difficult"], clip=True, min_area=1.0)
 
 
-def ssd_train_transform(size: int, zoom_out: float = 4.0) -> A.Compose:
-    """SSD's training policy: photometric distortion, zoom-out, min-IoU crop, flip, resize.
+def ssd_train_transform(size: int, zoom_out: float = 4.0, policy: str = "ssd") -> A.Compose:
+    """Training augmentation. ``policy="ssd"``: SSD's photometric distortion, zoom-out, min-IoU crop, flip,
+    resize. ``policy="light"``: photometric distortion, flip and resize only, for very short schedules
+    (the CPU demo) where the geometric policy slows convergence more than it helps generalisation.
 
-    Images stay uint8 RGB; normalisation happens in the collate step (on whole batches, cheaper).
+    Images stay uint8 RGB; normalisation happens on the device, on whole batches.
     """
+    if policy not in ("ssd", "light"):
+        raise ValueError(f"augmentation policy must be 'ssd' or 'light', got {policy!r}")
+    geometric = [ZoomOut(max_ratio=zoom_out, p=0.5 if zoom_out > 1 else 0.0), MinIoURandomCrop()] if policy == "ssd" else []
     return A.Compose(
         [
             A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5),
             A.ChannelShuffle(p=0.05),
-            ZoomOut(max_ratio=zoom_out, p=0.5 if zoom_out > 1 else 0.0),
-            MinIoURandomCrop(),
+            *geometric,
             A.HorizontalFlip(p=0.5),
             A.Resize(size, size, interpolation=cv2.INTER_LINEAR),
         ],

@@ -232,6 +232,9 @@ class SyntheticSpec:
     seed: int = 0
     min_objects: int = 1
     max_objects: int = 5
+    min_scale: float = 0.1  # object size as a fraction of the image's short side
+    max_scale: float = 0.75
+    max_clutter: int = 12  # distractor lines / arcs / blobs per image
 
 
 class VOCDataModule(pl.LightningDataModule):
@@ -250,6 +253,7 @@ class VOCDataModule(pl.LightningDataModule):
         skip_bad_samples: warn and skip malformed annotations / unreadable images instead of stopping.
         synthetic: when set and ``root`` holds no data set yet, generate the synthetic one there.
         zoom_out: largest zoom-out ratio of the augmentation (1 disables it).
+        augment: training augmentation policy, "ssd" (the paper's) or "light" (photometric + flip only).
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class VOCDataModule(pl.LightningDataModule):
         skip_bad_samples: bool = False,
         synthetic: SyntheticSpec | None = None,
         zoom_out: float = 4.0,
+        augment: str = "ssd",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -294,7 +299,7 @@ class VOCDataModule(pl.LightningDataModule):
                     VOCDetection(str(self.root), year=str(year), image_set=split, download=True)
 
     def _dataset(self, sets, train: bool) -> VOCDataset:
-        transform = ssd_train_transform(self.hparams.image_size, self.hparams.zoom_out) if train else ssd_eval_transform(self.hparams.image_size)
+        transform = ssd_train_transform(self.hparams.image_size, self.hparams.zoom_out, self.hparams.augment) if train else ssd_eval_transform(self.hparams.image_size)
         return VOCDataset(self.root, sets, self.classes, transform,
                           keep_difficult=self.hparams.keep_difficult_train if train else True,
                           skip_bad_samples=self.hparams.skip_bad_samples)

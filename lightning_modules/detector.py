@@ -30,6 +30,8 @@ class SSDDetector(pl.LightningModule):
         num_branches: keep only the first k detection branches.
         pretrained_backbone: start conv1_1..conv5_3 from torchvision's ImageNet VGG16 features.
         batch_norm: BatchNorm after every convolution (off in the SSD recipe; on for the from-scratch demo).
+        init_checkpoint: start from the weights of a trained SSD (a Lightning checkpoint of this module;
+            paper A's setting). Only the weights are taken: optimiser, epoch and schedule start afresh.
         optimizer: "sgd" (the recipe) or "adamw".
         lr, momentum, weight_decay: optimiser settings (SSD recipe: SGD 1e-3, 0.9, 5e-4 at batch 32).
         warmup_iters: linear warm-up from ``warmup_factor * lr`` over this many iterations.
@@ -50,6 +52,7 @@ class SSDDetector(pl.LightningModule):
         num_branches: int | None = None,
         pretrained_backbone: bool = False,
         batch_norm: bool = False,
+        init_checkpoint: str | None = None,
         optimizer: str = "sgd",
         lr: float = 1e-3,
         momentum: float = 0.9,
@@ -70,6 +73,8 @@ class SSDDetector(pl.LightningModule):
         self.save_hyperparameters()
         self.classes = list(classes)
         self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone, batch_norm)
+        if init_checkpoint:
+            self.load_weights(init_checkpoint)
         self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
@@ -93,6 +98,26 @@ class SSDDetector(pl.LightningModule):
                                    False, hp.batch_norm).to(device)
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
+
+    def load_weights(self, path: str) -> None:
+        """Load detector weights from a checkpoint of this module (``weights_only=True``: no pickled code runs)."""
+        if path == "REQUIRED":
+            raise ValueError("this experiment starts from a trained SSD: pass --model.init_checkpoint <checkpoint path>")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"init_checkpoint {path} does not exist") from err
+        except Exception as err:
+            raise ValueError(f"init_checkpoint {path} is not a readable checkpoint ({err})") from err
+        self.on_load_checkpoint(ckpt)
+        state = {k[len("model."):]: v for k, v in ckpt.get("state_dict", ckpt).items() if k.startswith("model.")}
+        own = self.model.state_dict()
+        for k, v in own.items():
+            if k not in state:
+                raise ValueError(f"init_checkpoint {path} has no weights for {k}")
+            if state[k].shape != v.shape:
+                raise ValueError(f"init_checkpoint {path}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        self.model.load_state_dict(state)
 
     # ----------------------------------------------------------------- forward / loss
     def preprocess(self, images: Tensor) -> Tensor:

@@ -1,0 +1,56 @@
+"""The pruning callbacks inside a real fit: the demo config shrunk to seconds."""
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.conftest import ROOT, run_train
+
+
+def shrunken_demo(tmp_path: Path, max_epochs: int = 4, schedule=None) -> Path:
+    cfg = yaml.safe_load((ROOT / "experiments/demo.yaml").read_text())
+    cfg["trainer"]["max_epochs"] = max_epochs
+    cfg["trainer"]["limit_train_batches"] = 3
+    cfg["trainer"]["limit_val_batches"] = 1
+    cfg["trainer"]["check_val_every_n_epoch"] = 1
+    cfg["trainer"]["logger"] = False
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "runs")
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"]["schedule"] = schedule or [
+                {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [0, 1]},
+                {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"], "l1_epochs": [1, 2]},
+                {"layers": ["conv7", "conv8_1", "conv8_2", "conv9_1", "conv9_2", "conv10_1", "conv10_2", "conv11_1", "conv11_2"], "l1_epochs": [2, 3]},
+            ]
+    d = cfg["data"]["init_args"]
+    d.update(root=str(tmp_path / "syn"), batch_size=4)
+    d["synthetic"].update(num_train=12, num_test=4)
+    path = tmp_path / "demo_small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_whole_method_in_one_fit(tmp_path):
+    proc = run_train(["--config", str(shrunken_demo(tmp_path)), "--run_name", "p"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs/p/summary.json").read_text())
+    assert s["final"]["params"] < s["dense"]["params"] and s["compression"]["params_x"] > 1
+    assert {"map50", "latency_ms", "macs"} <= set(s["dense"])
+    ckpt = torch.load(tmp_path / "runs/p/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["architecture"]["channels"] == s["channels"]
+    state = next(v for k, v in ckpt["callbacks"].items() if "SparsityInduction" in k)
+    assert [r["phase"] for r in state["surgeries"]] == [0, 1, 2] and state["masks"] == {}
+    # the pruned checkpoint loads without the config and runs
+    from lightning_modules.detector import SSDDetector
+
+    model = SSDDetector.load_from_checkpoint(tmp_path / "runs/p/checkpoints/last.ckpt", map_location="cpu")
+    assert model.model.channels == s["channels"]
+    model.eval()(torch.zeros(1, 3, 300, 300, dtype=torch.uint8))
+
+
+def test_bad_schedule_fails_at_start_up(tmp_path):
+    cfg = shrunken_demo(tmp_path, schedule=[{"layers": ["conv5_1", "conv_oops"], "l1_epochs": [0, 1]}])
+    proc = run_train(["--config", str(cfg)])
+    assert proc.returncode != 0 and "unknown layer(s) ['conv_oops']" in proc.stderr
