@@ -73,43 +73,53 @@ def voc_evaluate(
     if det_boxes.numel() == 0:
         ap[npos > 0] = 0.0
         return ap
-    det_boxes, gt_boxes = det_boxes.double(), gt_boxes.double()
-    # Pad ground truth per image: gt_slot[j] = position of gt j within its image.
+    det_boxes, gt_boxes = det_boxes.float(), gt_boxes.float()
+    # Pad ground truth per image: pad_idx[i, s] = global index of the s-th gt of image i (-1 = none).
     n_img = int(max(det_img.max().item(), gt_img.max().item() if gt_img.numel() else -1)) + 1
-    order = torch.argsort(gt_img, stable=True)
-    gt_boxes, gt_labels, gt_difficult, gt_img = gt_boxes[order], gt_labels[order], gt_difficult[order], gt_img[order]
     counts = torch.bincount(gt_img, minlength=n_img)
-    starts = torch.cumsum(counts, 0) - counts
     g_max = int(counts.max().item()) if gt_img.numel() else 0
     if g_max == 0:
+        ap[npos > 0] = 0.0
         return ap
-    gt_slot = torch.arange(len(gt_img), device=device) - starts[gt_img]
+    order = torch.argsort(gt_img, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(gt_img), device=device) - starts[gt_img[order]]
     pad_idx = torch.full((n_img, g_max), -1, dtype=torch.long, device=device)
-    pad_idx[gt_img, gt_slot] = torch.arange(len(gt_img), device=device)
-    cand = pad_idx[det_img]  # (D, G_max) global gt indices, -1 = padding
-    valid = cand >= 0
+    pad_idx[gt_img[order], slot] = order
+    cand = pad_idx[det_img]  # (D, G_max)
     cand_c = cand.clamp(min=0)
+    same = (cand >= 0) & (gt_labels[cand_c] == det_labels.unsqueeze(1))
     iou = _iou_inclusive(det_boxes.unsqueeze(1), gt_boxes[cand_c])
-    iou = torch.where(valid & (gt_labels[cand_c] == det_labels.unsqueeze(1)), iou, torch.full_like(iou, -1.0))
+    iou = torch.where(same, iou, torch.full_like(iou, -1.0))
+    # float32 decides "IoU > threshold" exactly except within rounding of the threshold: redo those in float64
+    above = iou > iou_threshold
+    near = same & ((iou - iou_threshold).abs() < 1e-4)
+    if near.any():
+        r, c = near.nonzero(as_tuple=True)
+        above[r, c] = _iou_inclusive(det_boxes[r].double(), gt_boxes[cand_c[r, c]].double()) > iou_threshold
     ovmax, jmax = iou.max(dim=1)
     best = cand_c.gather(1, jmax.unsqueeze(1)).squeeze(1)
-    hit = ovmax > iou_threshold
+    hit = above.gather(1, jmax.unsqueeze(1)).squeeze(1)
     ignore = hit & gt_difficult[best]
-    # Global score order (descending); ties keep input order.
+    # One sort: by class, then by descending score (ties keep input order).
     srt = torch.argsort(det_scores, descending=True, stable=True)
+    srt = srt[torch.argsort(det_labels[srt], stable=True)]
     rank = torch.empty_like(srt)
     rank[srt] = torch.arange(len(srt), device=device)
-    # A hit is a TP iff it is the highest-ranked hit on its ground truth.
+    # A hit is a TP iff it is the highest-ranked hit on its ground truth (ranks within a class follow scores).
     cand_hit = hit & ~ignore
     first = torch.full((len(gt_img),), len(srt), dtype=torch.long, device=device)
     first.scatter_reduce_(0, best[cand_hit], rank[cand_hit], reduce="amin")
     tp = cand_hit & (first[best] == rank)
+    keep = ~ignore[srt]
+    lab, tp_s = det_labels[srt][keep], tp[srt][keep].double()
+    bounds = torch.searchsorted(lab, torch.arange(num_classes + 1, device=device))
     for c in range(num_classes):
         if npos[c] == 0:
             continue
-        sel = srt[(det_labels[srt] == c) & ~ignore[srt]]
-        tp_c = tp[sel].double().cumsum(0)
-        fp_c = (~tp[sel]).double().cumsum(0)
+        a, b = int(bounds[c]), int(bounds[c + 1])
+        tp_c = tp_s[a:b].cumsum(0)
+        fp_c = (1.0 - tp_s[a:b]).cumsum(0)
         rec = tp_c / float(npos[c])
         prec = tp_c / torch.clamp(tp_c + fp_c, min=torch.finfo(torch.float64).eps)
         ap[c] = voc_ap(rec.cpu(), prec.cpu(), use_07_metric)
@@ -140,18 +150,19 @@ class VOCMeanAveragePrecision(Metric):
     def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
         if len(preds) != len(targets):
             raise ValueError(f"got {len(preds)} predictions for {len(targets)} targets")
-        for p, t in zip(preds, targets):
-            self.det_boxes.append(p["boxes"].reshape(-1, 4).float())
-            self.det_scores.append(p["scores"].reshape(-1).float())
-            self.det_labels.append(p["labels"].reshape(-1).long())
-            self.det_count.append(torch.tensor([len(p["scores"])], device=self.device))
-            n = len(t["labels"])
-            diff = t.get("difficult")
-            diff = torch.zeros(n, dtype=torch.bool, device=self.device) if diff is None else diff.reshape(-1).bool()
-            self.gt_boxes.append(t["boxes"].reshape(-1, 4).float())
-            self.gt_labels.append(t["labels"].reshape(-1).long())
-            self.gt_difficult.append(diff)
-            self.gt_count.append(torch.tensor([n], device=self.device))
+        if not preds:
+            return
+        # one tensor per state and call (not per image): fewer, larger tensors to keep and to gather under DDP
+        self.det_boxes.append(torch.cat([p["boxes"].reshape(-1, 4).float() for p in preds]))
+        self.det_scores.append(torch.cat([p["scores"].reshape(-1).float() for p in preds]))
+        self.det_labels.append(torch.cat([p["labels"].reshape(-1).long() for p in preds]))
+        self.det_count.append(torch.tensor([len(p["scores"]) for p in preds], device=self.device))
+        self.gt_boxes.append(torch.cat([t["boxes"].reshape(-1, 4).float() for t in targets]))
+        self.gt_labels.append(torch.cat([t["labels"].reshape(-1).long() for t in targets]))
+        self.gt_difficult.append(torch.cat([
+            t["difficult"].reshape(-1).bool() if t.get("difficult") is not None
+            else torch.zeros(len(t["labels"]), dtype=torch.bool, device=self.device) for t in targets]))
+        self.gt_count.append(torch.tensor([len(t["labels"]) for t in targets], device=self.device))
 
     def compute(self) -> dict[str, Tensor]:
         det_count = _cat(self.det_count, dtype=torch.long).long()

@@ -150,3 +150,13 @@ def test_matches_devkit_reference(seed, use_07):
     ours = m.compute()["ap_per_class"].numpy()
     ref = np.array([devkit_ap(dets_np, gts_np, c, use_07) for c in range(4)])
     np.testing.assert_allclose(ours, ref, atol=1e-6, equal_nan=True)
+
+
+def test_iou_exactly_at_threshold_is_not_a_hit():
+    # 10x10 gt vs its top half (10x5): devkit IoU = 50 / 100 = 0.5, and the rule is IoU > 0.5 -> FP
+    m = VOCMeanAveragePrecision(num_classes=1)
+    m.update([_t([[0, 0, 9, 4]], [0], scores=[1.0])], [_t([[0, 0, 9, 9]], [0])])
+    assert m.compute()["map"].item() == 0.0
+    m = VOCMeanAveragePrecision(num_classes=1)
+    m.update([_t([[0, 0, 9, 5]], [0], scores=[1.0])], [_t([[0, 0, 9, 9]], [0])])  # 60 / 100
+    assert m.compute()["map"].item() == pytest.approx(1.0)
