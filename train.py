@@ -79,6 +79,9 @@ def main(args: list[str] | None = None) -> Path:
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and trainer.is_global_zero:
+            lg.experiment.config.update({"resolved_config": cli.config.as_dict()}, allow_val_change=True)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
     except NonFiniteLossError as err:

@@ -49,7 +49,7 @@ class SparsityInduction(Callback):
     subgradient of ``l1_lambda * sum ||W_l||_1``). When the window ends, zeroes every weight whose
     layer-normalised magnitude |w| / rms(W_l) is <= one global tau, chosen by ``threshold_mode``:
 
-    * ``target_sparsity``: tau zeroes ``target_sparsity`` of the phase's weights;
+    * ``target_sparsity``: tau zeroes ``target_sparsity`` of the phase's weights (a phase may set its own);
     * ``max_map_drop``: the largest sparsity (binary search, ``search_steps`` evaluations) whose VOC mAP@0.5 on
       ``search_batches`` validation batches drops by at most ``max_map_drop`` (absolute).
 
@@ -121,7 +121,8 @@ class SparsityInduction(Callback):
         weights = {n: pl_module.model.layers[n].weight for n in phase.layers}
         norm = normalised_magnitudes(weights)
         if self.threshold_mode == "target_sparsity":
-            tau = tau_for_sparsity(norm, self.target_sparsity)
+            target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
+            tau = tau_for_sparsity(norm, target)
         else:
             tau = self._search_tau(trainer, pl_module, weights, norm)
         tau = float(trainer.strategy.broadcast(tau, src=0))

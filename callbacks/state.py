@@ -30,6 +30,7 @@ class Phase:
     layers: list[str]
     l1_epochs: tuple[int, int]
     surgery_epoch: int | None = None
+    target_sparsity: float | None = None  # overrides SparsityInduction's target_sparsity for this phase
 
     def __post_init__(self):
         self.layers = list(self.layers)
@@ -64,6 +65,8 @@ def validate_schedule(phases: list[Phase], size: int, max_epochs: int | None) ->
         a, b = p.l1_epochs
         if not 0 <= a < b:
             raise ScheduleError(f"phase {i}: l1_epochs must be [start, end) with 0 <= start < end, got {[a, b]}")
+        if p.target_sparsity is not None and not 0.0 <= p.target_sparsity < 1.0:
+            raise ScheduleError(f"phase {i}: target_sparsity must be in [0, 1), got {p.target_sparsity}")
         if p.surgery_epoch < b:
             raise ScheduleError(f"phase {i}: surgery_epoch {p.surgery_epoch} comes before the end of its L1 window {b}")
         if a < prev_end:

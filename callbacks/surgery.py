@@ -201,7 +201,8 @@ class StructuredSurgery(Callback):
         metric.reset()
         was_training = pl_module.training
         pl_module.eval()
-        coco = pl_module.metrics.pop("test_coco", None)  # dense mAP@0.5 only; keep the COCO metric clean
+        # dense mAP@0.5 only: leave the COCO metric out, so the final test's COCO figures stay clean
+        coco = pl_module.metrics.pop("test_coco") if "test_coco" in pl_module.metrics else None
         try:
             for batch in dm.test_dataloader():
                 pl_module._eval_step(move_data_to_device(batch, pl_module.device), "test")

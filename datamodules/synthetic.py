@@ -4,7 +4,8 @@ It is the embedded default: the demo generates it on first use and then reads it
 ``VOCDataModule`` as PASCAL VOC. Deterministic for a given seed. Each image has a "realistic" background
 (smooth illumination gradients, low-frequency colour noise, a horizon, sensor noise), clutter that is not
 an object (lines, arcs, blobs), and 1..N objects of ``SHAPES`` at scales from ~10% to ~75% of the short
-side, each with a random colour and texture (solid, stripes, checker, noise, gradient), rotation and aspect.
+side, each with a random colour, rotation, aspect and texture (solid, stripes, checker, noise, gradient); with
+``class_textures`` the texture is the class's own (a class is then a shape *and* a texture: easier to learn).
 Later objects occlude earlier ones; boxes cover the visible extent and objects less than 45% visible are
 flagged ``difficult`` (ignored by the VOC metric, as in VOC itself); truncation at the border happens too.
 """
@@ -59,9 +60,12 @@ def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, sx: float, sy: 
     return mask
 
 
-def _texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+TEXTURES = ("solid", "stripes", "checker", "noise", "gradient")
+
+
+def _texture(h: int, w: int, rng: np.random.Generator, kind: int | None = None) -> np.ndarray:
     base = rng.integers(0, 256, 3).astype(np.float32)
-    kind = rng.integers(0, 5)
+    kind = int(rng.integers(0, len(TEXTURES))) if kind is None else kind
     if kind == 0:  # solid
         return np.broadcast_to(base, (h, w, 3)).copy()
     other = rng.integers(0, 256, 3).astype(np.float32)
@@ -117,7 +121,8 @@ def _background(h: int, w: int, rng: np.random.Generator, max_clutter: int = 12)
 
 
 def render_image(rng: np.random.Generator, classes: tuple[str, ...], min_objects: int, max_objects: int,
-                 min_scale: float = 0.1, max_scale: float = 0.75, max_clutter: int = 12):
+                 min_scale: float = 0.1, max_scale: float = 0.75, max_clutter: int = 12,
+                 class_textures: bool = False):
     """One image (uint8 RGB), its objects as (class name, (x1, y1, x2, y2) 1-based, visible fraction, truncated),
     and its (width, height)."""
     w, h = int(rng.integers(320, 481)), int(rng.integers(240, 361))
@@ -125,7 +130,8 @@ def render_image(rng: np.random.Generator, classes: tuple[str, ...], min_objects
     short = min(h, w)
     masks, names, areas = [], [], []
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
-        kind = classes[int(rng.integers(0, len(classes)))]
+        cls = int(rng.integers(0, len(classes)))
+        kind = classes[cls]
         size = short * math.exp(rng.uniform(math.log(min_scale), math.log(max_scale))) / 2
         aspect = math.exp(rng.uniform(-0.25, 0.25))
         sx, sy = size * aspect, size / aspect
@@ -136,7 +142,7 @@ def render_image(rng: np.random.Generator, classes: tuple[str, ...], min_objects
             continue
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        tex = _texture(y1 - y0, x1 - x0, rng)
+        tex = _texture(y1 - y0, x1 - x0, rng, SHAPES.index(kind) % len(TEXTURES) if class_textures else None)
         m = (mask[y0:y1, x0:x1].astype(np.float32) / 255)[..., None]
         shade = rng.uniform(0.7, 1.1)
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - m) + tex * shade * m
@@ -200,7 +206,7 @@ def generate_synthetic_voc(root: str | Path, spec, classes: tuple[str, ...] = SH
             for _ in range(count):
                 image_id = f"{n:06d}"
                 img, objects, size = render_image(rng, tuple(classes), spec.min_objects, spec.max_objects,
-                                                   spec.min_scale, spec.max_scale, spec.max_clutter)
+                                                   spec.min_scale, spec.max_scale, spec.max_clutter, spec.class_textures)
                 cv2.imwrite(str(base / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                             [cv2.IMWRITE_JPEG_QUALITY, 92])
                 (base / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, size, objects))

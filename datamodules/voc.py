@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.transforms import ssd_eval_transform, ssd_train_transform
@@ -148,7 +149,7 @@ class VOCDataset(Dataset):
         fixed = 0
         for year, split in sets:
             base, ids = read_split(Path(root), year, split)
-            for image_id in ids:
+            for image_id in track(ids, description=f"reading VOC{year} {split} annotations", disable=len(ids) < 2000):
                 xml = base / "Annotations" / f"{image_id}.xml"
                 img = base / "JPEGImages" / f"{image_id}.jpg"
                 try:
@@ -235,6 +236,7 @@ class SyntheticSpec:
     min_scale: float = 0.1  # object size as a fraction of the image's short side
     max_scale: float = 0.75
     max_clutter: int = 12  # distractor lines / arcs / blobs per image
+    class_textures: bool = False  # each class has its own texture as well as its own shape
 
 
 class VOCDataModule(pl.LightningDataModule):

@@ -111,3 +111,21 @@ def test_wandb_offline_without_credentials(tmp_path):
     path, s = _summary(proc)
     assert s["wandb_dir"] and Path(s["wandb_dir"]).is_dir()
     assert f"wandb sync {s['wandb_dir']}" in proc.stdout
+
+
+def test_from_trained_variant_starts_from_a_checkpoint(tmp_path):
+    from datamodules.voc import VOC_CLASSES
+    from lightning_modules.detector import SSDDetector
+
+    tiny_voc(tmp_path / "voc", classes=("cat", "dog"), year=2007)
+    tiny_voc(tmp_path / "voc", classes=("dog", "person"), year=2012)
+    trained = SSDDetector(list(VOC_CLASSES))
+    ckpt = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "architecture": {"channels": trained.model.channels, "num_branches": 6}}, ckpt)
+    base = ["--config", "experiments/voc_ssd300_from_trained.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--data.root", str(tmp_path / "voc"), "--data.batch_size", "2", "--data.num_workers", "0",
+            "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
+    proc = run_train(base)
+    assert proc.returncode != 0 and "--model.init_checkpoint" in proc.stderr
+    path, s = _summary(run_train(base + ["--model.init_checkpoint", str(ckpt)]))
+    assert s["final"]["params"] == 26_285_486
