@@ -52,6 +52,39 @@ def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict
     return stats
 
 
+def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
+    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split."""
+    stats = model_stats(pl_module.model, pl_module.hparams.size)
+    if with_map and trainer.datamodule is not None:
+        stats["map50"] = test_map50(trainer, pl_module)
+    return stats
+
+
+@torch.no_grad()
+def test_map50(trainer, pl_module) -> float:
+    """Evaluate the current model on the test split (mAP@0.5 only; the COCO metric is left untouched)."""
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    dm = trainer.datamodule
+    if not hasattr(dm, "test_ds"):
+        dm.setup("test")
+    metric = pl_module.metrics["test_voc"]
+    metric.reset()
+    was_training = pl_module.training
+    pl_module.eval()
+    coco = pl_module.metrics.pop("test_coco") if "test_coco" in pl_module.metrics else None
+    try:
+        for batch in dm.test_dataloader():
+            pl_module._eval_step(move_data_to_device(batch, pl_module.device), "test")
+        value = float(metric.compute()["map"])
+    finally:
+        if coco is not None:
+            pl_module.metrics["test_coco"] = coco
+        metric.reset()
+        pl_module.train(was_training)
+    return value
+
+
 def compression(dense: dict, final: dict) -> dict[str, float]:
     def ratio(key: str) -> float:
         return round(dense[key] / final[key], 4) if final.get(key) else float("nan")

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from callbacks.report import measure_model
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
 from lightning_modules.metrics import VOCMeanAveragePrecision
 
@@ -118,6 +119,8 @@ class SparsityInduction(Callback):
     @torch.no_grad()
     def threshold(self, trainer, pl_module, index: int) -> float:
         phase = self.state.phases[index]
+        if self.state.dense_stats is None:  # the dense model, before anything is zeroed (compression report)
+            self.state.dense_stats = measure_model(trainer, pl_module, with_map=self.state.measure_dense_map)
         weights = {n: pl_module.model.layers[n].weight for n in phase.layers}
         norm = normalised_magnitudes(weights)
         if self.threshold_mode == "target_sparsity":

@@ -90,6 +90,7 @@ class PruningState:
     selection: dict[str, list[int]] = field(default_factory=dict)  # layer -> filter indices to remove
     surgeries: list[dict] = field(default_factory=list)  # one record per surgery done
     dense_stats: dict | None = None
+    measure_dense_map: bool = True
 
     def active_l1_phase(self, epoch: int) -> Phase | None:
         for p in self.phases:

@@ -14,11 +14,10 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 import torch_pruning as tp
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
-from callbacks.report import model_stats
+from callbacks.report import measure_model
 from callbacks.state import find_state
 from lightning_modules.ssd import SSD, L2Norm
 
@@ -147,7 +146,7 @@ class StructuredSurgery(Callback):
     After the surgery the model is a plain, smaller ``nn.Module``; the optimiser keeps its state for the surviving
     weights and the learning-rate schedule continues. The masks of the phase are dropped (retraining is free).
     Before the first surgery it measures the dense model (params, MACs, size, CPU latency, test mAP@0.5) for the
-    compression report; after every surgery it logs the new size and the width of every layer.
+    compression report (taken just before the first threshold zeroes anything); after every surgery it logs the new size and the width of every layer.
 
     Args:
         num_branches: after the last surgery keep only the first k detection branches ("pruned-kdet").
@@ -158,13 +157,16 @@ class StructuredSurgery(Callback):
         self.num_branches = num_branches
         self.measure_dense_map = measure_dense_map
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        find_state(trainer).measure_dense_map = self.measure_dense_map
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = find_state(trainer)
         for i, phase in enumerate(state.phases):
             if phase.selection_epoch != trainer.current_epoch or any(s["phase"] == i for s in state.surgeries):
                 continue
-            if state.dense_stats is None:
-                state.dense_stats = self.measure(trainer, pl_module, with_map=self.measure_dense_map)
+            if state.dense_stats is None:  # normally measured by SparsityInduction before its first threshold
+                state.dense_stats = measure_model(trainer, pl_module, with_map=self.measure_dense_map)
             t0 = time.perf_counter()
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             prune_filters(pl_module.model, state.selection, optimizer)
@@ -185,31 +187,3 @@ class StructuredSurgery(Callback):
             pl_module.log("prune/params", float(record["params"]))
             for name, width in pl_module.model.channels.items():
                 pl_module.log(f"prune/width/{name}", float(width))
-
-    def measure(self, trainer, pl_module, with_map: bool) -> dict:
-        stats = model_stats(pl_module.model, pl_module.hparams.size)
-        if with_map and trainer.datamodule is not None:
-            stats["map50"] = self._test_map(trainer, pl_module)
-        return stats
-
-    @torch.no_grad()
-    def _test_map(self, trainer, pl_module) -> float:
-        dm = trainer.datamodule
-        if not hasattr(dm, "test_ds"):
-            dm.setup("test")
-        metric = pl_module.metrics["test_voc"]
-        metric.reset()
-        was_training = pl_module.training
-        pl_module.eval()
-        # dense mAP@0.5 only: leave the COCO metric out, so the final test's COCO figures stay clean
-        coco = pl_module.metrics.pop("test_coco") if "test_coco" in pl_module.metrics else None
-        try:
-            for batch in dm.test_dataloader():
-                pl_module._eval_step(move_data_to_device(batch, pl_module.device), "test")
-            value = float(metric.compute()["map"])
-        finally:
-            if coco is not None:
-                pl_module.metrics["test_coco"] = coco
-            metric.reset()
-            pl_module.train(was_training)
-        return value
