@@ -83,7 +83,8 @@ class SparsityInduction(Callback):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         callback_order_check(trainer)
-        validate_schedule(self.state.phases, pl_module.hparams.size, trainer.max_epochs)
+        # fast_dev_run forces a single epoch: a smoke test of the wiring, not of the schedule's length
+        validate_schedule(self.state.phases, pl_module.hparams.size, None if trainer.fast_dev_run else trainer.max_epochs)
         for p in self.state.phases:
             missing = [n for n in p.layers if n not in pl_module.model.layers]
             if missing:
