@@ -142,6 +142,7 @@ class SparsityInduction(Callback):
             pl_module.log(f"prune/sparsity/{name}", 1.0 - m.float().mean().item())
         return tau
 
+    @torch.no_grad()
     def _eval_map(self, trainer, pl_module) -> float:
         loader = trainer.datamodule.val_dataloader()
         metric = VOCMeanAveragePrecision(len(pl_module.classes), use_07_metric=pl_module.hparams.use_07_metric)
@@ -150,18 +151,13 @@ class SparsityInduction(Callback):
         for images, targets in itertools.islice(loader, self.search_batches):
             if not targets:
                 continue
-            dets = pl_module.predict_batch(images.to(pl_module.device))
-            preds, gts = [], []
-            for d, t in zip(dets, targets):
-                h, w = t["orig_size"].tolist()
-                px = d["boxes"].cpu() * torch.tensor([w, h, w, h])
-                preds.append({"boxes": torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], 1),
-                              "scores": d["scores"].cpu(), "labels": d["labels"].cpu()})
-                gts.append({"boxes": t["voc_boxes"], "labels": t["voc_labels"], "difficult": t["voc_difficult"]})
+            dets = [{k: v.cpu() for k, v in d.items()} for d in pl_module.predict_batch(images.to(pl_module.device))]
+            preds, gts, _, _ = pl_module.metric_inputs(dets, targets)
             metric.update(preds, gts)
         pl_module.train(was_training)
         return float(metric.compute()["map"])
 
+    @torch.no_grad()
     def _search_tau(self, trainer, pl_module, weights, norm) -> float:
         """Largest sparsity whose validation-subset mAP drop stays within ``max_map_drop`` (binary search)."""
         original = {n: w.detach().clone() for n, w in weights.items()}

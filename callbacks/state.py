@@ -141,14 +141,6 @@ def callback_order_check(trainer) -> None:
                          f"StructuredSurgery; got {[k.__name__ for k in kinds]}")
 
 
-def zero_fraction(t: Tensor) -> Tensor:
-    return (t == 0).float().mean()
-
-
-def conv_weights(model) -> dict[str, Tensor]:
-    return {name: conv.weight for name, conv in model.layers.items()}
-
-
 @torch.no_grad()
 def apply_masks(model, masks: dict[str, Tensor], optimizer=None) -> None:
     """Zero masked weights (and their optimiser state, so momentum cannot revive them)."""

@@ -152,11 +152,10 @@ class SSDDetector(pl.LightningModule):
         hp = self.hparams
         return decode(loc, conf, self.model.priors, hp.conf_threshold, hp.nms_threshold, hp.top_k)
 
-    def _eval_step(self, batch, stage: str) -> None:
-        images, targets = batch
-        if not targets:
-            return
-        dets = self.predict_batch(images)
+    @staticmethod
+    def metric_inputs(dets: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]):
+        """Detections and targets in each metric's convention: VOC (1-based inclusive pixels, difficult flagged)
+        and COCO (continuous pixels, difficult objects removed)."""
         voc_preds, voc_targets, coco_preds, coco_targets = [], [], [], []
         for d, t in zip(dets, targets):
             h, w = t["orig_size"].tolist()
@@ -170,6 +169,13 @@ class SSDDetector(pl.LightningModule):
             gt[:, :2] -= 1
             coco_preds.append({"boxes": px, "scores": d["scores"], "labels": d["labels"]})
             coco_targets.append({"boxes": gt, "labels": t["voc_labels"][keep]})
+        return voc_preds, voc_targets, coco_preds, coco_targets
+
+    def _eval_step(self, batch, stage: str) -> None:
+        images, targets = batch
+        if not targets:
+            return
+        voc_preds, voc_targets, coco_preds, coco_targets = self.metric_inputs(self.predict_batch(images), targets)
         self.metrics[f"{stage}_voc"].update(voc_preds, voc_targets)
         if f"{stage}_coco" in self.metrics:
             self.metrics[f"{stage}_coco"].update(coco_preds, coco_targets)
