@@ -1,7 +1,14 @@
 """Train (and compress) an SSD detector: ``python train.py --config experiments/<name>.yaml [--key value ...]``.
 
-Runs ``fit``, then ``test`` on the final model, writes ``summary.json`` into the run directory and prints
-``summary: <path>`` as its last line. Every key of the config can be overridden on the command line.
+Runs ``fit``, then ``test`` on the final model, exports it (``<run>/export/``: model.safetensors, model.json,
+model.onnx), writes ``summary.json`` into the run directory and prints ``summary: <path>`` as its last line.
+Every key of the config can be overridden on the command line.
+
+Other modes:
+  --ckpt_path CKPT             resume training from a checkpoint (pruned or not, mid-schedule included)
+  --evaluate CKPT|EXPORT_DIR   with --config: test that model on the data module's test split, no training
+  --export CKPT [--out DIR]    export a checkpoint (no config needed)
+  --predict CKPT|EXPORT_DIR --images DIR [--out DIR] [--score_threshold S]   detections drawn + detections.json
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from callbacks.report import compression, model_stats, write_summary
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError
 from lightning_modules.detector import NonFiniteLossError
+from lightning_modules.export import AtomicCheckpointIO, CheckpointError, export_detector, load_detector, predict_folder
+from lightning_modules.ssd import WeightsMismatchError
 
 
 def _wandb_credentials() -> bool:
@@ -43,6 +52,9 @@ class SSDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: timestamp)")
+        parser.add_argument("--evaluate", type=str | None, default=None,
+                            help="test this checkpoint or export folder on the data module's test split (no training)")
+        parser.add_argument("--export_onnx", type=bool, default=True, help="also write model.onnx at the end of a run")
         parser.link_arguments("data.init_args.classes", "model.init_args.classes", apply_on="parse")
         parser.link_arguments("data.init_args.image_size", "model.init_args.size", apply_on="parse")
 
@@ -64,6 +76,10 @@ class SSDCLI(LightningCLI):
                 lg.init_args.save_dir = run_dir
 
 
+def _has_atomic_io(trainer) -> bool:
+    return isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
 def main(args: list[str] | None = None) -> Path:
     went_offline = configure_wandb_mode()
     cli = SSDCLI(
@@ -72,9 +88,12 @@ def main(args: list[str] | None = None) -> Path:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         args=args,
     )
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    if not _has_atomic_io(trainer):  # a config that sets its own plugins: keep checkpoint writes atomic anyway
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     run_dir = Path(trainer.default_root_dir)
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -82,11 +101,22 @@ def main(args: list[str] | None = None) -> Path:
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             lg.experiment.config.update({"resolved_config": cli.config.as_dict()}, allow_val_change=True)
-    try:
-        trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    evaluate = cli.config.evaluate
+    if evaluate:
+        model = load_detector(evaluate)
+        if list(model.classes) != list(dm.classes):
+            raise DataError(f"{evaluate} was trained on classes {list(model.classes)}, the data module has "
+                            f"{list(dm.classes)}; pass --data.classes to match")
+    else:
+        if cli.config.ckpt_path:
+            from lightning_modules.export import read_checkpoint
+
+            read_checkpoint(cli.config.ckpt_path)  # clear errors for a missing / truncated file before Lightning's
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
+        except NonFiniteLossError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
     results = trainer.test(model, datamodule=dm)
     summary_path = run_dir / "summary.json"
     if trainer.is_global_zero:
@@ -94,6 +124,10 @@ def main(args: list[str] | None = None) -> Path:
         final["map50"] = float(results[0]["test/map50"])
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
                       if getattr(getattr(cb, "state", None), "dense_stats", None)), None) or final
+        if evaluate:
+            export = {"evaluated": str(evaluate)}
+        else:
+            export = export_detector(model, run_dir / "export", onnx=cli.config.export_onnx)
         wandb_dir = None
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
@@ -104,7 +138,7 @@ def main(args: list[str] | None = None) -> Path:
             "final": final,
             "compression": compression(dense, final),
             "channels": model.model.channels,
-            "export": {},
+            "export": export,
             "wandb_dir": wandb_dir,
             "world_size": trainer.world_size,
             "test_metrics": {k: float(v) for k, v in results[0].items()},
@@ -116,9 +150,40 @@ def main(args: list[str] | None = None) -> Path:
     return summary_path
 
 
+def tool_main(argv: list[str]) -> None:
+    """``--export`` and ``--predict``: work on a saved model alone, no config needed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="train.py", description="export or run a trained detector")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--export", metavar="CKPT", help="export this checkpoint: model.safetensors, model.json, model.onnx")
+    mode.add_argument("--predict", metavar="CKPT_OR_EXPORT", help="detect objects with this checkpoint or export folder")
+    ap.add_argument("--images", help="--predict: folder of images")
+    ap.add_argument("--out", help="output folder (default: <checkpoint folder>/export, or <images>_detections)")
+    ap.add_argument("--score_threshold", type=float, default=0.3, help="--predict: draw and list detections >= this")
+    ap.add_argument("--no_onnx", action="store_true", help="--export: skip model.onnx")
+    ap.add_argument("--device", default="cpu", help="--predict: torch device (cpu, cuda, cuda:1 ...)")
+    a = ap.parse_args(argv)
+    if a.export:
+        det = load_detector(a.export)
+        out = Path(a.out) if a.out else Path(a.export).resolve().parent / "export"
+        paths = export_detector(det, out, onnx=not a.no_onnx)
+        for kind, path in paths.items():
+            print(f"{kind}: {path}")
+        return
+    if not a.images:
+        ap.error("--predict needs --images <folder>")
+    det = load_detector(a.predict).to(a.device)
+    out = Path(a.out) if a.out else Path(str(Path(a.images).resolve()) + "_detections")
+    print(f"detections: {predict_folder(det, a.images, out, a.score_threshold)}")
+
+
 if __name__ == "__main__":
     try:
-        main()
-    except (DataError, ScheduleError) as err:
+        if any(arg in ("--export", "--predict") or arg.startswith(("--export=", "--predict=")) for arg in sys.argv[1:]):
+            tool_main(sys.argv[1:])
+        else:
+            main()
+    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,8 @@ Box conventions: VOC XML boxes are 1-based inclusive pixels. Evaluation keeps th
 
 from __future__ import annotations
 
+import os
+import random
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ import torch
 from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.samplers import EvalSampler, TrainSampler
 from datamodules.transforms import ssd_eval_transform, ssd_train_transform
 
 VOC_CLASSES = (
@@ -187,7 +190,14 @@ class VOCDataset(Dataset):
             return None
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        """``key`` is an index, or ``(index, seed)`` from ``TrainSampler``: the augmentation then draws its random
+        numbers from ``seed`` alone, so a sample's augmentation is reproducible (resume, any worker count)."""
+        if isinstance(key, tuple):
+            index, seed = key
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        else:
+            index = key
         ann = self.items[index]
         img = self.load_image(ann)
         if img is None:
@@ -315,18 +325,25 @@ class VOCDataModule(pl.LightningDataModule):
             if not hasattr(self, "val_ds"):
                 self.val_ds = self.test_ds if self.val_set == self.test_set else self._dataset([self.val_set], train=False)
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        """Training: ``TrainSampler`` (order and augmentation from the global seed and the epoch; sharded under
+        DDP). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
         nw = self.hparams.num_workers
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=nw,
+        if train:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = TrainSampler(ds, seed=seed)
+        else:
+            sampler = EvalSampler(ds)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=nw,
                           collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                          drop_last=shuffle and len(ds) > self.hparams.batch_size,
+                          drop_last=train and len(sampler) > self.hparams.batch_size,
                           persistent_workers=nw > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ds, shuffle=True)
+        return self._loader(self.train_ds, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ds, shuffle=False)
+        return self._loader(self.val_ds, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_ds, shuffle=False)
+        return self._loader(self.test_ds, train=False)

@@ -98,25 +98,26 @@ class SSDDetector(pl.LightningModule):
                                    False, hp.batch_norm).to(device)
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
+        from lightning_modules.ssd import check_state_dict
+
+        state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+        if state:  # a clear message naming the first mismatched layer, before Lightning's strict load
+            check_state_dict(self.model.state_dict(), state, "checkpoint")
 
     def load_weights(self, path: str) -> None:
         """Load detector weights from a checkpoint of this module (``weights_only=True``: no pickled code runs)."""
+        from lightning_modules.export import CheckpointError, read_checkpoint
+        from lightning_modules.ssd import check_state_dict
+
         if path == "REQUIRED":
             raise ValueError("this experiment starts from a trained SSD: pass --model.init_checkpoint <checkpoint path>")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"init_checkpoint {path} does not exist") from err
-        except Exception as err:
-            raise ValueError(f"init_checkpoint {path} is not a readable checkpoint ({err})") from err
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            raise ValueError(f"init_checkpoint: {err}") from err
         self.on_load_checkpoint(ckpt)
-        state = {k[len("model."):]: v for k, v in ckpt.get("state_dict", ckpt).items() if k.startswith("model.")}
-        own = self.model.state_dict()
-        for k, v in own.items():
-            if k not in state:
-                raise ValueError(f"init_checkpoint {path} has no weights for {k}")
-            if state[k].shape != v.shape:
-                raise ValueError(f"init_checkpoint {path}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}")
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        check_state_dict(self.model.state_dict(), state, f"init_checkpoint {path}")
         self.model.load_state_dict(state)
 
     # ----------------------------------------------------------------- forward / loss

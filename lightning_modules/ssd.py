@@ -280,3 +280,139 @@ def build_ssd(
     if pretrained_backbone:
         load_vgg16_imagenet(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exported models: model.safetensors (weights, no pickle) + model.json (everything needed to rebuild and use them)
+
+EXPORT_FORMAT = "ssd-pruning/1"
+
+
+class WeightsMismatchError(ValueError):
+    """Weights that do not fit the architecture they are loaded into."""
+
+
+def check_state_dict(own: dict[str, Tensor], incoming: dict[str, Tensor], source: str) -> None:
+    """Fail with the first mismatched layer and both shapes (instead of PyTorch's wall of size mismatches)."""
+    for key, value in own.items():
+        if key not in incoming:
+            raise WeightsMismatchError(f"{source}: no weights for {key} (model expects shape {tuple(value.shape)})")
+        if tuple(incoming[key].shape) != tuple(value.shape):
+            raise WeightsMismatchError(
+                f"{source}: {key} has shape {tuple(incoming[key].shape)}, the model expects {tuple(value.shape)} — "
+                "the weights come from a different (pruned?) architecture; load them with the architecture they "
+                "were saved with (a checkpoint or model.json carries it)")
+    extra = [k for k in incoming if k not in own]
+    if extra:
+        raise WeightsMismatchError(f"{source}: weights for layers the model does not have, first: {extra[0]}")
+
+
+def export_spec(model: SSD, classes: list[str], decode: dict | None = None) -> dict:
+    """The model.json contents: architecture, classes, input convention and decoding settings."""
+    return {
+        "format": EXPORT_FORMAT,
+        "architecture": {
+            "size": model.size,
+            "channels": model.channels,
+            "num_branches": model.num_branches,
+            "batch_norm": len(model.norms) > 0,
+        },
+        "classes": list(classes),
+        "input": {
+            "size": [model.size, model.size],
+            "layout": "NCHW, RGB",
+            "range": "0-255 (uint8 or float)",
+            "mean": [m * 255 for m in IMAGENET_MEAN],
+            "std": [s * 255 for s in IMAGENET_STD],
+            "resize": "plain resize of the whole image to size x size (no letterbox)",
+        },
+        "priors": {
+            "num_priors": int(model.priors.shape[0]),
+            "format": "cx, cy, w, h normalised to [0, 1] (torchvision DefaultBoxGenerator)",
+            "feature_maps": list(PRIORS[model.size].feature_maps[: model.num_branches]),
+            "steps": list(PRIORS[model.size].steps[: model.num_branches]),
+            "min_sizes": list(PRIORS[model.size].min_sizes[: model.num_branches]),
+            "max_sizes": list(PRIORS[model.size].max_sizes[: model.num_branches]),
+            "aspect_ratios": [list(a) for a in PRIORS[model.size].aspect_ratios[: model.num_branches]],
+        },
+        "decode": {
+            "box_coder_weights": [10.0, 10.0, 5.0, 5.0],
+            "conf_threshold": 0.01,
+            "nms_threshold": 0.45,
+            "top_k": 200,
+            **(decode or {}),
+        },
+        "outputs": {"loc": "[N, num_priors, 4] box offsets", "conf": "[N, num_priors, num_classes + 1] logits, 0 = background"},
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None = None) -> dict[str, str]:
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` (each atomically). Returns their paths."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    spec = export_spec(model, classes, decode)
+    _atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": EXPORT_FORMAT}))
+    _atomic_write_bytes(out / "model.json", (json.dumps(spec, indent=2) + "\n").encode())
+    return {"safetensors": str(out / "model.safetensors"), "json": str(out / "model.json")}
+
+
+def read_export_spec(path) -> tuple[dict, "Path"]:
+    """Find and parse model.json for ``path`` (the export folder, model.json or model.safetensors)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    spec_path, weights_path = folder / "model.json", folder / "model.safetensors"
+    for f in (spec_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} does not exist: an exported model is a folder with model.json and model.safetensors")
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{spec_path} is not valid JSON ({err}); the export is corrupt — export it again") from err
+    if not isinstance(spec, dict) or spec.get("format") != EXPORT_FORMAT or "architecture" not in spec:
+        raise ValueError(f"{spec_path} is not an SSD export of this project (expected format {EXPORT_FORMAT!r})")
+    return spec, weights_path
+
+
+def load_exported(path) -> SSD:
+    """Rebuild an exported model from ``model.json`` + ``model.safetensors``: no pickle, no callbacks, no Lightning.
+
+    ``path`` is the export folder (or either file in it). The returned ``SSD`` is in eval mode and carries the
+    parsed model.json as ``model.export_spec`` (classes, input normalisation, decoding settings).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    spec, weights_path = read_export_spec(path)
+    arch = spec["architecture"]
+    model = build_ssd(arch["size"], len(spec["classes"]) + 1, arch["channels"], 1.0, arch["num_branches"],
+                      False, arch.get("batch_norm", False))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights_path} is truncated or corrupt ({err}); export the model again") from err
+    check_state_dict(model.state_dict(), state, str(weights_path))
+    model.load_state_dict(state)
+    model.eval()
+    model.export_spec = spec
+    return model

@@ -17,3 +17,15 @@ class NaNAfterDetector(SSDDetector):
         if self.training and self.global_step >= self.nan_step:
             loc = loc * torch.tensor(float("nan"))
         return loc, conf
+
+
+class SlowStepDetector(SSDDetector):
+    """An SSD that sleeps ``SSD_SLOW_STEP_S`` seconds per training step (so a test can kill it mid-epoch);
+    its arithmetic is SSDDetector's."""
+
+    def training_step(self, batch, batch_idx):
+        import os
+        import time
+
+        time.sleep(float(os.environ.get("SSD_SLOW_STEP_S", "0")))
+        return super().training_step(batch, batch_idx)

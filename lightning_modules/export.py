@@ -1,0 +1,253 @@
+"""Saving, loading and shipping trained (pruned) detectors.
+
+* ``read_checkpoint``: a Lightning checkpoint loaded with ``weights_only=True``, with clear errors for missing,
+  truncated or foreign files.
+* ``AtomicCheckpointIO``: Lightning's checkpoint IO, but every write goes to a temporary file that is fsynced and
+  renamed over the target, so a crash never leaves a half-written ``last.ckpt``.
+* ``load_detector``: an ``SSDDetector`` from a checkpoint or an export folder, at the architecture it was saved with.
+* ``export_detector``: ``model.safetensors`` + ``model.json`` (see ``lightning_modules.ssd.save_exported``) and
+  ``model.onnx`` (normalisation inside, raw head outputs, dynamic batch).
+* ``predict_folder``: detections for a folder of images, as PNGs with the boxes drawn and one JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torch import Tensor, nn
+
+from lightning_modules.ssd import (
+    IMAGENET_MEAN, IMAGENET_STD, SSD, WeightsMismatchError, check_state_dict, load_exported, read_export_spec,
+    save_exported,
+)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (missing, truncated, corrupt or not one of ours)."""
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs), or fail saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes): the write that made it was interrupted")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {p} holds objects that are not plain tensors/containers and was refused by "
+            f"weights_only=True loading ({str(err).splitlines()[0]}). Only load checkpoints you trust.") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {p} is truncated or corrupt ({str(err).splitlines()[0]}); use an earlier checkpoint "
+            "(the run's checkpoints/ folder keeps last.ckpt and the latest epoch)") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{p} is not a Lightning checkpoint of SSDDetector (no 'state_dict')")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to ``<path>.tmp``, fsyncs, then renames over ``<path>``: readers see the old file or the new one,
+    never half of one. Loads with clear errors for truncated files."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        target = str(path)
+        if "://" in target:  # remote filesystems: Lightning's own (fsspec) writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+# ----------------------------------------------------------------------------------------------- detectors
+def _detector_from_spec(hparams: dict, arch: dict):
+    from lightning_modules.detector import SSDDetector
+
+    import inspect
+
+    accepted = set(inspect.signature(SSDDetector.__init__).parameters) - {"self"}
+    hp = {k: v for k, v in hparams.items() if k in accepted}  # drops LightningCLI's _class_path & co.
+    hp.update(channels=arch["channels"], num_branches=arch["num_branches"], width_mult=1.0,
+              pretrained_backbone=False, init_checkpoint=None)
+    return SSDDetector(**hp)
+
+
+def load_detector(path, **overrides):
+    """An ``SSDDetector`` (eval mode, CPU) from a Lightning checkpoint or an export folder (model.json +
+    model.safetensors), rebuilt at the architecture it was saved with. ``overrides`` replace hyper-parameters
+    (e.g. ``conf_threshold``)."""
+    p = Path(path)
+    if p.is_dir() or p.suffix in (".json", ".safetensors"):
+        model = load_exported(p)
+        spec = model.export_spec
+        arch = spec["architecture"]
+        hp = {"classes": spec["classes"], "size": arch["size"], "batch_norm": arch.get("batch_norm", False),
+              **{k: v for k, v in spec["decode"].items() if k in ("conf_threshold", "nms_threshold", "top_k")}}
+        det = _detector_from_spec({**hp, **overrides}, arch)
+        det.model.load_state_dict(model.state_dict())
+    else:
+        ckpt = read_checkpoint(p)
+        hp = ckpt.get("hyper_parameters")
+        if not hp or "classes" not in hp:
+            raise CheckpointError(f"{p} has no SSDDetector hyper-parameters (was it saved by this project?)")
+        arch = ckpt.get("architecture") or {"channels": hp.get("channels"), "num_branches": hp.get("num_branches")}
+        det = _detector_from_spec({**hp, **overrides}, arch)
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        check_state_dict(det.model.state_dict(), state, str(p))
+        det.model.load_state_dict(state)
+    return det.eval()
+
+
+# ----------------------------------------------------------------------------------------------- export
+class NormalizedSSD(nn.Module):
+    """The detector as shipped in ONNX: float RGB images in 0..255 (NCHW) -> raw (loc, conf)."""
+
+    def __init__(self, model: SSD):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model((images - self.mean) / self.std)
+
+
+def export_onnx(model: SSD, path, opset: int = 17) -> str:
+    """``model.onnx``: input ``images`` float32 [N, 3, size, size] in 0..255 RGB; outputs ``loc`` and ``conf``.
+
+    Uses the TorchScript-based exporter (the dynamo exporter needs onnxscript, one more dependency for the same
+    graph); constant folding merges BatchNorm into the convolutions. Written atomically.
+    """
+    import onnx
+
+    path = Path(path)
+    wrapped = NormalizedSSD(model).eval().cpu()
+    x = torch.zeros(1, 3, model.size, model.size)
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["loc", "conf"],
+                          dynamic_axes={"images": {0: "batch"}, "loc": {0: "batch"}, "conf": {0: "batch"}})
+    onnx.checker.check_model(str(tmp))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def onnx_param_count(path) -> int:
+    """Float weights stored in an ONNX file (includes the 6 normalisation constants of ``NormalizedSSD``)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
+
+
+def export_detector(detector, out_dir, onnx: bool = True) -> dict[str, str]:
+    """Export a detector: model.safetensors + model.json (+ model.onnx). Returns the paths written."""
+    hp = detector.hparams
+    was_training = detector.model.training
+    model = detector.model.eval()
+    decode = {"conf_threshold": hp.conf_threshold, "nms_threshold": hp.nms_threshold, "top_k": hp.top_k}
+    paths = save_exported(model, out_dir, list(detector.classes), decode)
+    if onnx:
+        paths["onnx"] = export_onnx(model, Path(out_dir) / "model.onnx")
+        spec_path = Path(paths["json"])
+        spec = json.loads(spec_path.read_text())
+        spec["onnx"] = {"file": "model.onnx", "input": "images: float32 [N, 3, size, size], RGB 0..255 (normalisation inside)",
+                        "outputs": ["loc", "conf"], "params": onnx_param_count(paths["onnx"])}
+        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    model.train(was_training)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------- predict
+def _read_image(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path}: unreadable or corrupt image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+@torch.no_grad()
+def predict_images(detector, images: list[np.ndarray], batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Detections (boxes in pixels of each original image, xyxy) for RGB uint8 arrays of any size."""
+    size = detector.hparams.size
+    device = next(detector.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        x = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR) for im in chunk])
+        dets = detector.predict_batch(torch.from_numpy(x).permute(0, 3, 1, 2).to(device))
+        for im, d in zip(chunk, dets):
+            h, w = im.shape[:2]
+            out.append({**d, "boxes": d["boxes"].cpu() * torch.tensor([w, h, w, h], dtype=torch.float32),
+                        "scores": d["scores"].cpu(), "labels": d["labels"].cpu()})
+    return out
+
+
+def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, batch_size: int = 8) -> Path:
+    """Detect objects in every image of ``images_dir``; write ``<name>.png`` with the boxes drawn (detections
+    scoring >= ``score_threshold``) and ``detections.json`` (all of them above that score) into ``out_dir``."""
+    from torchvision.utils import draw_bounding_boxes
+
+    src, dst = Path(images_dir), Path(out_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder of images")
+    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    detector.eval()
+    classes = list(detector.classes)
+    results = {}
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        images = [_read_image(f) for f in chunk]
+        for f, im, d in zip(chunk, images, predict_images(detector, images, batch_size)):
+            keep = d["scores"] >= score_threshold
+            boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
+            results[f.name] = [
+                {"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c), "class": classes[int(c)]}
+                for b, s, c in zip(boxes, scores, labels)
+            ]
+            text = [f"{classes[int(c)]} {float(s):.2f}" for s, c in zip(scores, labels)]
+            drawn = draw_bounding_boxes(torch.from_numpy(im).permute(2, 0, 1), boxes, labels=text, colors="red", width=2)
+            cv2.imwrite(str(dst / f"{f.stem}.png"), cv2.cvtColor(drawn.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
+    out = dst / "detections.json"
+    out.write_text(json.dumps({"classes": classes, "score_threshold": score_threshold, "box_format": "xyxy pixels",
+                               "images": results}, indent=2) + "\n")
+    return out
+
+
+__all__ = [
+    "AtomicCheckpointIO", "CheckpointError", "WeightsMismatchError", "export_detector", "export_onnx", "load_detector",
+    "onnx_param_count", "predict_folder", "predict_images", "read_checkpoint", "read_export_spec",
+]

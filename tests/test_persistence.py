@@ -1,0 +1,292 @@
+"""Pruned models that survive: resume at every stage of the schedule, export round trips, ONNX parity,
+evaluate / predict / export from the command line, corrupt and mismatched files, atomic checkpoint writes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT, run_train
+from tests.test_prune_train import shrunken_demo
+
+# P0 thresholds at the end of epoch 0 but its surgery waits until the end of epoch 1 (masked retraining in
+# between), P1 prunes at the end of epoch 2, so the checkpoints of epochs 0..2 are: masks active before any
+# surgery (mid-phase), after the first surgery, after the second.
+SCHEDULE = [
+    {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"], "l1_epochs": [0, 1], "surgery_epoch": 2},
+    {"layers": ["conv7", "conv8_1", "conv8_2", "conv9_1", "conv9_2"], "l1_epochs": [2, 3]},
+]
+
+
+def _config(tmp_path: Path) -> Path:
+    path = shrunken_demo(tmp_path, max_epochs=4, schedule=SCHEDULE)
+    cfg = yaml.safe_load(path.read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["save_top_k"] = -1  # keep every epoch's checkpoint
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted pruning run (4 epochs, 2 surgeries), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("persist")
+    os.environ.pop("SSD_RUN_DIR", None)
+    cfg = _config(tmp)
+    _ok(run_train(["--config", str(cfg), "--run_name", "full"], env={"WANDB_MODE": "offline"}))
+    run = tmp / "runs" / "full"
+    return {"tmp": tmp, "cfg": cfg, "run": run, "summary": json.loads((run / "summary.json").read_text())}
+
+
+def _state(ckpt_path):
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+
+def _pruning_state(ckpt):
+    return next(v for k, v in ckpt["callbacks"].items() if "SparsityInduction" in k)
+
+
+@pytest.mark.parametrize("epoch,stage", [(0, "mid-phase, masks active, before any surgery"),
+                                         (1, "after the first surgery"), (2, "after the second surgery")])
+def test_resume_at_each_stage_matches_uninterrupted(trained, epoch, stage):
+    ckpt = next((trained["run"] / "checkpoints").glob(f"epoch={epoch}-*.ckpt"))
+    state = _pruning_state(_state(ckpt))
+    assert len(state["surgeries"]) == epoch and bool(state["masks"]) == (epoch == 0), stage
+    name = f"resume{epoch}"
+    _ok(run_train(["--config", str(trained["cfg"]), "--run_name", name, "--ckpt_path", str(ckpt)]))
+    run = trained["tmp"] / "runs" / name
+    s = json.loads((run / "summary.json").read_text())
+    assert s["channels"] == trained["summary"]["channels"]
+    assert s["dense"] == trained["summary"]["dense"]  # the dense figures travel in the pruning state
+    a, b = _state(trained["run"] / "checkpoints/last.ckpt"), _state(run / "checkpoints/last.ckpt")
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    # data order and augmentation are seeded per epoch and sample: the resumed run is bit-identical
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_run_exports_and_export_round_trips(trained):
+    from lightning_modules.export import load_detector, onnx_param_count
+    from lightning_modules.ssd import load_exported
+
+    s = trained["summary"]
+    assert set(s["export"]) == {"safetensors", "json", "onnx"}
+    spec = json.loads(Path(s["export"]["json"]).read_text())
+    assert spec["architecture"]["channels"] == s["channels"] and spec["classes"] == ["circle", "square", "triangle", "star", "cross"]
+    assert spec["input"]["size"] == [300, 300] and spec["decode"]["nms_threshold"] == 0.45
+    model = load_exported(Path(s["export"]["json"]).parent)
+    ckpt = load_detector(trained["run"] / "checkpoints/last.ckpt")
+    x = torch.randint(0, 256, (2, 3, 300, 300), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = ckpt(x)
+        out = model(ckpt.preprocess(x))
+    assert all(torch.equal(r, o) for r, o in zip(ref, out))
+    assert sum(p.numel() for p in model.parameters()) == s["final"]["params"]
+    # ONNX: BatchNorm folds into the convolutions, so its weights are the pruned model's minus BN's affine
+    # parameters, plus the 6 normalisation constants (mean, std)
+    bn = sum(2 * m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert onnx_param_count(s["export"]["onnx"]) == s["final"]["params"] - bn + 6 < s["dense"]["params"]
+
+
+def test_onnx_matches_pytorch(tmp_path):
+    import onnxruntime as ort
+
+    from lightning_modules.export import export_onnx, onnx_param_count
+    from lightning_modules.ssd import build_ssd
+
+    channels = {"conv4_3": 24, "conv5_3": 16, "conv6": 40, "conv7": 56, "conv8_2": 24}
+    for bn in (False, True):
+        model = build_ssd(300, 6, channels, width_mult=0.125, num_branches=5, batch_norm=bn).eval()
+        with torch.no_grad():  # trained-like biases (the exporter would share identical all-zero initialisers)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        if bn:  # non-trivial statistics, so folding is exercised
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+        path = export_onnx(model, tmp_path / f"m{bn}.onnx")
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        x = torch.randint(0, 256, (3, 3, 300, 300)).float()
+        loc, conf = sess.run(None, {"images": x.numpy()})
+        from lightning_modules.export import NormalizedSSD
+
+        with torch.no_grad():
+            rloc, rconf = NormalizedSSD(model)(x)
+        assert loc.shape == tuple(rloc.shape) and conf.shape == tuple(rconf.shape)
+        assert np.abs(loc - rloc.numpy()).max() <= 1e-4 and np.abs(conf - rconf.numpy()).max() <= 1e-4
+        n_bn = sum(2 * m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        assert onnx_param_count(path) == sum(p.numel() for p in model.parameters()) - n_bn + 6  # + mean, std
+
+
+def test_evaluate_export_and_checkpoint_from_cli(trained):
+    s = trained["summary"]
+    export_dir = str(Path(s["export"]["json"]).parent)
+    for source in (export_dir, str(trained["run"] / "checkpoints/last.ckpt")):
+        proc = _ok(run_train(["--config", str(trained["cfg"]), "--evaluate", source, "--run_name", "eval" + str(len(source))]))
+        ev = json.loads(Path(proc.stdout.strip().splitlines()[-1][len("summary: "):]).read_text())
+        assert set(ev) == set(s)
+        assert ev["final"]["map50"] == pytest.approx(s["final"]["map50"], abs=1e-6)
+        assert ev["channels"] == s["channels"] and ev["final"]["params"] == s["final"]["params"]
+        assert ev["export"] == {"evaluated": source}
+    # an export trained on other classes is refused with a clear message
+    proc = run_train(["--config", str(trained["cfg"]), "--evaluate", export_dir, "--data.classes", "[a, b, c, d, e]",
+                      "--data.root", str(trained["tmp"] / "other")])
+    assert proc.returncode == 2 and "was trained on classes" in proc.stderr
+
+
+def test_predict_and_export_on_demand(trained, tmp_path):
+    import cv2
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    src = sorted((trained["tmp"] / "syn" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:3]
+    for i, f in enumerate(src):
+        img = cv2.imread(str(f))
+        if i == 1:
+            img = cv2.resize(img, (200, 120))  # any size
+        cv2.imwrite(str(images / (f.stem + (".png" if i == 2 else ".jpg"))), img)
+    (images / "notes.txt").write_text("not an image")
+    ckpt = trained["run"] / "checkpoints/last.ckpt"
+    proc = subprocess.run([sys.executable, "train.py", "--export", str(ckpt), "--out", str(tmp_path / "exp")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.safetensors", "model.json", "model.onnx"}
+    proc = subprocess.run([sys.executable, "train.py", "--predict", str(tmp_path / "exp"), "--images", str(images),
+                           "--out", str(tmp_path / "pred"), "--score_threshold", "0.0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dets = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert set(dets["images"]) == {p.name for p in images.iterdir() if p.suffix != ".txt"}
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == sorted(f.stem + ".png" for f in src)
+    small = cv2.imread(str(tmp_path / "pred" / (src[1].stem + ".png")))
+    assert small.shape[:2] == (120, 200)
+    for boxes in dets["images"].values():
+        for d in boxes:
+            assert len(d["box"]) == 4 and 0 <= d["score"] <= 1 and d["class"] in dets["classes"]
+    # the predictions equal what the checkpoint gives
+    from lightning_modules.export import load_detector, predict_images
+
+    det = load_detector(ckpt)
+    ref = predict_images(det, [cv2.cvtColor(cv2.imread(str(images / (src[0].stem + ".jpg"))), cv2.COLOR_BGR2RGB)])[0]
+    got = dets["images"][src[0].stem + ".jpg"]
+    assert len(got) == len(ref["scores"])
+
+
+def test_corrupt_and_mismatched_files(trained, tmp_path):
+    from lightning_modules.export import CheckpointError, load_detector, read_checkpoint
+    from lightning_modules.ssd import WeightsMismatchError, load_exported
+
+    export_dir = Path(trained["summary"]["export"]["json"]).parent
+    ckpt = trained["run"] / "checkpoints/last.ckpt"
+    # truncated checkpoint: a clear message, from python and from the CLI
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(bad)
+    proc = run_train(["--config", str(trained["cfg"]), "--ckpt_path", str(bad), "--run_name", "bad"])
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        read_checkpoint(tmp_path / "empty.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.ckpt")
+    # truncated safetensors, broken JSON
+    for name, damage in (("model.safetensors", lambda b: b[: len(b) // 3]), ("model.json", lambda b: b[:-20])):
+        d = tmp_path / f"broken_{name}"
+        d.mkdir()
+        for f in export_dir.iterdir():
+            data = f.read_bytes()
+            (d / f.name).write_bytes(damage(data) if f.name == name else data)
+        with pytest.raises(ValueError, match="corrupt"):
+            load_exported(d)
+    # mismatched architecture: the first mismatched layer and both shapes
+    d = tmp_path / "mismatch"
+    d.mkdir()
+    for f in export_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((d / "model.json").read_text())
+    spec["architecture"]["channels"]["conv5_3"] += 8
+    (d / "model.json").write_text(json.dumps(spec))
+    w = trained["summary"]["channels"]["conv5_3"]
+    with pytest.raises(WeightsMismatchError, match=rf"layers\.conv5_3\.weight has shape \({w}, .*expects \({w + 8}, "):
+        load_exported(d)
+    # a checkpoint's weights into a model of another width
+    from lightning_modules.detector import SSDDetector
+
+    dense = SSDDetector(["circle", "square", "triangle", "star", "cross"], width_mult=0.125, batch_norm=True)
+    state = read_checkpoint(ckpt)
+    state.pop("architecture")
+    torch.save(state, tmp_path / "noarch.ckpt")
+    with pytest.raises(WeightsMismatchError, match="layers.conv4_3.weight has shape"):
+        dense.load_weights(str(tmp_path / "noarch.ckpt"))
+    assert load_detector(ckpt).model.channels == trained["summary"]["channels"]
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    from lightning_modules.export import AtomicCheckpointIO, read_checkpoint
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):  # writes half a checkpoint, then the process "dies"
+        real_save(obj, f, *a, **k)
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_same_widths(trained, tmp_path):
+    """Kill -9 during epoch 2 (after the first surgery), resume from last.ckpt: same final widths and weights."""
+    cfg = yaml.safe_load(trained["cfg"].read_text())
+    cfg["trainer"]["limit_train_batches"] = 3
+    path = tmp_path / "kill.yaml"
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "runs")
+    cfg["data"]["init_args"]["root"] = str(trained["tmp"] / "syn")
+    path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "SSD_RUN_DIR"}
+    env["SSD_SLOW_STEP_S"] = "1.0"  # tests.helpers: widen the window in which the kill lands mid-epoch
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "--run_name", "k",
+                             "--model.class_path", "tests.helpers.SlowStepDetector"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "runs" / "k" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(ckpt_dir.glob("epoch=1-*.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.2)
+    time.sleep(1.5)  # inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(ckpt_dir.glob("epoch=2-*.ckpt"))
+    _ok(run_train(["--config", str(path), "--run_name", "k2", "--ckpt_path", str(ckpt_dir / "last.ckpt"),
+                   "--model.class_path", "tests.helpers.SlowStepDetector"], env={"SSD_SLOW_STEP_S": "0"}))
+    s = json.loads((tmp_path / "runs" / "k2" / "summary.json").read_text())
+    assert s["channels"] == trained["summary"]["channels"]
+    a, b = _state(trained["run"] / "checkpoints/last.ckpt"), _state(tmp_path / "runs/k2/checkpoints/last.ckpt")
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
