@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.distributed import RanksInconsistentError, check_ranks
 from callbacks.report import compression, model_stats, write_summary
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError
@@ -50,7 +51,8 @@ def configure_wandb_mode() -> bool:
 
 class SSDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume training from this checkpoint")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume training from this checkpoint; 'auto': from the run's newest one, if any")
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name (default: timestamp)")
         parser.add_argument("--evaluate", type=str | None, default=None,
                             help="test this checkpoint or export folder on the data module's test split (no training)")
@@ -60,20 +62,44 @@ class SSDCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Give every run its own folder ``<default_root_dir>/<run_name>`` for logs, checkpoints and summary.
-        The name is fixed once and handed to DDP child processes through the environment."""
+        The name is fixed once and handed to DDP child processes through the environment. A resumed run
+        (``--ckpt_path <run>/checkpoints/x.ckpt`` without ``--run_name``) continues in the checkpoint's run folder
+        and W&B run; ``--ckpt_path auto`` resumes from the newest checkpoint of ``--run_name`` if there is one."""
         cfg = self.config
         run_dir = os.environ.get("SSD_RUN_DIR")
         if not run_dir:
             root = Path(cfg.trainer.default_root_dir or "runs")
-            name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-            run_dir = str(root / name)
+            ckpt = cfg.ckpt_path
+            if ckpt and ckpt != "auto" and not cfg.run_name and Path(ckpt).parent.name == "checkpoints":
+                run_dir = str(Path(ckpt).parent.parent)
+            else:
+                name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+                run_dir = str(root / name)
             os.environ["SSD_RUN_DIR"] = run_dir
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cfg.trainer.default_root_dir = run_dir
+        if cfg.ckpt_path == "auto":
+            cfg.ckpt_path = newest_checkpoint(Path(run_dir))
+            if cfg.ckpt_path:
+                print(f"resuming from {cfg.ckpt_path}", file=sys.stderr)
+        wandb_id = None
+        if cfg.ckpt_path:
+            from lightning_modules.export import read_checkpoint
+
+            wandb_id = read_checkpoint(cfg.ckpt_path).get("wandb_run_id")
         logger = cfg.trainer.logger
         for lg in logger if isinstance(logger, list) else [logger]:
             if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger"):
                 lg.init_args.save_dir = run_dir
+                if wandb_id:
+                    lg.init_args.id = wandb_id
+                    lg.init_args.resume = "allow"
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """The newest of ``checkpoints/last.ckpt`` and Lightning's SLURM requeue checkpoints (``hpc_ckpt_*.ckpt``)."""
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def _has_atomic_io(trainer) -> bool:
@@ -118,6 +144,7 @@ def main(args: list[str] | None = None) -> Path:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
     results = trainer.test(model, datamodule=dm)
+    ranks = check_ranks(model.model, "training")  # every rank ends with the same model (a collective)
     summary_path = run_dir / "summary.json"
     if trainer.is_global_zero:
         final = model_stats(model.model, model.hparams.size)
@@ -141,6 +168,7 @@ def main(args: list[str] | None = None) -> Path:
             "export": export,
             "wandb_dir": wandb_dir,
             "world_size": trainer.world_size,
+            "ranks_consistent": ranks["ranks_consistent"],
             "test_metrics": {k: float(v) for k, v in results[0].items()},
         }
         write_summary(summary_path, summary)
@@ -184,6 +212,6 @@ if __name__ == "__main__":
             tool_main(sys.argv[1:])
         else:
             main()
-    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError) as err:
+    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError, RanksInconsistentError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

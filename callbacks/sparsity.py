@@ -131,6 +131,9 @@ class SparsityInduction(Callback):
             tau = self._search_tau(trainer, pl_module, weights, norm)
         tau = float(trainer.strategy.broadcast(tau, src=0))
         masks = masks_for_tau(norm, tau)
+        if trainer.world_size > 1:  # decided once: every rank takes rank 0's masks
+            device = next(iter(masks.values())).device
+            masks = {n: m.to(device) for n, m in trainer.strategy.broadcast({n: m.cpu() for n, m in masks.items()}, src=0).items()}
         self.state.masks.update(masks)
         self.state.thresholds[index] = tau
         apply_masks(pl_module.model, masks, trainer.optimizers[0] if trainer.optimizers else None)

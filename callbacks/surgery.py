@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from callbacks.report import measure_model
+from callbacks.distributed import check_ranks, rewrap_ddp
 from callbacks.state import find_state
 from lightning_modules.ssd import SSD, L2Norm
 
@@ -173,6 +174,11 @@ class StructuredSurgery(Callback):
             if i == len(state.phases) - 1 and self.num_branches:
                 drop_branches(pl_module.model, self.num_branches)
             seconds = time.perf_counter() - t0
+            if hasattr(pl_module, "apply_memory_format"):
+                pl_module.apply_memory_format()  # new tensors come out contiguous; keep channels-last if asked
+            # every rank must now hold the same model; then DDP is rebuilt around the new parameters
+            ranks = check_ranks(pl_module.model, f"the surgery of phase {i}")
+            rewrap_ddp(trainer)
             for name in phase.layers:
                 state.masks.pop(name, None)
             # later masks (none by construction) would be stale; the architecture now travels in hparams
@@ -180,7 +186,9 @@ class StructuredSurgery(Callback):
             pl_module.hparams["num_branches"] = pl_module.model.num_branches
             record = {"phase": i, "epoch": trainer.current_epoch, "seconds": round(seconds, 4),
                       "removed": {k: len(v) for k, v in state.selection.items()},
-                      "params": sum(p.numel() for p in pl_module.model.parameters())}
+                      "params": sum(p.numel() for p in pl_module.model.parameters()),
+                      "world_size": ranks["world_size"], "ranks_consistent": ranks["ranks_consistent"],
+                      "model_hash": ranks["hash"]}
             state.surgeries.append(record)
             state.selection = {}
             pl_module.log(f"prune/phase{i}/surgery_seconds", seconds)

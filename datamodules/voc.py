@@ -259,7 +259,10 @@ class VOCDataModule(pl.LightningDataModule):
         classes: class names (background excluded); the model's ``num_classes`` follows this list.
         val_set: (year, split) for validation during training; defaults to ``test_set``.
         image_size: network input side (300 or 512).
-        batch_size: images per batch on each device.
+        batch_size: the *global* batch size, split evenly over all devices and nodes (an error if it does not
+            divide). The learning rate in each experiment is tuned for the batch size stated beside it; when you
+            change the global batch, scale the learning rate linearly with it (Goyal et al. 2017) and keep the
+            warm-up.
         download: fetch PASCAL VOC with torchvision's downloader when missing (years 2007 and 2012).
         keep_difficult_train: train on objects flagged difficult too (off in the SSD recipe).
         skip_bad_samples: warn and skip malformed annotations / unreadable images instead of stopping.
@@ -325,19 +328,26 @@ class VOCDataModule(pl.LightningDataModule):
             if not hasattr(self, "val_ds"):
                 self.val_ds = self.test_ds if self.val_set == self.test_set else self._dataset([self.val_set], train=False)
 
+    def per_device_batch_size(self) -> int:
+        """``batch_size`` is the global batch: split evenly over all devices of all nodes."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.batch_size % world:
+            raise DataError(
+                f"data.batch_size {self.hparams.batch_size} is the global batch size and must divide evenly over "
+                f"{world} processes (devices x nodes); use a multiple of {world}")
+        return self.hparams.batch_size // world
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        """Training: ``TrainSampler`` (order and augmentation from the global seed and the epoch; sharded under
-        DDP). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
+        """Training: ``TrainSampler`` (order and augmentation from the global seed and the epoch; global batches
+        shared out over the ranks). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
         nw = self.hparams.num_workers
+        batch = self.per_device_batch_size()
         if train:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            sampler = TrainSampler(ds, seed=seed)
+            sampler = TrainSampler(ds, batch_size=batch, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         else:
             sampler = EvalSampler(ds)
-        return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=nw,
-                          collate_fn=collate, pin_memory=torch.cuda.is_available(),
-                          drop_last=train and len(sampler) > self.hparams.batch_size,
-                          persistent_workers=nw > 0)
+        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=nw, collate_fn=collate,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_ds, train=True)

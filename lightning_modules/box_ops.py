@@ -49,7 +49,10 @@ class MultiBoxLoss:
             reg_t.append(reg)
         return torch.stack(cls_t), torch.stack(reg_t)
 
-    def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]],
+                 normalize=None) -> dict[str, Tensor]:
+        """``normalize`` maps this batch's positive count to the divisor (under DDP: the mean count over the ranks,
+        so that the averaged gradient equals one process's on the whole global batch)."""
         with torch.no_grad():
             cls_t, reg_t = self.match(priors, targets)
         pos = cls_t > 0
@@ -61,7 +64,7 @@ class MultiBoxLoss:
             neg_ce = ce.masked_fill(pos, -1.0)
             rank = neg_ce.argsort(dim=1, descending=True).argsort(dim=1)
             neg = rank < self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
-        n = num_pos.clamp(min=1).float()
+        n = (num_pos.float() if normalize is None else normalize(num_pos.float())).clamp(min=1)
         loc_loss = loc_loss / n
         conf_loss = ce[pos | neg].sum() / n
         return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos.float()}

@@ -41,6 +41,8 @@ class SSDDetector(pl.LightningModule):
         conf_threshold, nms_threshold, top_k: test-time decoding (recipe: 0.01, 0.45, 200).
         use_07_metric: VOC2007 11-point AP (True) or all-point AP.
         coco_map: also log COCO-style mAP@[.5:.95], @.5, @.75 (torchmetrics, faster_coco_eval backend).
+        channels_last: keep weights and activations in channels-last memory format (faster convolutions on
+            tensor-core GPUs, with ``--trainer.precision bf16-mixed`` / ``16-mixed``); kept through surgeries.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SSDDetector(pl.LightningModule):
         top_k: int = 200,
         use_07_metric: bool = True,
         coco_map: bool = True,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,9 +87,22 @@ class SSDDetector(pl.LightningModule):
             if coco_map:
                 self.metrics[f"{stage}_coco"] = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
 
+    # ----------------------------------------------------------------- memory format
+    def apply_memory_format(self) -> None:
+        if self.hparams.get("channels_last"):
+            self.model.to(memory_format=torch.channels_last)
+
+    def setup(self, stage: str) -> None:
+        self.apply_memory_format()
+
     # ----------------------------------------------------------------- architecture in checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["architecture"] = {"channels": self.model.channels, "num_branches": self.model.num_branches}
+        from pytorch_lightning.loggers import WandbLogger
+
+        for lg in (self.trainer.loggers if self._trainer is not None else []):
+            if isinstance(lg, WandbLogger) and lg._experiment is not None:
+                checkpoint["wandb_run_id"] = lg.version  # a resumed run continues the same W&B run
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A pruned checkpoint's widths differ from what the config builds: rebuild before the weights load."""
@@ -98,6 +114,7 @@ class SSDDetector(pl.LightningModule):
                                    False, hp.batch_norm).to(device)
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
+            self.apply_memory_format()
         from lightning_modules.ssd import check_state_dict
 
         state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
@@ -123,15 +140,28 @@ class SSDDetector(pl.LightningModule):
     # ----------------------------------------------------------------- forward / loss
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 RGB batch -> ImageNet-normalised float (done on the device, on whole batches)."""
-        return (images.float() - self.mean) / self.std
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.get("channels_last") else x
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(self.preprocess(images))
 
+    @staticmethod
+    def _mean_over_ranks(num_pos: Tensor) -> Tensor:
+        """Under DDP: the mean number of positives per rank (all-reduced), so that DDP's gradient averaging gives
+        exactly the gradient of one process on the whole global batch (SSD normalises by the positives)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return num_pos
+        total = num_pos.detach().clone()
+        dist.all_reduce(total)
+        return total / dist.get_world_size()
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, targets = batch
         loc, conf = self(images)
-        losses = self.loss_fn(loc, conf, self.model.priors, targets)
+        losses = self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks)
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"training loss became {losses['loss'].item()} at global step {self.global_step} "

@@ -1,6 +1,7 @@
 """Importable test doubles for CLI runs (``--model.class_path tests.helpers.NaNAfterDetector``)."""
 
 import torch
+from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.detector import SSDDetector
 
@@ -29,3 +30,16 @@ class SlowStepDetector(SSDDetector):
 
         time.sleep(float(os.environ.get("SSD_SLOW_STEP_S", "0")))
         return super().training_step(batch, batch_idx)
+
+
+class PerturbOneRank(Callback):
+    """At the end of epoch ``epoch``, nudges one weight on rank ``rank`` only (a silent divergence between
+    processes), to check that the post-surgery rank comparison catches it."""
+
+    def __init__(self, rank: int = 1, epoch: int = 0):
+        self.rank, self.epoch = rank, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.model.layers["conv1_1"].weight[0, 0, 0, 0] += 1.0

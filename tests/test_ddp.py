@@ -1,0 +1,142 @@
+"""Distributed training and evaluation: samplers, metric sync, the global batch, and (slow) the whole pruning
+pipeline under DDP with 2 CPU processes (gloo) against 1 process."""
+
+import json
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from datamodules.samplers import EvalSampler, TrainSampler
+from tests.conftest import run_train
+from tests.test_prune_train import shrunken_demo
+
+
+@pytest.mark.parametrize("n", [1, 5, 12, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_eval_sampler_counts_every_image_exactly_once(n, world):
+    seen = [i for r in range(world) for i in EvalSampler(range(n), num_replicas=world, rank=r)]
+    assert sorted(seen) == list(range(n))
+    assert sum(len(EvalSampler(range(n), num_replicas=world, rank=r)) for r in range(world)) == n
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_train_sampler_global_batches_do_not_depend_on_world_size(world):
+    n, per_device = 50, 3
+    one = TrainSampler(range(n), batch_size=per_device * world, seed=7, num_replicas=1, rank=0)
+    shards = [TrainSampler(range(n), batch_size=per_device, seed=7, num_replicas=world, rank=r) for r in range(world)]
+    for epoch in (0, 3):
+        one.set_epoch(epoch)
+        for s in shards:
+            s.set_epoch(epoch)
+        ref = list(one)
+        parts = [list(s) for s in shards]
+        assert all(len(p) == len(ref) // world for p in parts)
+        for k in range(len(ref) // (per_device * world)):  # global batch k: the same images, same seeds
+            batch = [x for p in parts for x in p[k * per_device:(k + 1) * per_device]]
+            assert batch == ref[k * per_device * world:(k + 1) * per_device * world]
+    one.set_epoch(1)
+    assert [i for i, _ in one] != [i for i, _ in ref]  # a new order every epoch
+
+
+def test_global_batch_must_divide_over_devices(tmp_path):
+    from datamodules.voc import DataError, VOCDataModule
+
+    dm = VOCDataModule(root=str(tmp_path), batch_size=8)
+    dm.trainer = SimpleNamespace(world_size=3)
+    with pytest.raises(DataError, match="global batch size and must divide evenly over 3"):
+        dm.per_device_batch_size()
+    dm.trainer = SimpleNamespace(world_size=4)
+    assert dm.per_device_batch_size() == 2
+
+
+def _random_case(seed, n_images=13, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    preds, targets = [], []
+    for _ in range(n_images):
+        k, m = int(torch.randint(0, 6, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        xy = torch.rand(k + m, 2, generator=g) * 200
+        wh = torch.rand(k + m, 2, generator=g) * 80 + 10
+        boxes = torch.cat([xy, xy + wh], 1)
+        preds.append({"boxes": boxes[:k] + torch.rand(k, 4, generator=g) * 10, "scores": torch.rand(k, generator=g),
+                      "labels": torch.randint(0, classes, (k,), generator=g)})
+        targets.append({"boxes": boxes[k:], "labels": torch.randint(0, classes, (m,), generator=g),
+                        "difficult": torch.rand(m, generator=g) < 0.2})
+    return preds, targets
+
+
+def _metric_worker(rank, world, port, out):
+    from lightning_modules.metrics import VOCMeanAveragePrecision
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    preds, targets = _random_case(0)
+    metric = VOCMeanAveragePrecision(3)
+    idx = list(EvalSampler(range(len(preds)), num_replicas=world, rank=rank))
+    metric.update([preds[i] for i in idx], [targets[i] for i in idx])
+    res = metric.compute()
+    if rank == 0:
+        torch.save({k: v for k, v in res.items()}, out)
+    dist.destroy_process_group()
+
+
+def test_distributed_evaluation_equals_one_process(tmp_path):
+    from lightning_modules.metrics import VOCMeanAveragePrecision
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "res.pt"
+    mp.spawn(_metric_worker, args=(3, port, str(out)), nprocs=3, join=True)
+    preds, targets = _random_case(0)
+    single = VOCMeanAveragePrecision(3)
+    single.update(preds, targets)
+    ref, got = single.compute(), torch.load(out)
+    assert torch.allclose(got["map"], ref["map"]) and torch.allclose(got["ap_per_class"], ref["ap_per_class"], equal_nan=True)
+
+
+def _ddp_config(tmp_path, extra_callbacks=()):
+    path = shrunken_demo(tmp_path, max_epochs=4)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"] = list(extra_callbacks) + cfg["trainer"]["callbacks"]
+    cfg["trainer"]["limit_train_batches"] = None  # whole epochs: 12 images = 3 global batches of 4
+    cfg["trainer"]["limit_val_batches"] = None
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
+       "--trainer.sync_batchnorm", "true"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    cfg = _ddp_config(tmp_path)
+    one = run_train(["--config", str(cfg), "--run_name", "one"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_train(["--config", str(cfg), "--run_name", "two", *DDP], env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    s1 = json.loads((tmp_path / "runs/one/summary.json").read_text())
+    s2 = json.loads((tmp_path / "runs/two/summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["ranks_consistent"] is True and s1["world_size"] == 1
+    c1 = torch.load(tmp_path / "runs/one/checkpoints/last.ckpt", weights_only=True)
+    c2 = torch.load(tmp_path / "runs/two/checkpoints/last.ckpt", weights_only=True)
+    st1 = next(v for k, v in c1["callbacks"].items() if "SparsityInduction" in k)
+    st2 = next(v for k, v in c2["callbacks"].items() if "SparsityInduction" in k)
+    assert len(st2["surgeries"]) == len(st1["surgeries"]) == 3
+    assert all(r["world_size"] == 2 and r["ranks_consistent"] for r in st2["surgeries"])
+    assert s2["channels"] == s1["channels"]
+    # every test image counted once: the same test metric as one process
+    assert s2["final"]["map50"] == pytest.approx(s1["final"]["map50"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_ddp_rank_mismatch_stops_the_run(tmp_path):
+    cfg = _ddp_config(tmp_path, [{"class_path": "tests.helpers.PerturbOneRank", "init_args": {"rank": 1, "epoch": 0}}])
+    proc = run_train(["--config", str(cfg), "--run_name", "bad", *DDP], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "differs from rank 0" in proc.stderr and "surgery of phase 0" in proc.stderr
