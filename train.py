@@ -73,7 +73,7 @@ class SSDCLI(LightningCLI):
             if ckpt and ckpt != "auto" and not cfg.run_name and Path(ckpt).parent.name == "checkpoints":
                 run_dir = str(Path(ckpt).parent.parent)
             else:
-                name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+                name = cfg.run_name or default_run_name()
                 run_dir = str(root / name)
             os.environ["SSD_RUN_DIR"] = run_dir
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -94,6 +94,16 @@ class SSDCLI(LightningCLI):
                 if wandb_id:
                     lg.init_args.id = wandb_id
                     lg.init_args.resume = "allow"
+
+
+def default_run_name() -> str:
+    """One name for all processes of a run: launchers that start every rank themselves (srun, torchrun) give
+    each the same job id; otherwise a timestamp (Lightning's own launcher passes SSD_RUN_DIR to its children)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID") not in (None, "", "none"):
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:

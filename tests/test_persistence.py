@@ -290,3 +290,25 @@ def test_sigkill_mid_epoch_then_resume_gives_same_widths(trained, tmp_path):
     a, b = _state(trained["run"] / "checkpoints/last.ckpt"), _state(tmp_path / "runs/k2/checkpoints/last.ckpt")
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_ckpt_path_auto_resumes_the_same_run_and_wandb_run(trained, tmp_path):
+    cfg = yaml.safe_load(trained["cfg"].read_text())
+    cfg["trainer"]["logger"] = {"class_path": "pytorch_lightning.loggers.WandbLogger",
+                                "init_args": {"project": "ssd-pruning-test", "log_model": False}}
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "runs")
+    cfg["data"]["init_args"]["root"] = str(trained["tmp"] / "syn")
+    path = tmp_path / "wandb.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {"WANDB_MODE": "offline"}
+    first = _ok(run_train(["--config", str(path), "--run_name", "w", "--ckpt_path", "auto"], env=env))
+    assert "resuming from" not in first.stderr  # nothing to resume yet: a fresh start
+    s1 = json.loads((tmp_path / "runs/w/summary.json").read_text())
+    second = _ok(run_train(["--config", str(path), "--run_name", "w", "--ckpt_path", "auto",
+                            "--trainer.max_epochs", "5"], env=env))
+    assert f"resuming from {tmp_path / 'runs/w/checkpoints/last.ckpt'}" in second.stderr
+    s2 = json.loads((tmp_path / "runs/w/summary.json").read_text())
+    assert _state(tmp_path / "runs/w/checkpoints/last.ckpt")["epoch"] == 4
+    assert s2["channels"] == s1["channels"]
+    run_id = lambda d: Path(d).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
+    assert run_id(s1["wandb_dir"]) == run_id(s2["wandb_dir"])  # the same W&B run, continued
