@@ -24,7 +24,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.distributed import RanksInconsistentError, check_ranks
-from callbacks.report import compression, model_stats, write_summary
+from callbacks.report import compression, model_stats, paired_latency_ms, write_summary
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError
 from lightning_modules.detector import NonFiniteLossError
@@ -161,6 +161,19 @@ def main(args: list[str] | None = None) -> Path:
         final["map50"] = float(results[0]["test/map50"])
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
                       if getattr(getattr(cb, "state", None), "dense_stats", None)), None) or final
+        dense = dict(dense)
+        if "channels" in dense and dense is not final:
+            # time the dense architecture and the final model together, interleaved: on a shared machine two
+            # latencies taken hours apart are not comparable (weights do not change dense conv timing)
+            from lightning_modules.ssd import build_ssd
+
+            hp = model.hparams
+            dense_arch = build_ssd(hp.size, len(model.classes) + 1, dense.pop("channels"), 1.0,
+                                   dense.pop("num_branches"), False, hp.batch_norm)
+            lat = paired_latency_ms({"dense": dense_arch, "final": model.model}, hp.size)
+            dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
+        dense.pop("channels", None)
+        dense.pop("num_branches", None)
         if evaluate:
             export = {"evaluated": str(evaluate)}
         else:

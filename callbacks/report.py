@@ -52,9 +52,32 @@ def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict
     return stats
 
 
+@torch.no_grad()
+def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int = 30) -> dict[str, float]:
+    """Median batch-1 CPU latency of several models measured together, interleaved round by round, so that a
+    shared, noisy machine slows them alike (the ratio is what the report quotes)."""
+    import copy
+
+    ms = {k: copy.deepcopy(m).cpu().eval() for k, m in models.items()}
+    x = torch.randn(1, 3, input_size, input_size)
+    for m in ms.values():
+        m(x)
+        m(x)
+    times: dict[str, list[float]] = {k: [] for k in ms}
+    for _ in range(rounds):
+        for k, m in ms.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
-    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split."""
+    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split; also its
+    architecture (``channels``, ``num_branches``), so the final report can time a model of that shape again."""
     stats = model_stats(pl_module.model, pl_module.hparams.size)
+    stats["channels"] = dict(pl_module.model.channels)
+    stats["num_branches"] = pl_module.model.num_branches
     if with_map and trainer.datamodule is not None:
         stats["map50"] = test_map50(trainer, pl_module)
     return stats

@@ -1,0 +1,182 @@
+"""The pruning methods our table compares with, as Lightning callbacks usable from a config.
+
+* ``OneShotFilterPruning(criterion="l1norm")``: Li et al. 2017 ("Pruning Filters for Efficient ConvNets"):
+  at one epoch boundary, each layer keeps its filters of largest L1 norm, to given widths; then retraining.
+* ``OneShotFilterPruning(criterion="tp_global_magnitude")``: Torch-Pruning's ``MagnitudePruner`` with global
+  ranking (L1 group magnitude), its pruning ratio searched so the pruned model has ``target_params``.
+* Lightning's own ``ModelPruning`` (unstructured, global L1) is used as is from the config.
+
+Both one-shot variants remove the filters with the same dependency-graph surgery (and optimiser-state transfer)
+as StructuredSurgery, so the table compares *which* filters go and *when*, not the surgery code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytorch_lightning as pl
+import torch
+import torch_pruning as tp
+from pytorch_lightning.callbacks import Callback, ModelPruning
+
+from callbacks.surgery import L2NormPruner, prune_filters
+from lightning_modules.ssd import L2Norm
+
+
+def l1norm_selection(model, channels: dict[str, int]) -> dict[str, list[int]]:
+    """Per layer, the filters of smallest L1 norm beyond the ``channels`` widths (Li et al. 2017)."""
+    sel = {}
+    for name, width in channels.items():
+        conv = model.layers[name]
+        if width >= conv.out_channels:
+            continue
+        norms = conv.weight.detach().abs().flatten(1).sum(1)
+        sel[name] = norms.argsort()[: conv.out_channels - width].tolist()
+    return sel
+
+
+def _tp_pruner(model, size: int, ratio: float, round_to: int):
+    ignored = [model.layers["conv1_1"], *model.head.modules()]
+    return tp.pruner.MagnitudePruner(
+        model, torch.zeros(1, 3, size, size, device=next(model.parameters()).device),
+        importance=tp.importance.GroupMagnitudeImportance(p=1), global_pruning=True, pruning_ratio=ratio,
+        ignored_layers=ignored, round_to=round_to, customized_pruners={L2Norm: L2NormPruner()})
+
+
+def tp_global_selection(model, size: int, ratio: float, round_to: int = 8) -> dict[str, list[int]]:
+    """The filters Torch-Pruning's global magnitude pruner removes at ``ratio`` (decided by TP, applied by us)."""
+    names = {id(m): n for n, m in model.layers.items()}
+    sel: dict[str, list[int]] = {}
+    with torch.enable_grad():
+        pruner = _tp_pruner(model, size, ratio, round_to)
+        for group in pruner.step(interactive=True):
+            root = group[0].dep.target.module
+            if id(root) in names:
+                sel.setdefault(names[id(root)], []).extend(int(i) for i in group[0].idxs)
+    return sel
+
+
+def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8, steps: int = 12) -> float:
+    """Binary search of the global pruning ratio that brings the parameter count closest to ``target_params``."""
+    lo, hi = 0.0, 0.98
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        trial = copy.deepcopy(model)
+        prune_filters(trial, tp_global_selection(trial, size, mid, round_to))
+        if sum(p.numel() for p in trial.parameters()) > target_params:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+class OneShotFilterPruning(Callback):
+    """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain")."""
+
+    def __init__(self, criterion: str, epoch: int, channels: dict[str, int] | None = None,
+                 target_params: int | None = None, round_to: int = 8):
+        if criterion not in ("l1norm", "tp_global_magnitude"):
+            raise ValueError(f"criterion must be 'l1norm' or 'tp_global_magnitude', got {criterion!r}")
+        if criterion == "l1norm" and not channels:
+            raise ValueError("l1norm needs the target widths (channels)")
+        if criterion == "tp_global_magnitude" and not target_params:
+            raise ValueError("tp_global_magnitude needs target_params")
+        self.criterion, self.epoch, self.channels = criterion, epoch, channels
+        self.target_params, self.round_to = target_params, round_to
+        self.done = False
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = state["done"]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done or trainer.current_epoch != self.epoch:
+            return
+        model, size = pl_module.model, pl_module.hparams.size
+        if self.criterion == "l1norm":
+            sel = l1norm_selection(model, self.channels)
+        else:
+            ratio = tp_ratio_for_params(model, size, self.target_params, self.round_to)
+            sel = tp_global_selection(model, size, ratio, self.round_to)
+        prune_filters(model, sel, trainer.optimizers[0])
+        pl_module.hparams["channels"] = model.channels
+        self.done = True
+
+
+class ModelPruningOnce(ModelPruning):
+    """Lightning's ``ModelPruning`` (global unstructured L1 masks on every conv weight), applied once at the start
+    of epoch ``prune_epoch`` with ``amount`` of the weights, masks kept through retraining and made permanent at
+    the end. (Lightning applies ``amount`` again every epoch by default; once is the comparable setting.)"""
+
+    def __init__(self, amount: float, prune_epoch: int):
+        self.prune_epoch = prune_epoch
+        super().__init__("l1_unstructured", amount=amount, use_global_unstructured=True,
+                         apply_pruning=self._apply, make_pruning_permanent=True, verbose=0)
+
+    def _apply(self, epoch: int) -> bool:
+        return epoch == self.prune_epoch
+
+    def setup(self, trainer, pl_module, stage):
+        self._parameters_to_prune = [(m, "weight") for m in pl_module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        super().setup(trainer, pl_module, stage)
+
+
+class HookTimer(Callback):
+    """Times the pruning callbacks' hooks (and the dense measurement they trigger) per epoch, and every epoch's
+    wall time; writes ``<run>/hook_times.json`` at the end of fit. Put it first in ``trainer.callbacks``."""
+
+    NAMES = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
+    HOOKS = ("on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end", "on_train_epoch_start")
+
+    def __init__(self):
+        self.per_epoch: dict[int, dict[str, float]] = {}
+        self.epoch_start: dict[int, float] = {}
+        self.epoch_seconds: dict[int, float] = {}
+
+    def _wrap(self, trainer, owner, attr, key):
+        import time
+
+        fn = getattr(owner, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                e = self.per_epoch.setdefault(trainer.current_epoch, {})
+                e[key] = e.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    def setup(self, trainer, pl_module, stage):
+        import callbacks.sparsity as sp
+        import callbacks.surgery as su
+
+        for cb in trainer.callbacks:
+            if type(cb).__name__ in self.NAMES:
+                for h in self.HOOKS:
+                    if h in type(cb).__dict__:
+                        self._wrap(trainer, cb, h, type(cb).__name__)
+        self._wrap(trainer, sp, "measure_model", "dense_measurement")
+        self._wrap(trainer, su, "measure_model", "dense_measurement")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import time
+
+        now = time.perf_counter()
+        e = trainer.current_epoch
+        if e - 1 in self.epoch_start:
+            self.epoch_seconds[e - 1] = now - self.epoch_start[e - 1]
+        self.epoch_start[e] = now
+
+    def on_fit_end(self, trainer, pl_module):
+        import json
+        import time
+        from pathlib import Path
+
+        last = max(self.epoch_start)
+        self.epoch_seconds.setdefault(last, time.perf_counter() - self.epoch_start[last])
+        out = {"epoch_seconds": self.epoch_seconds, "hooks": self.per_epoch}
+        (Path(trainer.default_root_dir) / "hook_times.json").write_text(json.dumps(out, indent=2))

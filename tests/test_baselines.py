@@ -1,0 +1,59 @@
+"""The comparison baselines of benchmarks/bench_methods.py run inside a real fit and do what they claim."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_train
+from tests.test_prune_train import shrunken_demo
+
+PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
+
+
+def _baseline_config(tmp_path, callback):
+    path = shrunken_demo(tmp_path, max_epochs=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"] = [callback] + [cb for cb in cfg["trainer"]["callbacks"] if not cb["class_path"].endswith(PRUNING)]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_l1norm_selection_keeps_largest_filters():
+    from benchmarks.baselines import l1norm_selection
+    from lightning_modules.ssd import build_ssd
+
+    model = build_ssd(300, 3, width_mult=0.125)
+    with torch.no_grad():
+        model.layers["conv5_1"].weight.copy_(torch.arange(64.0).view(64, 1, 1, 1).expand_as(model.layers["conv5_1"].weight))
+    assert sorted(l1norm_selection(model, {"conv5_1": 40})["conv5_1"]) == list(range(24))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["l1norm", "tp_global_magnitude", "modelpruning"])
+def test_baselines_prune_inside_a_fit(tmp_path, kind):
+    if kind == "modelpruning":
+        cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": 0.6, "prune_epoch": 0}}
+    elif kind == "l1norm":
+        cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
+              "init_args": {"criterion": "l1norm", "epoch": 0, "channels": {"conv5_3": 16, "conv6": 40, "conv7": 24}}}
+    else:
+        cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
+              "init_args": {"criterion": "tp_global_magnitude", "epoch": 0, "target_params": 200_000}}
+    proc = run_train(["--config", str(_baseline_config(tmp_path, cb)), "--run_name", kind])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / kind / "summary.json").read_text())
+    from lightning_modules.export import load_detector
+
+    model = load_detector(tmp_path / "runs" / kind / "export").model
+    params = sum(p.numel() for p in model.parameters())
+    if kind == "modelpruning":  # unstructured: same size, zeros inside
+        assert s["final"]["params"] == 529_028
+        zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert zeros / conv == pytest.approx(0.6, abs=0.01)
+    elif kind == "l1norm":
+        assert {k: s["channels"][k] for k in ("conv5_3", "conv6", "conv7")} == {"conv5_3": 16, "conv6": 40, "conv7": 24}
+    else:
+        assert 150_000 < params <= 260_000
