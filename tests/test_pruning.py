@@ -152,3 +152,30 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     st2.load_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["cb"])
     assert torch.equal(st2.masks["conv6"], st.masks["conv6"])
     assert (st2.thresholds, st2.selection, st2.surgeries, st2.dense_stats) == (st.thresholds, st.selection, st.surgeries, st.dense_stats)
+
+
+def test_channels_last_and_bf16_autocast_survive_surgery():
+    from lightning_modules.detector import SSDDetector
+
+    det = SSDDetector(["a", "b"], width_mult=0.125, batch_norm=True, channels_last=True, optimizer="adamw")
+    det.setup("fit")
+    assert det.model.layers["conv5_1"].weight.is_contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(det.model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (2, 3, 300, 300), dtype=torch.uint8)
+    targets = [{"boxes": torch.tensor([[0.1, 0.1, 0.6, 0.7]]), "labels": torch.tensor([1])}] * 2
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loc, conf = det(x)
+        loss = det.loss_fn(loc, conf, det.model.priors, targets)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    assert torch.isfinite(step())
+    prune_filters(det.model, {"conv5_1": list(range(0, 64, 2)), "conv7": list(range(100))}, opt)
+    det.apply_memory_format()
+    w = det.model.layers["conv5_1"].weight
+    assert w.shape[0] == 32 and w.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(step())
