@@ -179,3 +179,35 @@ def test_channels_last_and_bf16_autocast_survive_surgery():
     w = det.model.layers["conv5_1"].weight
     assert w.shape[0] == 32 and w.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(step())
+
+
+@pytest.mark.parametrize("max_drop,expected", [(0.3, 0.3), (0.6, 0.6), (-1.0, 0.0)])
+def test_max_map_drop_finds_the_largest_allowed_sparsity(monkeypatch, max_drop, expected):
+    """threshold_mode=max_map_drop: a binary search on validation mAP. With a stand-in mAP that falls by exactly
+    the fraction of the phase's weights zeroed, the sparsity found is the largest whose drop <= max_map_drop."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], threshold_mode="max_map_drop",
+                           max_map_drop=max_drop, search_steps=7)
+    cb.state.dense_stats = {"measured": "elsewhere"}
+    det = SSDDetector(["a", "b"], width_mult=0.125)
+    calls = []
+
+    def fake_map(trainer, pl_module):
+        w = torch.cat([pl_module.model.layers[n].weight.flatten() for n in layers])
+        calls.append(1)
+        return 1.0 - float((w == 0).float().mean())
+
+    monkeypatch.setattr(cb, "_eval_map", fake_map)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), world_size=1, optimizers=[])
+    tau = cb.threshold(trainer, det, 0)
+    zeroed = float(torch.cat([(~cb.state.masks[n]).flatten() for n in layers]).float().mean())
+    assert zeroed == pytest.approx(expected, abs=0.99 / 2**7 + 1e-3)
+    assert len(calls) == 1 + 7 and cb.state.thresholds[0] == tau
+    for n in layers:  # the weights are zeroed by the masks (and only by them)
+        w = det.model.layers[n].weight
+        assert torch.equal(w == 0, ~cb.state.masks[n])
