@@ -141,3 +141,22 @@ def test_ddp_rank_mismatch_stops_the_run(tmp_path):
     proc = run_train(["--config", str(cfg), "--run_name", "bad", *DDP], env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "differs from rank 0" in proc.stderr and "surgery of phase 0" in proc.stderr
+
+
+def test_slurm_run_name_and_requeue_checkpoint(tmp_path, monkeypatch):
+    import time as _time
+
+    import train
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert train.default_run_name() == "slurm-4242"  # every srun task, and the requeued job, agree
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert train.default_run_name() == "torchrun-abc"
+    assert train.newest_checkpoint(tmp_path) is None  # --ckpt_path auto on a fresh run: start from scratch
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert train.newest_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    _time.sleep(0.02)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # Lightning's SIGUSR1 (requeue) checkpoint, newer
+    assert train.newest_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
