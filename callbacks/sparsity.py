@@ -47,7 +47,10 @@ class SparsityInduction(Callback):
     """L1 sparsity training and the improved global threshold, per phase of ``schedule``.
 
     During a phase's L1 window, adds ``l1_lambda * sign(W)`` to the gradients of the phase's conv weights (the
-    subgradient of ``l1_lambda * sum ||W_l||_1``). When the window ends, zeroes every weight whose
+    subgradient of ``l1_lambda * sum ||W_l||_1``; ``l1_mode="gradient"``, paper A with SGD), or, with
+    ``l1_mode="proximal"``, soft-thresholds them after each optimiser step by ``lr * l1_lambda`` (for Adam-type
+    optimisers, whose per-weight normalisation turns a gradient-side L1 term into a step of fixed size ~lr that
+    ignores ``l1_lambda``). When the window ends, zeroes every weight whose
     layer-normalised magnitude |w| / rms(W_l) is <= one global tau, chosen by ``threshold_mode``:
 
     * ``target_sparsity``: tau zeroes ``target_sparsity`` of the phase's weights (a phase may set its own);
@@ -61,6 +64,7 @@ class SparsityInduction(Callback):
         self,
         schedule: list[Phase],
         l1_lambda: float = 1e-4,
+        l1_mode: str = "gradient",
         threshold_mode: str = "target_sparsity",
         target_sparsity: float = 0.5,
         max_map_drop: float = 0.01,
@@ -74,6 +78,9 @@ class SparsityInduction(Callback):
         phases = [p if isinstance(p, Phase) else Phase(**p) for p in schedule]
         self.state = PruningState(phases)
         self.l1_lambda = l1_lambda
+        if l1_mode not in ("gradient", "proximal"):
+            raise ValueError(f"l1_mode must be 'gradient' or 'proximal', got {l1_mode!r}")
+        self.l1_mode = l1_mode
         self.threshold_mode = threshold_mode
         self.target_sparsity = target_sparsity
         self.max_map_drop = max_map_drop
@@ -99,7 +106,7 @@ class SparsityInduction(Callback):
     # ------------------------------------------------------------------ L1 and masks
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         phase = self.state.active_l1_phase(trainer.current_epoch)
-        if phase is None or self.l1_lambda == 0:
+        if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
             return
         with torch.no_grad():
             for name in phase.layers:
@@ -108,8 +115,21 @@ class SparsityInduction(Callback):
                     w.grad.add_(torch.sign(w), alpha=self.l1_lambda)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        phase = self.state.active_l1_phase(trainer.current_epoch)
+        if phase is not None and self.l1_mode == "proximal" and self.l1_lambda > 0 and trainer.optimizers:
+            self._proximal_step(pl_module, phase, trainer.optimizers[0])
         if self.state.masks:
             apply_masks(pl_module.model, self.state.masks, trainer.optimizers[0] if trainer.optimizers else None)
+
+    @torch.no_grad()
+    def _proximal_step(self, pl_module, phase, optimizer) -> None:
+        """Soft-threshold after the optimiser step: |w| shrinks by lr * l1_lambda, stopping at exactly 0 (the
+        proximal operator of the L1 term, decoupled from the optimiser as AdamW decouples weight decay)."""
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        for name in phase.layers:
+            w = pl_module.model.layers[name].weight
+            shrink = lr_of.get(id(w), 0.0) * self.l1_lambda
+            w.copy_(w.sign() * (w.abs() - shrink).clamp(min=0))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for i, phase in enumerate(self.state.phases):

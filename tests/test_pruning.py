@@ -211,3 +211,23 @@ def test_max_map_drop_finds_the_largest_allowed_sparsity(monkeypatch, max_drop, 
     for n in layers:  # the weights are zeroed by the masks (and only by them)
         w = det.model.layers[n].weight
         assert torch.equal(w == 0, ~cb.state.masks[n])
+
+
+def test_proximal_l1_shrinks_by_lr_lambda_and_stops_at_zero():
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    cb = SparsityInduction([{"layers": ["conv5_1"], "l1_epochs": [0, 1]}], l1_lambda=0.5, l1_mode="proximal")
+    det = SSDDetector(["a"], width_mult=0.125)
+    w = det.model.layers["conv5_1"].weight
+    before = w.detach().clone()
+    opt = torch.optim.AdamW(det.model.parameters(), lr=0.01)
+    trainer = SimpleNamespace(current_epoch=0, optimizers=[opt])
+    cb.on_train_batch_end(trainer, det, None, None, 0)
+    expected = before.sign() * (before.abs() - 0.005).clamp(min=0)
+    assert torch.allclose(w, expected) and (w == 0).sum() == (before.abs() <= 0.005).sum() > 0
+    trainer.current_epoch = 1  # outside the window: untouched
+    cb.on_train_batch_end(trainer, det, None, None, 0)
+    assert torch.allclose(w, expected)
