@@ -133,7 +133,7 @@ def main() -> None:
           f"{ours['dense']['params']:,} params; compression {ours['compression']}")
 
     hooks = json.loads((out / "ours" / "hook_times.json").read_text())
-    acting = sorted(int(e) for e, h in hooks["hooks"].items() if any(v > 0.05 for v in h.values()))
+    acting = sorted(int(e) for e, h in hooks["hooks"].items() if any(v > 0.01 for v in h.values()))
     acting = [e for e in acting if str(e) in hooks["epoch_seconds"]]
     epoch_s = sum(hooks["epoch_seconds"][str(e)] for e in acting)
     cb_s = sum(sum(v for k, v in hooks["hooks"][str(e)].items() if k != "dense_measurement") for e in acting)
