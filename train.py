@@ -83,7 +83,8 @@ class SSDCLI(LightningCLI):
             if cfg.ckpt_path:
                 print(f"resuming from {cfg.ckpt_path}", file=sys.stderr)
         wandb_id = None
-        if cfg.ckpt_path:
+        if cfg.ckpt_path and cfg.ckpt_path not in ("last", "hpc", "best", "registry"):  # Lightning's own keywords pass through
+            # read once here: clear errors for a missing / truncated file, and the W&B run id
             from lightning_modules.export import read_checkpoint
 
             wandb_id = read_checkpoint(cfg.ckpt_path).get("wandb_run_id")
@@ -144,11 +145,7 @@ def main(args: list[str] | None = None) -> Path:
             raise DataError(f"{evaluate} was trained on classes {list(model.classes)}, the data module has "
                             f"{list(dm.classes)}; pass --data.classes to match")
     else:
-        if cli.config.ckpt_path:
-            from lightning_modules.export import read_checkpoint
-
-            read_checkpoint(cli.config.ckpt_path)  # clear errors for a missing / truncated file before Lightning's
-        try:
+        try:  # (a missing / truncated --ckpt_path was already refused with a clear message, see SSDCLI)
             trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr)
