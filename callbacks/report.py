@@ -53,16 +53,22 @@ def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict
 
 
 @torch.no_grad()
-def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int = 30) -> dict[str, float]:
+def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int = 30,
+                      budget_s: float = 20.0) -> dict[str, float]:
     """Median batch-1 CPU latency of several models measured together, interleaved round by round, so that a
-    shared, noisy machine slows them alike (the ratio is what the report quotes)."""
+    shared, noisy machine slows them alike (the ratio is what the report quotes). Big models get fewer rounds
+    (at least 5) so the timing stays within about ``budget_s``."""
     import copy
 
     ms = {k: copy.deepcopy(m).cpu().eval() for k, m in models.items()}
     x = torch.randn(1, 3, input_size, input_size)
+    t0 = time.perf_counter()
     for m in ms.values():
         m(x)
+    one_round = time.perf_counter() - t0
+    for m in ms.values():
         m(x)
+    rounds = max(5, min(rounds, int(budget_s / max(one_round, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in ms}
     for _ in range(rounds):
         for k, m in ms.items():
