@@ -87,7 +87,7 @@ class SSDCLI(LightningCLI):
             # read once here: clear errors for a missing / truncated file, and the W&B run id
             from lightning_modules.export import read_checkpoint
 
-            wandb_id = read_checkpoint(cfg.ckpt_path).get("wandb_run_id")
+            wandb_id = read_checkpoint(cfg.ckpt_path, mmap=True).get("wandb_run_id")
         logger = cfg.trainer.logger
         for lg in logger if isinstance(logger, list) else [logger]:
             if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger"):

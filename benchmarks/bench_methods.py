@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -62,20 +61,6 @@ def _nonzero_params(model) -> int:
     return int(sum(int((p != 0).sum()) for p in model.parameters()))
 
 
-@torch.no_grad()
-def interleaved_latency_ms(models: dict, size: int, rounds: int = 30) -> dict[str, float]:
-    x = torch.randn(1, 3, size, size)
-    times = {k: [] for k in models}
-    for m in models.values():
-        m.eval()(x)
-    for _ in range(rounds):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench_methods")
@@ -110,11 +95,11 @@ def main() -> None:
         cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": amount, "prune_epoch": first}}
         runs["modelpruning"] = _run(out, "modelpruning", _config(out, "modelpruning", [cb], keep_pruning=False))
 
-    from callbacks.report import model_stats
+    from callbacks.report import model_stats, paired_latency_ms
     from lightning_modules.export import load_detector
 
     models = {k: load_detector(Path(s["export"]["json"]).parent).model for k, s in runs.items()}
-    lat = interleaved_latency_ms(models, 300)
+    lat = paired_latency_ms(models, 300, rounds=30, budget_s=600)
     dense_ref = runs.get("dense", ours)
     dense_lat = lat.get("dense")
     results = {}

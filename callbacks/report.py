@@ -20,21 +20,9 @@ def model_size_mb(model: nn.Module) -> float:
     return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()) / 1e6
 
 
-@torch.no_grad()
-def cpu_latency_ms(model: nn.Module, input_size: int, repeats: int = 10, warmup: int = 2) -> float:
+def cpu_latency_ms(model: nn.Module, input_size: int, repeats: int = 10) -> float:
     """Median wall time of one batch-1 forward pass on CPU, in milliseconds."""
-    import copy
-
-    m = copy.deepcopy(model).cpu().eval()
-    x = torch.randn(1, 3, input_size, input_size)
-    for _ in range(warmup):
-        m(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        m(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return paired_latency_ms({"model": model}, input_size, rounds=repeats)["model"]
 
 
 def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict[str, float]:

@@ -104,9 +104,8 @@ class SSDDetector(pl.LightningModule):
             if isinstance(lg, WandbLogger) and lg._experiment is not None:
                 checkpoint["wandb_run_id"] = lg.version  # a resumed run continues the same W&B run
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A pruned checkpoint's widths differ from what the config builds: rebuild before the weights load."""
-        arch = checkpoint.get("architecture")
+    def _rebuild(self, arch: dict | None) -> None:
+        """Rebuild ``self.model`` at a saved architecture (a pruned model's widths differ from the config's)."""
         if arch and (arch["channels"] != self.model.channels or arch["num_branches"] != self.model.num_branches):
             hp = self.hparams
             device = self.model.priors.device
@@ -115,16 +114,24 @@ class SSDDetector(pl.LightningModule):
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
             self.apply_memory_format()
+
+    def _check_and_state(self, checkpoint: dict, source: str) -> dict:
+        from lightning_modules.export import model_state_dict
         from lightning_modules.ssd import check_state_dict
 
-        state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-        if state:  # a clear message naming the first mismatched layer, before Lightning's strict load
-            check_state_dict(self.model.state_dict(), state, "checkpoint")
+        self._rebuild(checkpoint.get("architecture"))
+        state = model_state_dict(checkpoint) if "state_dict" in checkpoint else {}
+        if state:  # a clear message naming the first mismatched layer, before a strict load
+            check_state_dict(self.model.state_dict(), state, source)
+        return state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Rebuild the saved (pruned) architecture before Lightning loads the weights, and check they fit."""
+        self._check_and_state(checkpoint, "checkpoint")
 
     def load_weights(self, path: str) -> None:
         """Load detector weights from a checkpoint of this module (``weights_only=True``: no pickled code runs)."""
         from lightning_modules.export import CheckpointError, read_checkpoint
-        from lightning_modules.ssd import check_state_dict
 
         if path == "REQUIRED":
             raise ValueError("this experiment starts from a trained SSD: pass --model.init_checkpoint <checkpoint path>")
@@ -132,10 +139,7 @@ class SSDDetector(pl.LightningModule):
             ckpt = read_checkpoint(path)
         except CheckpointError as err:
             raise ValueError(f"init_checkpoint: {err}") from err
-        self.on_load_checkpoint(ckpt)
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        check_state_dict(self.model.state_dict(), state, f"init_checkpoint {path}")
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(self._check_and_state(ckpt, f"init_checkpoint {path}"))
 
     # ----------------------------------------------------------------- forward / loss
     def preprocess(self, images: Tensor) -> Tensor:

@@ -38,15 +38,16 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code runs), or fail saying what is wrong."""
+def read_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no pickled code runs), or fail saying what is wrong.
+    ``mmap=True`` maps the tensors lazily (a cheap validity check + metadata read before Lightning loads it)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {p} is empty (0 bytes): the write that made it was interrupted")
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {p} holds objects that are not plain tensors/containers and was refused by "
@@ -87,11 +88,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path, map_location=map_location or "cpu")
 
 
+def model_state_dict(ckpt: dict) -> dict[str, Tensor]:
+    """The ``SSD`` weights of an ``SSDDetector`` checkpoint (its ``model.`` entries, prefix removed)."""
+    return {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+
+
 # ----------------------------------------------------------------------------------------------- detectors
 def _detector_from_spec(hparams: dict, arch: dict):
-    from lightning_modules.detector import SSDDetector
-
     import inspect
+
+    from lightning_modules.detector import SSDDetector
 
     accepted = set(inspect.signature(SSDDetector.__init__).parameters) - {"self"}
     hp = {k: v for k, v in hparams.items() if k in accepted}  # drops LightningCLI's _class_path & co.
@@ -120,7 +126,7 @@ def load_detector(path, **overrides):
             raise CheckpointError(f"{p} has no SSDDetector hyper-parameters (was it saved by this project?)")
         arch = ckpt.get("architecture") or {"channels": hp.get("channels"), "num_branches": hp.get("num_branches")}
         det = _detector_from_spec({**hp, **overrides}, arch)
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = model_state_dict(ckpt)
         check_state_dict(det.model.state_dict(), state, str(p))
         det.model.load_state_dict(state)
     return det.eval()
@@ -149,6 +155,7 @@ def export_onnx(model: SSD, path, opset: int = 17) -> str:
     import onnx
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = NormalizedSSD(model).eval().cpu()
     x = torch.zeros(1, 3, model.size, model.size)
     tmp = path.with_name(path.name + ".tmp")
@@ -176,14 +183,14 @@ def export_detector(detector, out_dir, onnx: bool = True) -> dict[str, str]:
     was_training = detector.model.training
     model = detector.model.eval()
     decode = {"conf_threshold": hp.conf_threshold, "nms_threshold": hp.nms_threshold, "top_k": hp.top_k}
-    paths = save_exported(model, out_dir, list(detector.classes), decode)
-    if onnx:
-        paths["onnx"] = export_onnx(model, Path(out_dir) / "model.onnx")
-        spec_path = Path(paths["json"])
-        spec = json.loads(spec_path.read_text())
-        spec["onnx"] = {"file": "model.onnx", "input": "images: float32 [N, 3, size, size], RGB 0..255 (normalisation inside)",
-                        "outputs": ["loc", "conf"], "params": onnx_param_count(paths["onnx"])}
-        spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    extra, onnx_path = {}, None
+    if onnx:  # first, so that model.json is written once, with the ONNX facts in it
+        onnx_path = export_onnx(model, Path(out_dir) / "model.onnx")
+        extra["onnx"] = {"file": "model.onnx", "outputs": ["loc", "conf"], "params": onnx_param_count(onnx_path),
+                         "input": "images: float32 [N, 3, size, size], RGB 0..255 (normalisation inside)"}
+    paths = save_exported(model, out_dir, list(detector.classes), decode, extra)
+    if onnx_path:
+        paths["onnx"] = onnx_path
     model.train(was_training)
     return paths
 

@@ -358,8 +358,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None = None) -> dict[str, str]:
-    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` (each atomically). Returns their paths."""
+def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None = None,
+                  extra: dict | None = None) -> dict[str, str]:
+    """Write ``model.safetensors`` and ``model.json`` (plus the ``extra`` keys) into ``out_dir``, each atomically.
+    Returns their paths."""
     import json
     from pathlib import Path
 
@@ -368,7 +370,7 @@ def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    spec = export_spec(model, classes, decode)
+    spec = {**export_spec(model, classes, decode), **(extra or {})}
     _atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": EXPORT_FORMAT}))
     _atomic_write_bytes(out / "model.json", (json.dumps(spec, indent=2) + "\n").encode())
     return {"safetensors": str(out / "model.safetensors"), "json": str(out / "model.json")}
