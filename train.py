@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.distributed import RanksInconsistentError, check_ranks
 from callbacks.report import compression, model_stats, paired_latency_ms, write_summary
 from callbacks.state import ScheduleError
-from datamodules.voc import DataError
+from datamodules.voc import DataError, resolve_classes
 from lightning_modules.detector import NonFiniteLossError
 from lightning_modules.export import AtomicCheckpointIO, CheckpointError, export_detector, load_detector, predict_folder
 from lightning_modules.ssd import WeightsMismatchError
@@ -57,7 +57,9 @@ class SSDCLI(LightningCLI):
         parser.add_argument("--evaluate", type=str | None, default=None,
                             help="test this checkpoint or export folder on the data module's test split (no training)")
         parser.add_argument("--export_onnx", type=bool, default=True, help="also write model.onnx at the end of a run")
-        parser.link_arguments("data.init_args.classes", "model.init_args.classes", apply_on="parse")
+        # the model's classes follow the data's; "auto" is read from the training annotations here, once
+        parser.link_arguments(("data.init_args.classes", "data.init_args.root", "data.init_args.train_sets"),
+                              "model.init_args.classes", compute_fn=resolve_classes, apply_on="parse")
         parser.link_arguments("data.init_args.image_size", "model.init_args.size", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
@@ -66,6 +68,8 @@ class SSDCLI(LightningCLI):
         (``--ckpt_path <run>/checkpoints/x.ckpt`` without ``--run_name``) continues in the checkpoint's run folder
         and W&B run; ``--ckpt_path auto`` resumes from the newest checkpoint of ``--run_name`` if there is one."""
         cfg = self.config
+        if cfg.data.init_args.get("classes") == "auto":  # store the resolved list with the run (config.yaml)
+            cfg.data.init_args.classes = list(cfg.model.init_args.classes)
         run_dir = os.environ.get("SSD_RUN_DIR")
         if not run_dir:
             root = Path(cfg.trainer.default_root_dir or "runs")
@@ -156,6 +160,7 @@ def main(args: list[str] | None = None) -> Path:
     if trainer.is_global_zero:
         final = model_stats(model.model, model.hparams.size)
         final["map50"] = float(results[0]["test/map50"])
+        final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
                       if getattr(getattr(cb, "state", None), "dense_stats", None)), None) or final
         dense = dict(dense)

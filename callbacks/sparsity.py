@@ -90,6 +90,10 @@ class SparsityInduction(Callback):
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         callback_order_check(trainer)
+        if self.threshold_mode == "max_map_drop" and getattr(trainer.datamodule, "val_is_test", False):
+            raise ScheduleError("threshold_mode max_map_drop chooses the threshold on validation data, and the "
+                                "validation split is the test split: carve one out of the training data with "
+                                "--data.val_fraction 0.1 (or name one with --data.val_set)")
         # fast_dev_run forces a single epoch: a smoke test of the wiring, not of the schedule's length
         validate_schedule(self.state.phases, pl_module.hparams.size, None if trainer.fast_dev_run else trainer.max_epochs)
         for p in self.state.phases:

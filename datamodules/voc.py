@@ -13,11 +13,14 @@ Box conventions: VOC XML boxes are 1-based inclusive pixels. Evaluation keeps th
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import sys
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import albumentations as A
@@ -46,15 +49,30 @@ class DataError(ValueError):
     """A data set problem the user must fix (missing files, malformed annotations, unknown classes)."""
 
 
+# Image files are looked up by the id of the split file, with these extensions (in this order of preference).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".JPG", ".JPEG", ".png", ".PNG", ".bmp", ".BMP", ".tif", ".tiff")
+
+# What parse_voc_xml repairs, counted per kind and reported in one summary warning per data set.
+FIX_KINDS = {
+    "clipped": "boxes past the image border clipped to it (0-based or 1 px past the edge included)",
+    "empty": "zero-area or inverted boxes dropped",
+    "outside": "boxes entirely outside the image dropped",
+    "nonfinite": "boxes with a non-numeric (NaN/inf) coordinate dropped",
+    "size_missing": "annotations without a usable <size>: the image's own size used",
+    "size_mismatch": "annotations whose <size> disagrees with the image: the image's size used",
+}
+
+
 @dataclass
 class Annotation:
     image_id: str
     image_path: Path
-    width: int
+    width: int  # of the image as displayed (EXIF orientation applied)
     height: int
     boxes: np.ndarray  # (N, 4) float32, VOC 1-based inclusive pixels
     labels: np.ndarray  # (N,) int64, 0-based class index
     difficult: np.ndarray  # (N,) bool
+    orientation: int = 1  # EXIF orientation tag of the image file (1 = as stored)
 
 
 def _text(node: ET.Element, tag: str, path: Path) -> str:
@@ -64,31 +82,87 @@ def _text(node: ET.Element, tag: str, path: Path) -> str:
     return child.text.strip()
 
 
-def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dict[str, int]) -> tuple[Annotation, int]:
-    """Parse one VOC XML file (children in any order). Returns the annotation and the number of
-    degenerate boxes that were clipped or dropped."""
+def image_header(path: Path) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) of an image as displayed, read from its header without decoding it.
+
+    Annotation tools draw boxes on the displayed image, i.e. after the EXIF orientation is applied."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: unreadable or corrupt image ({err})") from err
+    if orientation not in range(1, 9):
+        orientation = 1
+    return (h, w, orientation) if orientation in (5, 6, 7, 8) else (w, h, orientation)
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded (H, W, C) image as stored into the displayed image (EXIF tag 0x0112, as PIL's
+    ``ImageOps.exif_transpose``)."""
+    if orientation == 2:
+        return img[:, ::-1]
+    if orientation == 3:
+        return img[::-1, ::-1]
+    if orientation == 4:
+        return img[::-1]
+    if orientation == 5:
+        return img.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(img, k=-1)
+    if orientation == 7:
+        return np.rot90(img, k=-1)[::-1]
+    if orientation == 8:
+        return np.rot90(img, k=1)
+    return img
+
+
+def _read_size(root: ET.Element) -> tuple[int, int] | None:
+    size = root.find("size")
+    try:
+        w, h = (int(float(size.find(t).text)) for t in ("width", "height"))  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (w, h) if w > 0 and h > 0 else None
+
+
+def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dict[str, int],
+                  fixes: Counter | None = None, image_size: tuple[int, int, int] | None = None) -> Annotation:
+    """Parse one VOC XML file (children in any order) into an ``Annotation``.
+
+    ``image_size`` is ``image_header(image_path)``: the image's own (displayed) size, which wins over ``<size>``
+    when that is missing or disagrees. Coordinates may be floats; boxes are clipped to the image (VOC's 1-based
+    inclusive pixels, so a 0-based ``xmin`` of 0 becomes 1) or dropped when empty, outside or not finite.
+    Each repair is counted by kind in ``fixes`` (see ``FIX_KINDS``)."""
+    fixes = Counter() if fixes is None else fixes
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise DataError(f"{path}: malformed XML ({err})") from err
     except OSError as err:
         raise DataError(f"{path}: cannot read annotation ({err})") from err
-    size = root.find("size")
-    if size is None:
-        raise DataError(f"{path}: malformed annotation, no <size>")
-    try:
-        width, height = int(float(_text(size, "width", path))), int(float(_text(size, "height", path)))
-    except ValueError as err:
-        raise DataError(f"{path}: malformed <size> ({err})") from err
+    declared = _read_size(root)
+    orientation = 1
+    if image_size is not None:
+        width, height, orientation = image_size
+        if declared is None:
+            fixes["size_missing"] += 1
+        elif declared != (width, height):
+            fixes["size_mismatch"] += 1
+    elif declared is not None:
+        width, height = declared
+    else:
+        raise DataError(f"{path}: malformed annotation, no usable <size> and no image size given")
     boxes, labels, difficult = [], [], []
-    fixed = 0
     for obj in root.iter("object"):
         name = _text(obj, "name", path)
         if name not in class_to_idx:
             raise DataError(
                 f"{path}: unknown class {name!r}. Configured classes ({len(class_to_idx)}): "
-                f"{', '.join(class_to_idx)}. Set --data.classes to the data set's class names."
-            )
+                f"{', '.join(map(repr, class_to_idx))}. Set --data.classes to the data set's class names "
+                "(or --data.classes auto to read them from the training annotations).")
         bnd = obj.find("bndbox")
         if bnd is None:
             raise DataError(f"{path}: malformed annotation, <object> {name!r} has no <bndbox>")
@@ -96,20 +170,25 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
             x1, y1, x2, y2 = (float(_text(bnd, t, path)) for t in ("xmin", "ymin", "xmax", "ymax"))
         except ValueError as err:
             raise DataError(f"{path}: malformed <bndbox> ({err})") from err
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            fixes["nonfinite"] += 1
+            continue
+        if x2 < 1 or y2 < 1 or x1 > width or y1 > height:
+            fixes["outside"] += 1
+            continue
         cx1, cy1 = min(max(x1, 1.0), width), min(max(y1, 1.0), height)
         cx2, cy2 = min(max(x2, 1.0), width), min(max(y2, 1.0), height)
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            fixed += 1
         if cx2 <= cx1 or cy2 <= cy1:
-            if (cx1, cy1, cx2, cy2) == (x1, y1, x2, y2):
-                fixed += 1
-            continue  # degenerate: dropped
+            fixes["empty"] += 1
+            continue
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            fixes["clipped"] += 1
         diff_node = obj.find("difficult")
-        is_difficult = diff_node is not None and (diff_node.text or "0").strip() not in ("0", "")
+        is_difficult = diff_node is not None and (diff_node.text or "0").strip() not in ("0", "", "false", "False")
         boxes.append((cx1, cy1, cx2, cy2))
         labels.append(class_to_idx[name])
         difficult.append(is_difficult)
-    ann = Annotation(
+    return Annotation(
         image_id=image_id,
         image_path=image_path,
         width=width,
@@ -117,78 +196,163 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
         labels=np.asarray(labels, dtype=np.int64),
         difficult=np.asarray(difficult, dtype=bool),
+        orientation=orientation,
     )
-    return ann, fixed
 
 
-def read_split(root: Path, year: int | str, split: str) -> tuple[Path, list[str]]:
+def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, list[str]]:
+    """The VOC<year> folder, the split file and the ids it lists."""
     base = Path(root) / "VOCdevkit" / f"VOC{year}"
     ids_file = base / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.is_file():
         what = "data root" if not Path(root).exists() else ("VOCdevkit folder" if not base.exists() else "split file")
         raise DataError(f"VOC {what} not found: {ids_file} does not exist. {LAYOUT_HELP}")
-    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {ids_file} lists no image ids")
-    return base, ids
+    return base, ids_file, ids
+
+
+def image_index(folder: Path) -> dict[str, Path]:
+    """id -> image file in ``folder`` (one listing, not one lookup per id), by ``IMAGE_EXTENSIONS`` preference."""
+    rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
+    found: dict[str, Path] = {}
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            stem, ext = os.path.splitext(entry.name)
+            if ext in rank and (stem not in found or rank[ext] < rank[found[stem].suffix]):
+                found[stem] = Path(entry.path)
+    return found
+
+
+def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classes: tuple[str, ...],
+                     skip_bad_samples: bool = False) -> tuple[list[Annotation], list[str]]:
+    """Parse every annotation of ``sets`` up front, so bad files are reported before training starts.
+
+    Returns the annotations and the messages of samples skipped (``skip_bad_samples``). Repairs of odd boxes and
+    sizes are reported in one warning that counts each kind; an id whose XML or image is missing names both paths.
+    """
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    items: list[Annotation] = []
+    skipped: list[str] = []
+    fixes: Counter = Counter()
+    for year, split in sets:
+        base, ids_file, ids = read_split(Path(root), year, split)
+        images = image_index(base / "JPEGImages")
+        for image_id in track(ids, description=f"reading VOC{year} {split} annotations", disable=len(ids) < 2000):
+            xml = base / "Annotations" / f"{image_id}.xml"
+            img = images.get(image_id)
+            try:
+                if img is None or not xml.is_file():
+                    img_text = str(img) if img else f"{base / 'JPEGImages' / image_id}.{{jpg,jpeg,png,bmp}} (missing)"
+                    raise DataError(
+                        f"id {image_id!r} listed in {ids_file}: annotation {xml}{'' if xml.is_file() else ' (missing)'}, "
+                        f"image {img_text}")
+                items.append(parse_voc_xml(xml, img, image_id, class_to_idx, fixes, image_header(img)))
+            except DataError as err:
+                if not skip_bad_samples or "unknown class" in str(err):
+                    raise
+                skipped.append(str(err))
+    if fixes:
+        counts = "; ".join(f"{fixes[k]} {text}" for k, text in FIX_KINDS.items() if fixes[k])
+        warnings.warn(f"{root} {sets}: odd annotations repaired: {counts}", stacklevel=2)
+    if skipped:
+        warnings.warn(f"{len(skipped)} bad samples skipped (--data.skip_bad_samples true); first: {skipped[0]}",
+                      stacklevel=2)
+    if not items:
+        raise DataError(f"no usable samples in {root} for sets {sets}")
+    return items, skipped
+
+
+def count_class_names(root: str | Path, sets: list[tuple[int | str, str]]) -> tuple[Counter, dict[str, Counter]]:
+    """Objects per class name in the annotations of ``sets`` (names stripped of surrounding whitespace, as the
+    parser reads them), and the raw spellings behind each case- and whitespace-insensitive name."""
+    counts: Counter = Counter()
+    spellings: dict[str, Counter] = {}
+    for year, split in sets:
+        base, _, ids = read_split(Path(root), year, split)
+        for image_id in ids:
+            xml = base / "Annotations" / f"{image_id}.xml"
+            try:
+                tree = ET.parse(xml)
+            except (ET.ParseError, OSError):
+                continue  # reported with its path when the data set is read
+            for node in tree.getroot().iter("object"):
+                raw = node.findtext("name")
+                if raw is None or not raw.strip():
+                    continue
+                counts[raw.strip()] += 1
+                spellings.setdefault(" ".join(raw.split()).casefold(), Counter())[raw] += 1
+    return counts, spellings
+
+
+def resolve_classes(classes: list[str] | tuple[str, ...] | str, root: str | Path,
+                    sets: list[tuple[int | str, str]]) -> list[str]:
+    """``classes`` as given, or for ``"auto"`` every class name of the training annotations, most frequent first
+    (ties by name). The list and its counts are printed; names that differ only in case or whitespace are reported
+    (``'Dog'`` and ``'dog'`` stay two classes, ``'dog '`` and ``'dog'`` are one: surrounding whitespace is ignored)."""
+    if not isinstance(classes, str):
+        return list(classes)
+    if classes != "auto":
+        raise DataError(f"data.classes must be a list of class names or 'auto', got {classes!r}")
+    counts, spellings = count_class_names(root, [tuple(s) for s in sets])
+    if not counts:
+        raise DataError(f"--data.classes auto found no <object><name> in the annotations of {root} {list(sets)}; "
+                        "give the class list with --data.classes \"[name, ...]\"")
+    names = sorted(counts, key=lambda n: (-counts[n], n))
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":
+        listing = ", ".join(f"{n!r} {counts[n]}" for n in names)
+        print(f"classes (auto, from the training annotations, objects per class): {listing}", file=sys.stderr)
+    variants = [sp for sp in spellings.values() if len(sp) > 1]
+    if variants:
+        text = "; ".join(" / ".join(f"{s!r} ({c})" for s, c in sp.most_common()) for sp in variants)
+        warnings.warn(f"class names that differ only in case or whitespace: {text}. Surrounding whitespace is "
+                      "ignored; names differing in case or inner spaces are kept as separate classes. Fix the "
+                      "annotations if they mean one class.", stacklevel=2)
+    return names
 
 
 class VOCDataset(Dataset):
-    """VOC-format detection data set over one or more (year, split) pairs.
+    """VOC-format detection data set over one or more (year, split) pairs (or over parsed ``items``).
 
-    The id in ImageSets names both the annotation and the image (the XML ``<filename>`` is not used).
-    All annotations are parsed up front, so malformed files are reported before training starts.
-    Each item is ``(image uint8 CHW tensor, target dict)``; targets carry normalised ``boxes`` (after the
-    transform), 0-based ``labels``, ``difficult``, and for evaluation ``voc_boxes`` in original pixels.
+    The id in ImageSets names both the annotation and the image (the XML ``<filename>`` is not used); the image may
+    be any of ``IMAGE_EXTENSIONS``. Grayscale, RGBA, CMYK and 16-bit images are converted to 8-bit RGB and the EXIF
+    orientation is applied. Each item is ``(image uint8 CHW tensor, target dict)``; targets carry normalised
+    ``boxes`` (after the transform), 0-based ``labels``, ``difficult``, and for evaluation ``voc_boxes`` in original
+    pixels.
     """
 
-    def __init__(self, root: str | Path, sets: list[tuple[int | str, str]], classes: tuple[str, ...],
-                 transform: A.Compose, keep_difficult: bool = True, skip_bad_samples: bool = False):
+    def __init__(self, root: str | Path | None, sets: list[tuple[int | str, str]], classes: tuple[str, ...],
+                 transform: A.Compose, keep_difficult: bool = True, skip_bad_samples: bool = False,
+                 items: list[Annotation] | None = None):
         self.transform = transform
         self.skip_bad_samples = skip_bad_samples
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.items: list[Annotation] = []
         self.skipped: list[str] = []
-        fixed = 0
-        for year, split in sets:
-            base, ids = read_split(Path(root), year, split)
-            for image_id in track(ids, description=f"reading VOC{year} {split} annotations", disable=len(ids) < 2000):
-                xml = base / "Annotations" / f"{image_id}.xml"
-                img = base / "JPEGImages" / f"{image_id}.jpg"
-                try:
-                    if not img.is_file():
-                        raise DataError(f"{img}: image listed in {split}.txt is missing")
-                    ann, n_fixed = parse_voc_xml(xml, img, image_id, class_to_idx)
-                except DataError as err:
-                    if not skip_bad_samples or "unknown class" in str(err):
-                        raise
-                    self.skipped.append(str(err))
-                    warnings.warn(f"skipping bad sample: {err}", stacklevel=2)
-                    continue
-                fixed += n_fixed
-                if not keep_difficult:
-                    keep = ~ann.difficult
-                    ann.boxes, ann.labels, ann.difficult = ann.boxes[keep], ann.labels[keep], ann.difficult[keep]
-                self.items.append(ann)
-        if fixed:
-            warnings.warn(f"{fixed} degenerate or out-of-image boxes were clipped or dropped", stacklevel=2)
-        if self.skipped:
-            warnings.warn(f"{len(self.skipped)} bad samples skipped (--data.skip_bad_samples true)", stacklevel=2)
-        if not self.items:
-            raise DataError(f"no usable samples in {root} for sets {sets}")
+        if items is None:
+            items, self.skipped = load_annotations(root, sets, classes, skip_bad_samples)
+        if not keep_difficult:
+            items = [replace(a, boxes=a.boxes[~a.difficult], labels=a.labels[~a.difficult],
+                             difficult=a.difficult[~a.difficult]) for a in items]
+        self.items: list[Annotation] = items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load_image(self, ann: Annotation) -> np.ndarray | None:
-        img = cv2.imread(str(ann.image_path), cv2.IMREAD_COLOR)
-        if img is None:
-            msg = f"{ann.image_path}: unreadable or corrupt image"
+        """8-bit RGB, as displayed: cv2 converts gray / RGBA / CMYK / 16-bit to 8-bit BGR, the orientation is the
+        one ``image_header`` read (cv2 is told to ignore it, so pixels and boxes follow one reading of EXIF)."""
+        img = cv2.imread(str(ann.image_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if img is not None:
+            img = apply_orientation(img, ann.orientation)
+        if img is None or img.shape[:2] != (ann.height, ann.width):
+            what = "unreadable or corrupt image" if img is None else (
+                f"decodes to {img.shape[1]}x{img.shape[0]}, its header said {ann.width}x{ann.height}")
+            msg = f"{ann.image_path}: {what}"
             if not self.skip_bad_samples:
                 raise DataError(msg + " (use --data.skip_bad_samples true to skip such samples)")
             warnings.warn(f"skipping bad sample: {msg}", stacklevel=2)
             return None
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return np.ascontiguousarray(img[..., ::-1])
 
     def __getitem__(self, key):
         """``key`` is an index, or ``(index, seed)`` from ``TrainSampler``: the augmentation then draws its random
@@ -256,8 +420,13 @@ class VOCDataModule(pl.LightningDataModule):
         root: folder holding ``VOCdevkit/``.
         train_sets: (year, split) pairs to train on, e.g. ``[[2007, trainval], [2012, trainval]]``.
         test_set: (year, split) to test on, e.g. ``[2007, test]``.
-        classes: class names (background excluded); the model's ``num_classes`` follows this list.
-        val_set: (year, split) for validation during training; defaults to ``test_set``.
+        classes: class names (background excluded); the model's ``num_classes`` follows this list. ``"auto"``:
+            every ``<name>`` of the training annotations, most frequent first (ties by name), printed with its counts.
+        val_fraction: carve this fraction of the training ids (a fixed permutation drawn from ``val_seed``, the
+            same for every training seed) out as the validation split. Validation picks what the run chooses (the
+            ``max_map_drop`` threshold search, checkpoint monitors); the test split never does.
+        val_set: (year, split) for validation instead. With neither, validation runs on the test split, for
+            monitoring only: anything that would choose on it refuses to run (``val_is_test``).
         image_size: network input side (300 or 512).
         batch_size: the *global* batch size, split evenly over all devices and nodes (an error if it does not
             divide). The learning rate in each experiment is tuned for the batch size stated beside it; when you
@@ -276,7 +445,9 @@ class VOCDataModule(pl.LightningDataModule):
         root: str = "data/VOC",
         train_sets: list[tuple[int, str]] = ((2007, "trainval"), (2012, "trainval")),
         test_set: tuple[int, str] = (2007, "test"),
-        classes: list[str] = VOC_CLASSES,
+        classes: list[str] | str = VOC_CLASSES,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
         val_set: tuple[int, str] | None = None,
         image_size: int = 300,
         batch_size: int = 32,
@@ -291,12 +462,21 @@ class VOCDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.classes = tuple(classes)
-        if len(set(self.classes)) != len(self.classes) or not self.classes:
-            raise DataError(f"classes must be a non-empty list of unique names, got {list(classes)}")
         self.train_sets = [tuple(s) for s in train_sets]
         self.test_set = tuple(test_set)
+        if classes == "auto" and synthetic is not None and not (self.root / "VOCdevkit").exists():
+            raise DataError("--data.classes auto reads the class names from the training annotations, but the "
+                            f"synthetic data set at {self.root} is generated from the class list: give the list")
+        # train.py resolves "auto" once when it parses the command line; here for use from Python
+        self.classes = tuple(resolve_classes(classes, self.root, self.train_sets))
+        if len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise DataError(f"classes must be a non-empty list of unique names, got {list(self.classes)}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction > 0 and val_set is not None:
+            raise DataError("give either data.val_fraction or data.val_set, not both")
         self.val_set = tuple(val_set) if val_set is not None else self.test_set
+        self.val_is_test = val_fraction == 0 and self.val_set == self.test_set
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None and not (self.root / "VOCdevkit").exists():
@@ -313,20 +493,39 @@ class VOCDataModule(pl.LightningDataModule):
                 if not (self.root / "VOCdevkit" / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt").is_file():
                     VOCDetection(str(self.root), year=str(year), image_set=split, download=True)
 
-    def _dataset(self, sets, train: bool) -> VOCDataset:
-        transform = ssd_train_transform(self.hparams.image_size, self.hparams.zoom_out, self.hparams.augment) if train else ssd_eval_transform(self.hparams.image_size)
-        return VOCDataset(self.root, sets, self.classes, transform,
-                          keep_difficult=self.hparams.keep_difficult_train if train else True,
-                          skip_bad_samples=self.hparams.skip_bad_samples)
+    def _dataset(self, sets, train: bool, items: list[Annotation] | None = None) -> VOCDataset:
+        hp = self.hparams
+        transform = ssd_train_transform(hp.image_size, hp.zoom_out, hp.augment) if train else ssd_eval_transform(hp.image_size)
+        return VOCDataset(self.root, sets, self.classes, transform, keep_difficult=hp.keep_difficult_train if train else True,
+                          skip_bad_samples=hp.skip_bad_samples, items=items)
+
+    def split_validation(self, items: list[Annotation]) -> tuple[list[Annotation], list[Annotation]]:
+        """(train, val): ``val_fraction`` of the training images, drawn by a permutation seeded by ``val_seed``
+        alone (so every training seed and every resume sees the same split)."""
+        n_val = max(1, round(self.hparams.val_fraction * len(items)))
+        if n_val >= len(items):
+            raise DataError(f"data.val_fraction {self.hparams.val_fraction} of {len(items)} training images leaves "
+                            "none to train on")
+        val_idx = set(np.random.default_rng(self.hparams.val_seed).permutation(len(items))[:n_val].tolist())
+        return ([a for i, a in enumerate(items) if i not in val_idx], [a for i, a in enumerate(items) if i in val_idx])
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and not hasattr(self, "train_ds"):
-            self.train_ds = self._dataset(self.train_sets, train=True)
-            self.val_ds = self._dataset([self.val_set], train=False)
+            if self.hparams.val_fraction > 0:
+                items, _ = load_annotations(self.root, self.train_sets, self.classes, self.hparams.skip_bad_samples)
+                train_items, val_items = self.split_validation(items)
+                self.train_ds = self._dataset(self.train_sets, train=True, items=train_items)
+                self.val_ds = self._dataset(self.train_sets, train=False, items=val_items)
+            else:
+                self.train_ds = self._dataset(self.train_sets, train=True)
+                self.val_ds = self._dataset([self.val_set], train=False)
         if stage in ("test", "validate", None) and not hasattr(self, "test_ds"):
             self.test_ds = self._dataset([self.test_set], train=False)
             if not hasattr(self, "val_ds"):
-                self.val_ds = self.test_ds if self.val_set == self.test_set else self._dataset([self.val_set], train=False)
+                if self.hparams.val_fraction > 0 or self.val_set != self.test_set:
+                    self.setup("fit")
+                else:
+                    self.val_ds = self.test_ds
 
     def per_device_batch_size(self) -> int:
         """``batch_size`` is the global batch: split evenly over all devices of all nodes."""

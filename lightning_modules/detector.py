@@ -6,6 +6,7 @@ import math
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
@@ -82,6 +83,8 @@ class SSDDetector(pl.LightningModule):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.metrics = torch.nn.ModuleDict()
+        self.ap_per_class: dict[str, dict[str, float | None]] = {}  # stage -> class -> AP@0.5 (None: no objects)
+        self._warned_missing: set = set()
         for stage in ("val", "test"):
             self.metrics[f"{stage}_voc"] = VOCMeanAveragePrecision(len(self.classes), use_07_metric=use_07_metric)
             if coco_map:
@@ -219,9 +222,16 @@ class SSDDetector(pl.LightningModule):
         voc = self.metrics[f"{stage}_voc"].compute()
         self.metrics[f"{stage}_voc"].reset()
         self.log(f"{stage}/map50", voc["map"], prog_bar=True, sync_dist=False)
-        for name, ap in zip(self.classes, voc["ap_per_class"]):
-            if not math.isnan(ap.item()):
-                self.log(f"{stage}/ap50/{name}", ap)
+        ap = voc["ap_per_class"].reshape(-1).tolist()  # torchmetrics squeezes a one-class result to 0-d
+        self.ap_per_class[stage] = {name: None if math.isnan(a) else a for name, a in zip(self.classes, ap)}
+        missing = tuple(name for name, a in self.ap_per_class[stage].items() if a is None)
+        if missing and (stage, missing) not in self._warned_missing:
+            self._warned_missing.add((stage, missing))
+            rank_zero_warn(f"{stage} split: no (non-difficult) objects of class(es) {', '.join(map(repr, missing))}: "
+                           "their AP is undefined (NaN) and left out of the mean, as in the VOC devkit")
+        for name, a in self.ap_per_class[stage].items():
+            if a is not None:
+                self.log(f"{stage}/ap50/{name}", a)
         if f"{stage}_coco" in self.metrics:
             coco = self.metrics[f"{stage}_coco"].compute()
             self.metrics[f"{stage}_coco"].reset()

@@ -69,18 +69,24 @@ def test_malformed_xml_names_file_or_is_skipped(tmp_path):
 def test_unreadable_image_names_file_or_is_skipped(tmp_path):
     base = tiny_voc(tmp_path) / "VOCdevkit" / "VOC2007"
     (base / "JPEGImages" / "2007_0002.jpg").write_bytes(b"not a jpeg")
-    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    # found when the data set is read, before any training
     with pytest.raises(DataError, match="2007_0002.jpg: unreadable or corrupt image"):
-        ds[2]
-    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300), skip_bad_samples=True)
+        VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    with pytest.warns(UserWarning, match="1 bad samples skipped"):
+        ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300), skip_bad_samples=True)
+    assert [a.image_id for a in ds.items] == ["2007_0000", "2007_0001", "2007_0003"]
+    # an image that breaks after it was read (e.g. on a network file system): the loader names it, or skips it
+    (base / "JPEGImages" / "2007_0001.jpg").write_bytes(b"not a jpeg either")
+    with pytest.raises(DataError, match="2007_0001.jpg: unreadable or corrupt image"):
+        VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300), items=ds.items)[1]
     with pytest.warns(UserWarning, match="skipping bad sample"):
-        images, targets = collate([ds[1], ds[2], ds[3]])
+        images, targets = collate([ds[0], ds[1], ds[2]])
     assert images.shape[0] == 2 and len(targets) == 2
 
 
 def test_unknown_class_lists_names(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("horse", (10, 12, 50, 60), False)])})
-    with pytest.raises(DataError, match=r"unknown class 'horse'.*cat, dog.*--data.classes"):
+    with pytest.raises(DataError, match=r"unknown class 'horse'.*'cat', 'dog'.*--data.classes"):
         VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
 
 
