@@ -21,13 +21,16 @@ class NaNAfterDetector(SSDDetector):
 
 
 class SlowStepDetector(SSDDetector):
-    """An SSD that sleeps ``SSD_SLOW_STEP_S`` seconds per training step (so a test can kill it mid-epoch);
-    its arithmetic is SSDDetector's."""
+    """An SSD that sleeps ``SSD_SLOW_STEP_S`` seconds per training step (so a test can kill it mid-epoch) and, with
+    ``SSD_STEP_LOG``, appends "epoch batch" to that file as each step starts; its arithmetic is SSDDetector's."""
 
     def training_step(self, batch, batch_idx):
         import os
         import time
 
+        if os.environ.get("SSD_STEP_LOG"):
+            with open(os.environ["SSD_STEP_LOG"], "a") as f:
+                f.write(f"{self.current_epoch} {batch_idx}\n")
         time.sleep(float(os.environ.get("SSD_SLOW_STEP_S", "0")))
         return super().training_step(batch, batch_idx)
 

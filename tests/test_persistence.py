@@ -187,7 +187,10 @@ def test_predict_and_export_on_demand(trained, tmp_path):
     det = load_detector(ckpt)
     ref = predict_images(det, [cv2.cvtColor(cv2.imread(str(images / (src[0].stem + ".jpg"))), cv2.COLOR_BGR2RGB)])[0]
     got = dets["images"][src[0].stem + ".jpg"]
-    assert len(got) == len(ref["scores"])
+    assert len(got) == len(ref["scores"]) > 0
+    for d, box, score, label in zip(got, ref["boxes"].tolist(), ref["scores"].tolist(), ref["labels"].tolist()):
+        assert d["box"] == pytest.approx(box, abs=0.006) and d["score"] == pytest.approx(score, abs=6e-5)
+        assert d["label"] == label and d["class"] == dets["classes"][label]
 
 
 def test_corrupt_and_mismatched_files(trained, tmp_path):
@@ -272,18 +275,22 @@ def test_sigkill_mid_epoch_then_resume_gives_same_widths(trained, tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if k != "SSD_RUN_DIR"}
     env["SSD_SLOW_STEP_S"] = "1.0"  # tests.helpers: widen the window in which the kill lands mid-epoch
+    steps = tmp_path / "steps.log"
+    env["SSD_STEP_LOG"] = str(steps)  # tests.helpers: one line "epoch batch" per training step started
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(path), "--run_name", "k",
                              "--model.class_path", "tests.helpers.SlowStepDetector"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "runs" / "k" / "checkpoints"
     deadline = time.time() + 300
-    while not list(ckpt_dir.glob("epoch=1-*.ckpt")):
+    while not (steps.is_file() and "2 0" in steps.read_text().splitlines()):  # epoch 2's first step has started
         assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
-        time.sleep(0.2)
-    time.sleep(1.5)  # inside epoch 2
+        time.sleep(0.1)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not list(ckpt_dir.glob("epoch=2-*.ckpt"))
+    last = steps.read_text().splitlines()[-1]
+    assert last in ("2 0", "2 1"), f"the kill landed outside epoch 2 (last step started: {last})"  # of 3 steps
+    assert list(ckpt_dir.glob("epoch=1-*.ckpt")) and not list(ckpt_dir.glob("epoch=2-*.ckpt"))
     _ok(run_train(["--config", str(path), "--run_name", "k2", "--ckpt_path", str(ckpt_dir / "last.ckpt"),
                    "--model.class_path", "tests.helpers.SlowStepDetector"], env={"SSD_SLOW_STEP_S": "0"}))
     s = json.loads((tmp_path / "runs" / "k2" / "summary.json").read_text())

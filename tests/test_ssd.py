@@ -101,10 +101,34 @@ def test_loss_is_finite_with_and_without_objects():
 
 
 def test_hard_negatives_three_to_one():
+    """The confidence loss sums the positives and, per image, the 3 x positives background boxes with the highest
+    cross-entropy (an image without objects adds no negatives); both normalised by the positives."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
     loss = MultiBoxLoss()
     priors = default_boxes(300)
-    cls_t, _ = loss.match(priors, [{"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6]]), "labels": torch.tensor([1])}])
-    assert set(cls_t.unique().tolist()) == {0, 2}  # background + label 1 shifted by one
+    targets = [{"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.1, 0.5, 0.3, 0.9]]), "labels": torch.tensor([1, 0])},
+               {"boxes": torch.tensor([[0.5, 0.1, 0.9, 0.4]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)}]
+    conf = torch.randn(3, len(priors), 4) * 3
+    loc = torch.zeros(3, len(priors), 4)
+    out = loss(loc, conf, priors, targets)
+    cls_t, _ = loss.match(priors, targets)
+    ce = F.cross_entropy(conf.flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
+    expected, n_pos = 0.0, 0
+    for i in range(3):
+        pos = cls_t[i] > 0
+        k = int(pos.sum())
+        neg_sorted = ce[i][~pos].sort(descending=True).values
+        assert (k == 0) == (i == 2)
+        expected += ce[i][pos].sum() + neg_sorted[: 3 * k].sum()
+        n_pos += k
+    assert out["num_pos"] == n_pos
+    torch.testing.assert_close(out["conf"], expected / n_pos)
+    # uniform logits: every box costs log(C), so the loss counts exactly 1 positive + 3 negatives per positive
+    out = loss(loc, torch.zeros_like(conf), priors, targets)
+    torch.testing.assert_close(out["conf"], torch.tensor(4 * math.log(4)))
 
 
 def test_decode_respects_top_k_and_threshold():

@@ -36,7 +36,27 @@ def test_demo_fast_dev_run_writes_summary(tmp_path):
     assert SUMMARY_KEYS <= set(s["dense"]) and SUMMARY_KEYS <= set(s["final"])
     assert set(s["compression"]) == {"params_x", "size_x", "macs_x", "speedup_x"}
     assert s["compression"]["params_x"] == 1.0 and s["channels"]["conv7"] == 128
-    assert 0.0 <= s["final"]["map50"] <= 1.0
+    # the reported mAP is what the exported model gives on the test split, evaluated here independently
+    assert s["final"]["map50"] == pytest.approx(_independent_map50(Path(s["export"]["json"]).parent, tmp_path / "syn"),
+                                                abs=1e-6)
+    assert s["final"]["map50"] == s["test_metrics"]["test/map50"]
+
+
+def _independent_map50(export_dir: Path, root: Path) -> float:
+    from datamodules.voc import VOCDataModule
+    from lightning_modules.export import load_detector
+    from lightning_modules.metrics import VOCMeanAveragePrecision
+
+    det = load_detector(export_dir)
+    dm = VOCDataModule(root=str(root), train_sets=[(2007, "trainval")], test_set=(2007, "test"), classes=det.classes,
+                       batch_size=4, num_workers=0)
+    dm.setup("test")
+    metric = VOCMeanAveragePrecision(len(det.classes))
+    with torch.no_grad():
+        for images, targets in dm.test_dataloader():
+            preds, gts, _, _ = det.metric_inputs(det.predict_batch(images), targets)
+            metric.update(preds, gts)
+    return float(metric.compute()["map"])
 
 
 @pytest.mark.parametrize("config,size", [("voc_ssd300", 300), ("voc_ssd512", 512)])
@@ -48,8 +68,16 @@ def test_voc_experiments_fast_dev_run(tmp_path, config, size):
                       "--model.pretrained_backbone", "false", "--trainer.fast_dev_run", "true",
                       "--trainer.accelerator", "cpu", "--trainer.logger", "false"])
     path, s = _summary(proc)
-    # full-width SSD with the 20 VOC classes
+    # full-width SSD with the 20 VOC classes, both years read, the standard default boxes
+    from datamodules.voc import VOC_CLASSES
+
     assert s["final"]["params"] == {300: 26_285_486, 512: 27_188_676}[size]
+    spec = json.loads(Path(s["export"]["json"]).read_text())
+    assert spec["classes"] == list(VOC_CLASSES) and spec["priors"]["num_priors"] == {300: 8732, 512: 24564}[size]
+    # per-class AP: defined exactly for the classes with non-difficult objects in the VOC2007 test split
+    ap = s["final"]["ap50_per_class"]
+    assert list(ap) == list(VOC_CLASSES) and {c for c, v in ap.items() if v is not None} == {"cat", "dog"}
+    assert s["final"]["map50"] == s["test_metrics"]["test/map50"] == pytest.approx((ap["cat"] + ap["dog"]) / 2)
 
 
 def test_any_voc_format_dataset_and_overrides(tmp_path):

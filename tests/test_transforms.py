@@ -67,11 +67,33 @@ def test_min_iou_crop_drops_boxes_whose_centre_is_outside():
     np.testing.assert_allclose(out[0, :4], [0.2, 0.2, 0.8, 0.8], atol=1e-6)
 
 
-def test_the_old_broken_condition_would_accept_everything():
-    # ssd.pytorch: `if overlap.min() < min_iou and max_iou < overlap.max(): continue` with max_iou=inf never fires.
-    overlap = np.array([0.05, 0.6])
-    assert not (overlap.min() < 0.5 and float("inf") < overlap.max())
-    assert overlap.min() < 0.5  # ours rejects this crop
+def test_min_iou_crop_rejects_a_crop_that_misses_any_box():
+    """The old port's condition (``overlap.min() < min_iou and max_iou < overlap.max()``, max_iou = inf) never
+    fires, so it accepts crops that cut a box away. Two small boxes in opposite corners: no crop of sides >= 0.3 can
+    overlap both by IoU >= 0.5, so ours must keep the whole image, for every seed."""
+    img = np.zeros((200, 200, 3), np.uint8)
+    norm = np.array([[0.0, 0.0, 0.15, 0.15], [0.85, 0.85, 1.0, 1.0]], np.float32)
+    t = MinIoURandomCrop(min_ious=(0.5,))
+    for seed in range(200):
+        t.set_random_seed(seed)
+        assert t.get_params_dependent_on_data({"shape": img.shape}, {"bboxes": norm})["crop_coords"] == (0, 0, 200, 200)
+
+
+def test_min_iou_crop_does_crop():
+    """A crop is taken (not always the whole image) whenever the condition can be met: the property tests above
+    only check crops that happen, so check that they do."""
+    img = np.zeros((300, 300, 3), np.uint8)
+    norm = np.array([[0.2, 0.2, 0.8, 0.8]], np.float32)
+    for min_iou in (0.0, 0.1, 0.3, 0.5):  # (0.7 / 0.9 crops are rare for one box of this size: 66 / 2 of 100)
+        t = MinIoURandomCrop(min_ious=(min_iou,))
+        cropped = 0
+        for seed in range(100):
+            t.set_random_seed(seed)
+            crop = t.get_params_dependent_on_data({"shape": img.shape}, {"bboxes": norm})["crop_coords"]
+            cropped += crop != (0, 0, 300, 300)
+        assert cropped >= 90, (min_iou, cropped)
+    t = MinIoURandomCrop(min_ious=(None,))  # the "no crop" option
+    assert t.get_params_dependent_on_data({"shape": img.shape}, {"bboxes": norm})["crop_coords"] == (0, 0, 300, 300)
 
 
 def test_zoom_out_keeps_boxes_on_the_object():
