@@ -24,7 +24,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.distributed import RanksInconsistentError, check_ranks
-from callbacks.report import compression, model_stats, paired_latency_ms, write_summary
+from callbacks.report import compression, model_stats, paired_latency_ms, reference_drop, write_summary
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError, resolve_classes
 from lightning_modules.detector import NonFiniteLossError
@@ -57,6 +57,9 @@ class SSDCLI(LightningCLI):
         parser.add_argument("--evaluate", type=str | None, default=None,
                             help="test this checkpoint or export folder on the data module's test split (no training)")
         parser.add_argument("--export_onnx", type=bool, default=True, help="also write model.onnx at the end of a run")
+        parser.add_argument("--reference", type=str | None, default=None,
+                            help="run folder (or summary.json) of the equal-budget dense run: fills 'reference' and "
+                                 "'drop' in summary.json")
         # the model's classes follow the data's; "auto" is read from the training annotations here, once
         parser.link_arguments(("data.init_args.classes", "data.init_args.root", "data.init_args.train_sets"),
                               "model.init_args.classes", compute_fn=resolve_classes, apply_on="parse")
@@ -162,8 +165,9 @@ def main(args: list[str] | None = None) -> Path:
         final["map50"] = float(results[0]["test/map50"])
         final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
-                      if getattr(getattr(cb, "state", None), "dense_stats", None)), None) or final
-        dense = dict(dense)
+                      if getattr(getattr(cb, "state", None), "dense_stats", None)), None)
+        # no pruning: the architecture is the final one (its accuracy is final's, not a figure "before pruning")
+        dense = dict(dense) if dense else {k: v for k, v in final.items() if k not in ("map50", "ap50_per_class")}
         if "channels" in dense and dense is not final:
             # time the dense architecture and the final model together, interleaved: on a shared machine two
             # latencies taken hours apart are not comparable (weights do not change dense conv timing)
@@ -196,6 +200,17 @@ def main(args: list[str] | None = None) -> Path:
             "ranks_consistent": ranks["ranks_consistent"],
             "test_metrics": {k: float(v) for k, v in results[0].items()},
         }
+        if cli.config.reference:
+            import yaml
+
+            own = run_dir / "config.yaml"
+            reference, drop, differences = reference_drop(
+                cli.config.reference, final, yaml.safe_load(own.read_text()) if own.is_file() else None)
+            if differences:
+                reference["budget_differences"] = differences
+                print(f"warning: --reference {cli.config.reference} differs from this run in more than the pruning: "
+                      f"{'; '.join(differences)}", file=sys.stderr)
+            summary["reference"], summary["drop"] = reference, drop
         write_summary(summary_path, summary)
         if wandb_dir and went_offline:
             print(f"W&B ran offline (no API key, no WANDB_MODE). Upload with: wandb sync {wandb_dir}")

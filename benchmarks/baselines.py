@@ -47,34 +47,47 @@ def tp_global_selection(model, size: int, ratio: float, round_to: int = 8) -> di
     """The filters Torch-Pruning's global magnitude pruner removes at ``ratio`` (decided by TP, applied by us)."""
     names = {id(m): n for n, m in model.layers.items()}
     sel: dict[str, list[int]] = {}
-    with torch.enable_grad():
-        pruner = _tp_pruner(model, size, ratio, round_to)
-        for group in pruner.step(interactive=True):
-            root = group[0].dep.target.module
-            if id(root) in names:
-                sel.setdefault(names[id(root)], []).extend(int(i) for i in group[0].idxs)
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            pruner = _tp_pruner(model, size, ratio, round_to)
+            for group in pruner.step(interactive=True):
+                root = group[0].dep.target.module
+                if id(root) in names:
+                    sel.setdefault(names[id(root)], []).extend(int(i) for i in group[0].idxs)
+    finally:  # Torch-Pruning's tracer calls model.eval(): retraining would otherwise run with BatchNorm frozen
+        model.train(was_training)
     return sel
 
 
-def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8, steps: int = 12) -> float:
-    """Binary search of the global pruning ratio that brings the parameter count closest to ``target_params``."""
-    lo, hi = 0.0, 0.98
+def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8, steps: int = 14) -> tuple[float, int]:
+    """Binary search of the global pruning ratio whose pruned model has the parameter count closest to
+    ``target_params``. Returns (ratio, the parameter count it gives): the caller must check that it got there
+    (the layers Torch-Pruning may not touch, conv1_1 and the heads, can hold more than the target)."""
+    def params_at(ratio: float) -> int:
+        trial = copy.deepcopy(model)
+        prune_filters(trial, tp_global_selection(trial, size, ratio, round_to))
+        return sum(p.numel() for p in trial.parameters())
+
+    lo, hi = 0.0, 0.99
+    best = (0.0, sum(p.numel() for p in model.parameters()))
     for _ in range(steps):
         mid = (lo + hi) / 2
-        trial = copy.deepcopy(model)
-        prune_filters(trial, tp_global_selection(trial, size, mid, round_to))
-        if sum(p.numel() for p in trial.parameters()) > target_params:
+        n = params_at(mid)
+        if abs(n - target_params) < abs(best[1] - target_params):
+            best = (mid, n)
+        if n > target_params:
             lo = mid
         else:
             hi = mid
-    return (lo + hi) / 2
+    return best
 
 
 class OneShotFilterPruning(Callback):
     """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain")."""
 
     def __init__(self, criterion: str, epoch: int, channels: dict[str, int] | None = None,
-                 target_params: int | None = None, round_to: int = 8):
+                 target_params: int | None = None, round_to: int = 8, params_tolerance: float = 0.03):
         if criterion not in ("l1norm", "tp_global_magnitude"):
             raise ValueError(f"criterion must be 'l1norm' or 'tp_global_magnitude', got {criterion!r}")
         if criterion == "l1norm" and not channels:
@@ -83,13 +96,16 @@ class OneShotFilterPruning(Callback):
             raise ValueError("tp_global_magnitude needs target_params")
         self.criterion, self.epoch, self.channels = criterion, epoch, channels
         self.target_params, self.round_to = target_params, round_to
+        self.params_tolerance = params_tolerance
         self.done = False
+        self.reached: dict | None = None  # what the equal-params search got: {target, params, ratio, within}
 
     def state_dict(self) -> dict:
-        return {"done": self.done}
+        return {"done": self.done, "reached": self.reached}
 
     def load_state_dict(self, state: dict) -> None:
         self.done = state["done"]
+        self.reached = state.get("reached")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or trainer.current_epoch != self.epoch:
@@ -98,7 +114,15 @@ class OneShotFilterPruning(Callback):
         if self.criterion == "l1norm":
             sel = l1norm_selection(model, self.channels)
         else:
-            ratio = tp_ratio_for_params(model, size, self.target_params, self.round_to)
+            ratio, params = tp_ratio_for_params(model, size, self.target_params, self.round_to)
+            within = abs(params - self.target_params) <= self.params_tolerance * self.target_params
+            self.reached = {"target": self.target_params, "params": params, "ratio": ratio, "within": within}
+            if not within:
+                import warnings
+
+                warnings.warn(f"Torch-Pruning global magnitude could not reach {self.target_params:,} parameters "
+                              f"(within {self.params_tolerance:.0%}): the closest is {params:,} at ratio {ratio:.3f}; "
+                              "this is not an equal-size comparison", stacklevel=2)
             sel = tp_global_selection(model, size, ratio, self.round_to)
         prune_filters(model, sel, trainer.optimizers[0])
         pl_module.hparams["channels"] = model.channels
@@ -112,8 +136,11 @@ class ModelPruningOnce(ModelPruning):
 
     def __init__(self, amount: float, prune_epoch: int):
         self.prune_epoch = prune_epoch
+        # use_lottery_ticket_hypothesis=False: Lightning's default rewinds the surviving weights to their values at
+        # the start of training, which would make this "prune, then retrain from initialisation", not fine-tuning
         super().__init__("l1_unstructured", amount=amount, use_global_unstructured=True,
-                         apply_pruning=self._apply, make_pruning_permanent=True, verbose=0)
+                         apply_pruning=self._apply, make_pruning_permanent=True, verbose=0,
+                         use_lottery_ticket_hypothesis=False)
 
     def _apply(self, epoch: int) -> bool:
         return epoch == self.prune_epoch

@@ -67,13 +67,16 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int
 
 
 def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
-    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split; also its
+    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split
+    (``map50_before_pruning``, with the epoch at whose end it was taken); also its
     architecture (``channels``, ``num_branches``), so the final report can time a model of that shape again."""
     stats = model_stats(pl_module.model, pl_module.hparams.size)
     stats["channels"] = dict(pl_module.model.channels)
     stats["num_branches"] = pl_module.model.num_branches
     if with_map and trainer.datamodule is not None:
-        stats["map50"] = test_map50(trainer, pl_module)
+        # named for what it is: the model in the middle of training, not an equal-budget dense baseline
+        stats["map50_before_pruning"] = test_map50(trainer, pl_module)
+        stats["map50_before_pruning_epoch"] = trainer.current_epoch
     return stats
 
 
@@ -122,3 +125,49 @@ def write_summary(path: Path, summary: dict) -> Path:
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def reference_drop(reference_dir: str | Path, final: dict, config: dict | None = None) -> tuple[dict, dict, list[str]]:
+    """``reference`` and ``drop`` for summary.json from an equal-budget dense run (its run folder or summary.json).
+
+    ``drop`` is reference minus final for the quality figure (positive = the pruned model is worse) and the ratios
+    reference / final for params, MACs, size and latency. Also returns the settings in which the two runs'
+    resolved configs differ outside the pruning callbacks and the logger (an equal-budget comparison has none)."""
+    ref_path = Path(reference_dir)
+    ref_path = ref_path / "summary.json" if ref_path.is_dir() else ref_path
+    if not ref_path.is_file():
+        raise FileNotFoundError(f"--reference {reference_dir}: no summary.json there (give the dense run's folder)")
+    ref = json.loads(ref_path.read_text())["final"]
+    reference = {"run": str(ref_path.parent), **{k: ref[k] for k in ("map50", "params", "macs", "size_mb", "latency_ms")
+                                                 if k in ref}}
+    drop = {"map50": round(ref["map50"] - final["map50"], 6)}
+    for key in ("params", "macs", "size_mb", "latency_ms"):
+        if ref.get(key) and final.get(key):
+            drop[f"{key}_x"] = round(ref[key] / final[key], 4)
+    differences = []
+    ref_cfg_path = ref_path.parent / "config.yaml"
+    if config is not None and ref_cfg_path.is_file():
+        import yaml
+
+        differences = config_differences(yaml.safe_load(ref_cfg_path.read_text()), config)
+    return reference, drop, differences
+
+
+_NOT_BUDGET = ("trainer.callbacks", "trainer.logger", "trainer.default_root_dir", "run_name", "ckpt_path", "reference",
+               "evaluate", "export_onnx", "config", "trainer.enable_progress_bar")
+
+
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ignoring what does not change the budget
+    (pruning and other callbacks, logger, run folder)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}{key}"
+        if path in _NOT_BUDGET:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, path + ".")
+        elif va != vb:
+            out.append(f"{path}: {va!r} vs {vb!r}")
+    return out

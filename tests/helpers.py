@@ -46,3 +46,13 @@ class PerturbOneRank(Callback):
         if trainer.global_rank == self.rank and trainer.current_epoch == self.epoch:
             with torch.no_grad():
                 pl_module.model.layers["conv1_1"].weight[0, 0, 0, 0] += 1.0
+
+
+class AssertTrainMode(Callback):
+    """Fails the run if any training step runs with the module (or a BatchNorm inside it) in eval mode: a pruning
+    callback that traced the model must give it back in training mode."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        frozen = [n for n, m in pl_module.named_modules() if not m.training]
+        if frozen:
+            raise AssertionError(f"epoch {trainer.current_epoch} step {batch_idx}: modules in eval mode: {frozen[:5]}")

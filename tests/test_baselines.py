@@ -15,7 +15,9 @@ PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
 def _baseline_config(tmp_path, callback):
     path = shrunken_demo(tmp_path, max_epochs=2)
     cfg = yaml.safe_load(path.read_text())
-    cfg["trainer"]["callbacks"] = [callback] + [cb for cb in cfg["trainer"]["callbacks"] if not cb["class_path"].endswith(PRUNING)]
+    cfg["trainer"]["callbacks"] = [callback, {"class_path": "tests.helpers.AssertTrainMode"}] + [
+        cb for cb in cfg["trainer"]["callbacks"] if not cb["class_path"].endswith(PRUNING)]
+    cfg["trainer"]["max_epochs"] = 3  # two epochs of retraining after the prune at the end of epoch 0
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -28,6 +30,23 @@ def test_l1norm_selection_keeps_largest_filters():
     with torch.no_grad():
         model.layers["conv5_1"].weight.copy_(torch.arange(64.0).view(64, 1, 1, 1).expand_as(model.layers["conv5_1"].weight))
     assert sorted(l1norm_selection(model, {"conv5_1": 40})["conv5_1"]) == list(range(24))
+
+
+def test_tp_global_selection_leaves_the_model_in_training_mode():
+    from benchmarks.baselines import tp_global_selection, tp_ratio_for_params
+    from lightning_modules.ssd import build_ssd
+
+    model = build_ssd(300, 3, width_mult=0.125, batch_norm=True).train()
+    assert tp_global_selection(model, 300, 0.5)
+    assert all(m.training for m in model.modules())
+    ratio, params = tp_ratio_for_params(model, 300, 200_000)
+    assert all(m.training for m in model.modules()) and abs(params - 200_000) < 0.05 * 200_000
+
+
+def test_model_pruning_baseline_does_not_rewind_weights():
+    from benchmarks.baselines import ModelPruningOnce
+
+    assert ModelPruningOnce(amount=0.5, prune_epoch=1)._use_lottery_ticket_hypothesis is False
 
 
 @pytest.mark.slow

@@ -33,13 +33,33 @@ def _demo_args(tmp_path, *extra):
 def test_demo_fast_dev_run_writes_summary(tmp_path):
     proc = run_train(_demo_args(tmp_path, "--trainer.fast_dev_run", "true"))
     path, s = _summary(proc)
-    assert SUMMARY_KEYS <= set(s["dense"]) and SUMMARY_KEYS <= set(s["final"])
+    assert SUMMARY_KEYS - {"map50"} <= set(s["dense"]) and SUMMARY_KEYS <= set(s["final"])
+    assert "map50" not in s["dense"] and "reference" not in s  # no pruning: no "before pruning" figure to report
     assert set(s["compression"]) == {"params_x", "size_x", "macs_x", "speedup_x"}
     assert s["compression"]["params_x"] == 1.0 and s["channels"]["conv7"] == 128
     # the reported mAP is what the exported model gives on the test split, evaluated here independently
     assert s["final"]["map50"] == pytest.approx(_independent_map50(Path(s["export"]["json"]).parent, tmp_path / "syn"),
                                                 abs=1e-6)
     assert s["final"]["map50"] == s["test_metrics"]["test/map50"]
+    # --reference: the drop against an equal-budget dense run (here: the same run again)
+    proc = run_train(_demo_args(tmp_path, "--trainer.fast_dev_run", "true", "--reference", str(path.parent)))
+    _, r = _summary(proc)
+    assert r["reference"]["run"] == str(path.parent) and r["reference"]["map50"] == s["final"]["map50"]
+    assert r["drop"]["map50"] == pytest.approx(s["final"]["map50"] - r["final"]["map50"], abs=1e-6)
+    assert r["drop"]["params_x"] == 1.0
+    proc = run_train(_demo_args(tmp_path, "--trainer.fast_dev_run", "true", "--reference", str(tmp_path / "nowhere")))
+    assert proc.returncode == 2 and "no summary.json there" in proc.stderr
+
+
+def test_reference_budget_differences():
+    from callbacks.report import config_differences
+
+    a = {"seed_everything": 0, "trainer": {"max_epochs": 11, "callbacks": [1], "logger": False},
+         "model": {"init_args": {"lr": 0.002}}}
+    b = {"seed_everything": 1, "trainer": {"max_epochs": 11, "callbacks": [2, 3], "logger": True},
+         "model": {"init_args": {"lr": 0.001}}}
+    assert config_differences(a, b) == ["model.init_args.lr: 0.002 vs 0.001", "seed_everything: 0 vs 1"]
+    assert config_differences(a, a) == []
 
 
 def _independent_map50(export_dir: Path, root: Path) -> float:
