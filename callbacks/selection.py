@@ -27,6 +27,7 @@ def select_filters(
     s_G: float,
     min_width: int = 1,
     round_to: int = 1,
+    extra_consumers: dict[str, list[Tensor]] | None = None,
 ) -> dict[str, list[int]]:
     """Paper A's rule: remove filter i of layer l iff
     ``splevel(F_i) >= s'_F and (splevel(F_i) >= s_F or splevel(G_i) >= s_G)``,
@@ -36,6 +37,9 @@ def select_filters(
     rows are measured on the input channels that survive layer l's removals. A layer keeps at least
     ``min_width`` filters, and its kept width is rounded *up* to a multiple of ``round_to`` (filters put
     back are the least sparse of those selected). ``s_F_min`` is the paper's s'_F.
+
+    ``extra_consumers`` adds, per layer, other weights that read its output channels (a source layer's loc/conf
+    heads): G_i then spans column i of the next conv *and* of each of them (all of layer l's consumers).
     """
     removed_inputs: dict[str, Tensor] = {}  # layer -> bool mask of surviving input channels
     selection: dict[str, list[int]] = {}
@@ -45,7 +49,12 @@ def select_filters(
         w_eff = w[:, keep_in] if keep_in is not None else w
         sp_f = splevel(w_eff, 0)
         nxt = next_layer.get(name)
-        sp_g = splevel(weights[nxt], 1) if nxt is not None and nxt in weights else torch.zeros_like(sp_f)
+        consumers = ([weights[nxt]] if nxt is not None and nxt in weights else []) + list((extra_consumers or {}).get(name, []))
+        if consumers:  # zeros over the columns of every consumer, counted together
+            zeros = sum((c.transpose(0, 1) == 0).flatten(1).sum(1).float() for c in consumers)
+            sp_g = zeros / sum(c[:, 0].numel() for c in consumers)
+        else:
+            sp_g = torch.zeros_like(sp_f)
         prune = (sp_f >= s_F_min) & ((sp_f >= s_F) | (sp_g >= s_G))
         n = w.shape[0]
         kept = n - int(prune.sum())
@@ -89,9 +98,16 @@ class FilterSelection(Callback):
         s_G: a filter whose *column in the next layer* reaches this sparsity is removed (given ``s_F_min``).
         min_width: never leave a layer with fewer filters than this.
         round_to: round each kept width up to a multiple of this (8 or 16 run fast on real hardware).
+        g_over: ``"next_conv"``: G_i is column i of the next trunk convolution only; ``"all_consumers"`` (paper A's
+            definition: every layer that reads channel i): also the loc/conf head columns of a source layer
+            (conv4_3, conv7, conv8_2, ...).
     """
 
-    def __init__(self, s_F: float = 0.7, s_F_min: float = 0.3, s_G: float = 0.7, min_width: int = 8, round_to: int = 1):
+    def __init__(self, s_F: float = 0.7, s_F_min: float = 0.3, s_G: float = 0.7, min_width: int = 8, round_to: int = 1,
+                 g_over: str = "next_conv"):
+        if g_over not in ("next_conv", "all_consumers"):
+            raise ValueError(f"g_over must be 'next_conv' or 'all_consumers', got {g_over!r}")
+        self.g_over = g_over
         for k, v in {"s_F": s_F, "s_F_min": s_F_min, "s_G": s_G}.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
@@ -116,4 +132,9 @@ class FilterSelection(Callback):
         weights = {n: conv.weight.detach() for n, conv in model.layers.items()}
         layers = prunable_layers(phase, is_last_phase)
         nxt = trunk_successors(pl_module.hparams.size, set(model.layers))
-        return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to)
+        extra = None
+        if self.g_over == "all_consumers":
+            heads = (model.head.classification_head.module_list, model.head.regression_head.module_list)
+            extra = {src: [h[k].weight.detach() for h in heads] for k, src in enumerate(model.sources)}
+        return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to,
+                              extra)

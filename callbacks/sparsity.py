@@ -17,16 +17,21 @@ from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, cal
 from lightning_modules.metrics import VOCMeanAveragePrecision
 
 
-def normalised_magnitudes(weights: dict[str, Tensor]) -> dict[str, Tensor]:
-    """|w| / rms(W_l): the layer-normalised magnitude the improved global threshold compares with one tau.
+def rms(w: Tensor) -> float:
+    return float(w.detach().float().pow(2).mean().sqrt().clamp(min=1e-12))
+
+
+def normalised_magnitudes(weights: dict[str, Tensor], scale: dict[str, float] | None = None) -> dict[str, Tensor]:
+    """|w| / s_l: the layer-normalised magnitude the improved global threshold compares with one tau.
 
     A plain global magnitude threshold over-prunes layers whose weights are small (wide layers such as
-    conv6/conv7, METHOD.md); normalising each layer by its RMS puts all layers on one scale.
+    conv6/conv7, METHOD.md); normalising each layer by its scale s_l puts all layers on one scale. ``scale``
+    gives s_l per layer (e.g. the RMS before L1 training); by default s_l = rms(W_l) now.
     """
     out = {}
     for name, w in weights.items():
-        rms = w.detach().float().pow(2).mean().sqrt().clamp(min=1e-12)
-        out[name] = w.detach().float().abs() / rms
+        s_l = scale[name] if scale is not None else rms(w)
+        out[name] = w.detach().float().abs() / max(s_l, 1e-12)
     return out
 
 
@@ -50,8 +55,11 @@ class SparsityInduction(Callback):
     subgradient of ``l1_lambda * sum ||W_l||_1``; ``l1_mode="gradient"``, paper A with SGD), or, with
     ``l1_mode="proximal"``, soft-thresholds them after each optimiser step by ``lr * l1_lambda`` (for Adam-type
     optimisers, whose per-weight normalisation turns a gradient-side L1 term into a step of fixed size ~lr that
-    ignores ``l1_lambda``). When the window ends, zeroes every weight whose
-    layer-normalised magnitude |w| / rms(W_l) is <= one global tau, chosen by ``threshold_mode``:
+    ignores ``l1_lambda``). When the window ends, zeroes every weight whose layer-normalised magnitude
+    |w| / s_l is <= one global tau. ``threshold_norm`` picks s_l: ``"rms"`` = rms(W_l) now (after L1 training, so it
+    cancels a layer-wide shrink that L1 training caused), ``"rms_before_l1"`` = rms(W_l) when the phase's L1 window
+    began (a layer that L1 training shrank as a whole is cut harder: the signal paper A's L1 stage creates),
+    ``"none"`` = 1 (a plain global magnitude threshold). tau is chosen by ``threshold_mode``:
 
     * ``target_sparsity``: tau zeroes ``target_sparsity`` of the phase's weights (a phase may set its own);
     * ``max_map_drop``: the largest sparsity (binary search, ``search_steps`` evaluations) whose VOC mAP@0.5 on
@@ -70,6 +78,7 @@ class SparsityInduction(Callback):
         max_map_drop: float = 0.01,
         search_batches: int = 5,
         search_steps: int = 6,
+        threshold_norm: str = "rms",
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -86,6 +95,9 @@ class SparsityInduction(Callback):
         self.max_map_drop = max_map_drop
         self.search_batches = search_batches
         self.search_steps = search_steps
+        if threshold_norm not in ("rms", "rms_before_l1", "none"):
+            raise ValueError(f"threshold_norm must be 'rms', 'rms_before_l1' or 'none', got {threshold_norm!r}")
+        self.threshold_norm = threshold_norm
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,6 +147,11 @@ class SparsityInduction(Callback):
             shrink = lr_of.get(id(w), 0.0) * self.l1_lambda
             w.copy_(w.sign() * (w.abs() - shrink).clamp(min=0))
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        for i, phase in enumerate(self.state.phases):
+            if phase.l1_epochs[0] == trainer.current_epoch and i not in self.state.l1_rms:
+                self.state.l1_rms[i] = {n: rms(pl_module.model.layers[n].weight) for n in phase.layers}
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for i, phase in enumerate(self.state.phases):
             if phase.threshold_epoch == trainer.current_epoch and i not in self.state.thresholds:
@@ -147,7 +164,14 @@ class SparsityInduction(Callback):
         if self.state.dense_stats is None:  # the dense model, before anything is zeroed (compression report)
             self.state.dense_stats = measure_model(trainer, pl_module, with_map=self.state.measure_dense_map)
         weights = {n: pl_module.model.layers[n].weight for n in phase.layers}
-        norm = normalised_magnitudes(weights)
+        if self.state.keep_l1_weights:  # Θ_L1, for a surgery that initialises the kept filters from it (paper A)
+            self.state.l1_weights.update({n: w.detach().clone() for n, w in weights.items()})
+        if self.threshold_norm == "rms_before_l1" and index in self.state.l1_rms:
+            norm = normalised_magnitudes(weights, self.state.l1_rms[index])
+        elif self.threshold_norm == "none":
+            norm = normalised_magnitudes(weights, {n: 1.0 for n in weights})
+        else:
+            norm = normalised_magnitudes(weights)
         if self.threshold_mode == "target_sparsity":
             target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
             tau = tau_for_sparsity(norm, target)

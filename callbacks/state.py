@@ -91,6 +91,9 @@ class PruningState:
     surgeries: list[dict] = field(default_factory=list)  # one record per surgery done
     dense_stats: dict | None = None
     measure_dense_map: bool = True
+    l1_rms: dict[int, dict[str, float]] = field(default_factory=dict)  # phase -> layer -> rms(W_l) as its L1 window began
+    l1_weights: dict[str, Tensor] = field(default_factory=dict)  # layer -> Θ_L1, un-thresholded (if a surgery wants it)
+    keep_l1_weights: bool = False  # set by StructuredSurgery(init_from="l1")
 
     def active_l1_phase(self, epoch: int) -> Phase | None:
         for p in self.phases:
@@ -108,6 +111,8 @@ class PruningState:
             "selection": {k: list(v) for k, v in self.selection.items()},
             "surgeries": list(self.surgeries),
             "dense_stats": self.dense_stats,
+            "l1_rms": {int(k): dict(v) for k, v in self.l1_rms.items()},
+            "l1_weights": {k: v.cpu() for k, v in self.l1_weights.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -116,6 +121,8 @@ class PruningState:
         self.selection = {k: list(v) for k, v in sd.get("selection", {}).items()}
         self.surgeries = list(sd.get("surgeries", []))
         self.dense_stats = sd.get("dense_stats")
+        self.l1_rms = {int(k): dict(v) for k, v in sd.get("l1_rms", {}).items()}
+        self.l1_weights = dict(sd.get("l1_weights", {}))
 
 
 def find_state(trainer) -> PruningState:

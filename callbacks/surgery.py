@@ -152,14 +152,36 @@ class StructuredSurgery(Callback):
     Args:
         num_branches: after the last surgery keep only the first k detection branches ("pruned-kdet").
         measure_dense_map: evaluate the dense model on the test split before the first surgery (for summary.json).
+        init_from: the kept filters' weights after the surgery: ``"current"`` (as trained up to the surgery, the
+            threshold's zeros included) or ``"l1"`` (paper A: the un-thresholded weights Θ_L1 at the end of the
+            phase's L1 window).
     """
 
-    def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True):
+    def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True, init_from: str = "current"):
+        if init_from not in ("current", "l1"):
+            raise ValueError(f"init_from must be 'current' or 'l1', got {init_from!r}")
         self.num_branches = num_branches
         self.measure_dense_map = measure_dense_map
+        self.init_from = init_from
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        find_state(trainer).measure_dense_map = self.measure_dense_map
+        state = find_state(trainer)
+        state.measure_dense_map = self.measure_dense_map
+        state.keep_l1_weights = self.init_from == "l1"
+
+    @staticmethod
+    @torch.no_grad()
+    def restore_l1_weights(model: SSD, layers: list[str], state) -> None:
+        """Paper A, stage 3: the smaller model starts from the *un-thresholded* L1-trained weights Θ_L1 of the kept
+        filters (the threshold only decided which filters go)."""
+        for name in layers:
+            saved = state.l1_weights.pop(name, None)
+            if saved is None:
+                continue
+            w = model.layers[name].weight
+            if saved.shape != w.shape:
+                raise RuntimeError(f"Θ_L1 of {name} has shape {tuple(saved.shape)}, the layer {tuple(w.shape)}")
+            w.copy_(saved.to(w.device, w.dtype))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = find_state(trainer)
@@ -170,6 +192,8 @@ class StructuredSurgery(Callback):
                 state.dense_stats = measure_model(trainer, pl_module, with_map=self.measure_dense_map)
             t0 = time.perf_counter()
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            if self.init_from == "l1":
+                self.restore_l1_weights(pl_module.model, phase.layers, state)
             prune_filters(pl_module.model, state.selection, optimizer)
             if i == len(state.phases) - 1 and self.num_branches:
                 drop_branches(pl_module.model, self.num_branches)

@@ -9,8 +9,8 @@ import yaml
 from tests.conftest import ROOT, run_train
 
 
-def shrunken_demo(tmp_path: Path, max_epochs: int = 4, schedule=None) -> Path:
-    cfg = yaml.safe_load((ROOT / "experiments/demo.yaml").read_text())
+def shrunken_demo(tmp_path: Path, max_epochs: int = 4, schedule=None, config: str = "experiments/demo.yaml") -> Path:
+    cfg = yaml.safe_load((ROOT / config).read_text())
     cfg["trainer"]["max_epochs"] = max_epochs
     cfg["trainer"]["limit_train_batches"] = 3
     cfg["trainer"]["limit_val_batches"] = 1
@@ -49,6 +49,22 @@ def test_whole_method_in_one_fit(tmp_path):
     model = SSDDetector.load_from_checkpoint(tmp_path / "runs/p/checkpoints/last.ckpt", map_location="cpu")
     assert model.model.channels == s["channels"]
     model.eval()(torch.zeros(1, 3, 300, 300, dtype=torch.uint8))
+
+
+def test_paper_mode_in_one_fit(tmp_path):
+    """experiments/demo_paper.yaml shrunk: threshold searched on the carved validation split, tau normalised by the
+    RMS before L1, G over all consumers, kept filters from Theta_L1, SGD."""
+    cfg = shrunken_demo(tmp_path, config="experiments/demo_paper.yaml")
+    proc = run_train(["--config", str(cfg), "--run_name", "paper"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs/paper/summary.json").read_text())
+    ckpt = torch.load(tmp_path / "runs/paper/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if "SparsityInduction" in k)
+    assert [r["phase"] for r in state["surgeries"]] == [0, 1, 2]
+    assert set(state["l1_rms"]) == {0, 1, 2} and state["l1_weights"] == {}  # Θ_L1 used up by the surgeries
+    assert s["final"]["params"] <= s["dense"]["params"]
+    hp = yaml.safe_load((tmp_path / "runs/paper/config.yaml").read_text())
+    assert hp["model"]["init_args"]["optimizer"] == "sgd" and hp["data"]["init_args"]["val_fraction"] == 0.1
 
 
 def test_bad_schedule_fails_at_start_up(tmp_path):

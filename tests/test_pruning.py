@@ -231,3 +231,46 @@ def test_proximal_l1_shrinks_by_lr_lambda_and_stops_at_zero():
     trainer.current_epoch = 1  # outside the window: untouched
     cb.on_train_batch_end(trainer, det, None, None, 0)
     assert torch.allclose(w, expected)
+
+
+def test_g_over_all_consumers_counts_the_head_columns():
+    # layer a: 2 filters; the next conv reads channel 0 only through zeros, a head reads it through non-zeros
+    a = torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]).view(2, 3, 1, 1)  # splevel(F) = [2/3, 0]
+    nxt = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(2, 2, 1, 1)  # column 0 fully zero
+    head = torch.ones(6, 2, 1, 1)  # the head reads both channels
+    kw = dict(s_F=0.9, s_F_min=0.5, s_G=0.9)
+    assert select_filters({"a": a, "b": nxt}, ["a"], {"a": "b"}, **kw)["a"] == [0]  # G from the next conv: 1.0
+    # over all consumers G_0 = 2 zeros of 8 = 0.25 < s_G: kept (paper A's G spans every layer that reads channel 0)
+    assert select_filters({"a": a, "b": nxt}, ["a"], {"a": "b"}, extra_consumers={"a": [head]}, **kw)["a"] == []
+    head[:, 0] = 0  # a head that ignores channel 0 too: G_0 = 1.0
+    assert select_filters({"a": a, "b": nxt}, ["a"], {"a": "b"}, extra_consumers={"a": [head]}, **kw)["a"] == [0]
+
+
+def test_threshold_norm_before_l1_cuts_a_shrunk_layer_harder():
+    torch.manual_seed(0)
+    before = {"shrunk": torch.randn(1000), "kept": torch.randn(1000)}
+    after = {"shrunk": before["shrunk"] * 0.2, "kept": before["kept"]}  # L1 training shrank one layer as a whole
+    scale = {n: float(w.pow(2).mean().sqrt()) for n, w in before.items()}
+    now = normalised_magnitudes(after)
+    then = normalised_magnitudes(after, scale)
+    m_now = masks_for_tau(now, tau_for_sparsity(now, 0.5))
+    m_then = masks_for_tau(then, tau_for_sparsity(then, 0.5))
+    assert abs((~m_now["shrunk"]).float().mean() - 0.5) < 0.05  # rms now: the shrink is cancelled
+    # one tau over both: ~80 % of the shrunk layer and ~20 % of the other go (against 50 / 50 with rms now)
+    assert (~m_then["shrunk"]).float().mean() > 0.7 and (~m_then["kept"]).float().mean() < 0.3
+
+
+def test_surgery_from_l1_weights_keeps_the_unthresholded_filters():
+    from callbacks.surgery import StructuredSurgery
+
+    m = _model()
+    w = m.layers["conv6"].weight
+    theta_l1 = torch.randn_like(w)
+    state = PruningState([Phase(["conv5_3", "conv6", "conv7"], (0, 1))], l1_weights={"conv6": theta_l1.clone()})
+    with torch.no_grad():
+        w.mul_(torch.rand_like(w) > 0.7)  # the thresholded weights
+    removed = [1, 4, 5]
+    StructuredSurgery.restore_l1_weights(m, ["conv5_3", "conv6", "conv7"], state)
+    prune_filters(m, {"conv6": removed})
+    keep = [i for i in range(theta_l1.shape[0]) if i not in removed]
+    assert torch.equal(m.layers["conv6"].weight, theta_l1[keep]) and state.l1_weights == {}
