@@ -60,17 +60,26 @@ def tp_global_selection(model, size: int, ratio: float, round_to: int = 8) -> di
     return sel
 
 
-def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8, steps: int = 14) -> tuple[float, int]:
-    """Binary search of the global pruning ratio whose pruned model has the parameter count closest to
-    ``target_params``. Returns (ratio, the parameter count it gives): the caller must check that it got there
-    (the layers Torch-Pruning may not touch, conv1_1 and the heads, can hold more than the target)."""
+def _count(model, size: int, measure: str) -> int:
+    if measure == "params":
+        return sum(p.numel() for p in model.parameters())
+    device = next(model.parameters()).device
+    macs, _ = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), torch.zeros(1, 3, size, size, device=device))
+    return int(macs)
+
+
+def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8, steps: int = 14,
+                        measure: str = "params") -> tuple[float, int]:
+    """Binary search of the global pruning ratio whose pruned model has the parameter count (or, with
+    ``measure="macs"``, the MACs) closest to ``target_params``. Returns (ratio, the count it gives): the caller must
+    check that it got there (the layers Torch-Pruning may not touch, conv1_1 and the heads, can hold more)."""
     def params_at(ratio: float) -> int:
         trial = copy.deepcopy(model)
         prune_filters(trial, tp_global_selection(trial, size, ratio, round_to))
-        return sum(p.numel() for p in trial.parameters())
+        return _count(trial, size, measure)
 
     lo, hi = 0.0, 0.99
-    best = (0.0, sum(p.numel() for p in model.parameters()))
+    best = (0.0, _count(model, size, measure))
     for _ in range(steps):
         mid = (lo + hi) / 2
         n = params_at(mid)
@@ -87,13 +96,15 @@ class OneShotFilterPruning(Callback):
     """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain")."""
 
     def __init__(self, criterion: str, epoch: int, channels: dict[str, int] | None = None,
-                 target_params: int | None = None, round_to: int = 8, params_tolerance: float = 0.03):
+                 target_params: int | None = None, round_to: int = 8, params_tolerance: float = 0.03,
+                 target_macs: int | None = None):
         if criterion not in ("l1norm", "tp_global_magnitude"):
             raise ValueError(f"criterion must be 'l1norm' or 'tp_global_magnitude', got {criterion!r}")
         if criterion == "l1norm" and not channels:
             raise ValueError("l1norm needs the target widths (channels)")
-        if criterion == "tp_global_magnitude" and not target_params:
-            raise ValueError("tp_global_magnitude needs target_params")
+        if criterion == "tp_global_magnitude" and bool(target_params) == bool(target_macs):
+            raise ValueError("tp_global_magnitude needs target_params or target_macs (one of them)")
+        self.target_macs = target_macs
         self.criterion, self.epoch, self.channels = criterion, epoch, channels
         self.target_params, self.round_to = target_params, round_to
         self.params_tolerance = params_tolerance
@@ -114,15 +125,16 @@ class OneShotFilterPruning(Callback):
         if self.criterion == "l1norm":
             sel = l1norm_selection(model, self.channels)
         else:
-            ratio, params = tp_ratio_for_params(model, size, self.target_params, self.round_to)
-            within = abs(params - self.target_params) <= self.params_tolerance * self.target_params
-            self.reached = {"target": self.target_params, "params": params, "ratio": ratio, "within": within}
+            measure, target = ("params", self.target_params) if self.target_params else ("macs", self.target_macs)
+            ratio, got = tp_ratio_for_params(model, size, target, self.round_to, measure=measure)
+            within = abs(got - target) <= self.params_tolerance * target
+            self.reached = {"measure": measure, "target": target, "got": got, "ratio": ratio, "within": within}
             if not within:
                 import warnings
 
-                warnings.warn(f"Torch-Pruning global magnitude could not reach {self.target_params:,} parameters "
-                              f"(within {self.params_tolerance:.0%}): the closest is {params:,} at ratio {ratio:.3f}; "
-                              "this is not an equal-size comparison", stacklevel=2)
+                warnings.warn(f"Torch-Pruning global magnitude could not reach {target:,} {measure} (within "
+                              f"{self.params_tolerance:.0%}): the closest is {got:,} at ratio {ratio:.3f}; this is not "
+                              f"an equal-{measure} comparison", stacklevel=2)
             sel = tp_global_selection(model, size, ratio, self.round_to)
         prune_filters(model, sel, trainer.optimizers[0])
         pl_module.hparams["channels"] = model.channels

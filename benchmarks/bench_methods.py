@@ -1,24 +1,34 @@
-"""Method comparison on the synthetic set, at the same total epochs and (about) the same final size:
+"""Pruning methods side by side, with the protocol of the method issue: same data, seed, optimiser and epochs; only
+the pruning differs; the accuracy drop is against the equal-budget dense run *of the same seed*; several seeds.
 
-* ours — experiments/demo.yaml (paper A's 4 phases inside one fit, paper B), with HookTimer for the overhead;
-* dense — the same run without pruning (the upper bound at full size);
-* l1norm — Li et al. 2017: one shot at the end of epoch 3 (where ours starts), each layer cut to *our final
-  widths* by filter L1 norm, then retraining for the remaining epochs;
-* tp_global — Torch-Pruning's global magnitude pruner (group L1), one shot at the end of epoch 3, its ratio
-  searched to *our final parameter count*, then retraining;
-* modelpruning — Lightning's ModelPruning, global unstructured L1 masks at the end of epoch 3 zeroing as many
-  conv weights as ours removes; the tensors stay dense, so no speed-up is expected and none is claimed.
+Rows (``--methods``, any subset, in this order):
 
-Every run is ``train.py`` with the demo config (same data, seed, optimiser, schedule, epochs); only the pruning
-callbacks differ. Latencies are measured afterwards in this one process, the models interleaved, medians.
+* ``dense``  — the config without its pruning callbacks (the reference of every other row, per seed);
+* ``ours``   — the config as it is (the default method);
+* ``paper``  — ``--paper_config`` (default ``experiments/demo_paper.yaml``): paper A as written;
+* ``l1norm`` — Li et al. 2017: one shot at the end of epoch ``--prune_epoch``, each layer cut to *ours'* final widths
+  by filter L1 norm, then retraining;
+* ``tp_params`` / ``tp_macs`` — Torch-Pruning's global magnitude pruner (group L1), one shot at ``--prune_epoch``, its
+  ratio searched to ours' final parameter count / MACs (whether it got within 3 % is reported);
+* ``modelpruning`` — Lightning's ModelPruning, global unstructured L1 masks zeroing as many conv weights as ours
+  removes; the tensors stay dense, so no size or speed gain is expected or claimed.
 
-python -m benchmarks.bench_methods [--out runs/bench_methods] [--only ours,dense,...]
+Every run is ``train.py`` (``--reference`` = the dense run of its seed); arguments after ``--`` go to every run, e.g.
+the data set::
+
+    python -m benchmarks.bench_methods --out runs/bench/facemask --seeds 0,1,2 -- \\
+        --data.synthetic null --data.root ../shared/data/facemask --data.train_sets "[[2007, trainval]]" \\
+        --data.test_set "[2007, test]" --data.classes auto
+
+Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU).
+The table gives medians over seeds and the spread (min-max) of mAP and drop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -31,11 +41,11 @@ from benchmarks.common import row
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
-METHODS = ("ours", "dense", "l1norm", "tp_global", "modelpruning")
+METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_macs", "modelpruning")
 
 
-def _config(out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
-    cfg = yaml.safe_load((ROOT / "experiments/demo.yaml").read_text())
+def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
+    cfg = yaml.safe_load(base.read_text())
     cbs = [cb for cb in cfg["trainer"]["callbacks"] if keep_pruning or not cb["class_path"].endswith(PRUNING)]
     cfg["trainer"]["callbacks"] = extra_callbacks + cbs
     cfg["trainer"]["logger"] = False
@@ -45,96 +55,112 @@ def _config(out: Path, name: str, extra_callbacks: list[dict], keep_pruning: boo
     return path
 
 
-def _run(out: Path, name: str, cfg: Path) -> dict:
+def _run(out: Path, name: str, cfg: Path, seed: int, train_args: list[str], reference: str | None) -> dict:
     summary = out / name / "summary.json"
     if not summary.is_file():
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "train.py", "--config", str(cfg), "--run_name", name],
-                              cwd=ROOT, capture_output=True, text=True)
+        cmd = [sys.executable, "train.py", "--config", str(cfg), "--run_name", name, "--seed_everything", str(seed),
+               *train_args, *(["--reference", reference] if reference else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     return json.loads(summary.read_text())
 
 
-def _nonzero_params(model) -> int:
-    return int(sum(int((p != 0).sum()) for p in model.parameters()))
+def _callback_state(run: Path, name: str) -> dict | None:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return next((v for k, v in ckpt["callbacks"].items() if name in k), None)
+
+
+def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dict]:
+    base, paper = ROOT / args.config, ROOT / args.paper_config
+    runs: dict[str, dict] = {}
+    dense = _run(out, f"dense-s{seed}", _config(base, out, "dense", [], keep_pruning=False), seed, train_args, None)
+    ref = str(out / f"dense-s{seed}")
+    runs["dense"] = dense
+    ours = _run(out, f"ours-s{seed}", _config(base, out, "ours", [], keep_pruning=True), seed, train_args, ref)
+    runs["ours"] = ours
+    if "paper" in args.methods:
+        runs["paper"] = _run(out, f"paper-s{seed}", _config(paper, out, "paper", [], keep_pruning=True), seed,
+                             train_args, ref)
+    one_shot = {
+        "l1norm": {"criterion": "l1norm", "channels": ours["channels"]},
+        "tp_params": {"criterion": "tp_global_magnitude", "target_params": ours["final"]["params"]},
+        "tp_macs": {"criterion": "tp_global_magnitude", "target_macs": ours["final"]["macs"]},
+    }
+    for name, init in one_shot.items():
+        if name in args.methods:
+            cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning", "init_args": {**init, "epoch": args.prune_epoch}}
+            runs[name] = _run(out, f"{name}-s{seed}", _config(base, out, name, [cb], keep_pruning=False), seed,
+                              train_args, ref)
+            state = _callback_state(out / f"{name}-s{seed}", "OneShotFilterPruning")
+            runs[name]["reached"] = (state or {}).get("reached")
+    if "modelpruning" in args.methods:
+        from lightning_modules.export import load_detector
+
+        dense_model = load_detector(out / f"dense-s{seed}" / "export").model
+        conv_weights = sum(m.weight.numel() for m in dense_model.modules() if isinstance(m, torch.nn.Conv2d))
+        amount = round((ours["dense"]["params"] - ours["final"]["params"]) / conv_weights, 4)
+        cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": amount, "prune_epoch": args.prune_epoch}}
+        runs["modelpruning"] = _run(out, f"modelpruning-s{seed}", _config(base, out, "modelpruning", [cb], False), seed,
+                                    train_args, ref)
+    return runs
+
+
+def _spread(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{med:.3f}" if len(values) == 1 else f"{med:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="experiments/demo.yaml")
+    ap.add_argument("--paper_config", default="experiments/demo_paper.yaml")
     ap.add_argument("--out", default="runs/bench_methods")
-    ap.add_argument("--only", default=",".join(METHODS))
-    args = ap.parse_args()
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--prune_epoch", type=int, default=3, help="epoch at whose end the one-shot baselines prune")
+    argv = sys.argv[1:]
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.methods = args.methods.split(",")
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    only = args.only.split(",")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = {seed: run_seed(args, out, seed, train_args) for seed in seeds}
 
-    timer = {"class_path": "benchmarks.baselines.HookTimer"}
-    ours = _run(out, "ours", _config(out, "ours", [timer], keep_pruning=True))
-    target_params, widths, first = ours["final"]["params"], ours["channels"], 3
-    dense_params = ours["dense"]["params"]
-    runs = {"ours": ours}
-    if "dense" in only:
-        runs["dense"] = _run(out, "dense", _config(out, "dense", [], keep_pruning=False))
-    if "l1norm" in only:
-        cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
-              "init_args": {"criterion": "l1norm", "epoch": first, "channels": widths}}
-        runs["l1norm"] = _run(out, "l1norm", _config(out, "l1norm", [cb], keep_pruning=False))
-    if "tp_global" in only:
-        cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
-              "init_args": {"criterion": "tp_global_magnitude", "epoch": first, "target_params": target_params}}
-        runs["tp_global"] = _run(out, "tp_global", _config(out, "tp_global", [cb], keep_pruning=False))
-    if "modelpruning" in only:
-        from lightning_modules.ssd import build_ssd
-
-        dense_model = build_ssd(300, 6, width_mult=0.125, batch_norm=True)
-        conv_weights = sum(m.weight.numel() for m in dense_model.modules() if isinstance(m, torch.nn.Conv2d))
-        amount = round((dense_params - target_params) / conv_weights, 4)
-        cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": amount, "prune_epoch": first}}
-        runs["modelpruning"] = _run(out, "modelpruning", _config(out, "modelpruning", [cb], keep_pruning=False))
-
-    from callbacks.report import model_stats, paired_latency_ms
+    from callbacks.report import paired_latency_ms
     from lightning_modules.export import load_detector
 
-    models = {k: load_detector(Path(s["export"]["json"]).parent).model for k, s in runs.items()}
-    lat = paired_latency_ms(models, 300, rounds=30, budget_s=600)
-    dense_ref = runs.get("dense", ours)
-    dense_lat = lat.get("dense")
+    first = per_seed[seeds[0]]
+    models = {k: load_detector(Path(s["export"]["json"]).parent).model for k, s in first.items()}
+    size = next(iter(models.values())).size
+    lat = paired_latency_ms(models, size, rounds=30, budget_s=120)
+    methods = [m for m in METHODS if m in first]
     results = {}
-    print(row("method", "VOC07 mAP@0.5", "params (non-zero)", "MMACs", "size MB (fp32, dense storage)",
-              "CPU latency ms (batch 1, median)", "speed-up vs dense"))
-    print(row(*["---"] * 7))
-    for k, s in runs.items():
-        st = model_stats(models[k], 300, latency=False)
-        nz = _nonzero_params(models[k])
-        results[k] = {"map50": s["final"]["map50"], "params": st["params"], "nonzero_params": nz,
-                      "macs": st["macs"], "size_mb": st["size_mb"], "latency_ms": lat[k]}
-        sp = f"{dense_lat / lat[k]:.2f}x" if dense_lat else "-"
-        print(row(k, f"{s['final']['map50']:.3f}", f"{st['params']:,} ({nz:,})", f"{st['macs'] / 1e6:.0f}",
-                  st["size_mb"], f"{lat[k]:.1f}", sp))
-    print(f"\nours: dense measured before its first threshold (end of epoch 3): mAP {ours['dense']['map50_before_pruning']:.3f}, "
-          f"{ours['dense']['params']:,} params; compression {ours['compression']}")
-
-    hooks = json.loads((out / "ours" / "hook_times.json").read_text())
-    acting = sorted(int(e) for e, h in hooks["hooks"].items() if any(v > 0.01 for v in h.values()))
-    acting = [e for e in acting if str(e) in hooks["epoch_seconds"]]
-    epoch_s = sum(hooks["epoch_seconds"][str(e)] for e in acting)
-    cb_s = sum(sum(v for k, v in hooks["hooks"][str(e)].items() if k != "dense_measurement") for e in acting)
-    meas_s = sum(hooks["hooks"][str(e)].get("dense_measurement", 0.0) for e in acting)
-    surgery = [r["seconds"] for r in _pruning_state(out / "ours")["surgeries"]]
-    print(f"\ncallback overhead in the epochs where they act ({acting}): {cb_s:.1f} s of {epoch_s:.1f} s = "
-          f"{100 * cb_s / epoch_s:.2f}% (of which the one-off dense measurement for the report: {meas_s:.1f} s; "
-          f"without it {100 * (cb_s - meas_s) / epoch_s:.2f}%); surgeries {surgery} s")
-    results["overhead"] = {"epochs": acting, "epoch_seconds": epoch_s, "callback_seconds": cb_s,
-                           "dense_measurement_seconds": meas_s, "surgery_seconds": surgery}
-    (out / "methods.json").write_text(json.dumps(results, indent=2))
-
-
-def _pruning_state(run: Path) -> dict:
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return next(v for k, v in ckpt["callbacks"].items() if "SparsityInduction" in k)
+    print(f"{len(seeds)} seed(s) {seeds}; config {args.config}; train.py args: {' '.join(train_args) or '(none)'}\n")
+    print(row("method", "mAP@0.5 median (range)", "drop vs dense, points", "params", "size x", "MMACs", "MACs x",
+              "CPU latency ms (seed 0)", "speed-up", "note"))
+    print(row(*["---"] * 10))
+    for m in methods:
+        runs = [per_seed[s][m] for s in seeds]
+        maps = [r["final"]["map50"] for r in runs]
+        drops = [100 * r["drop"]["map50"] for r in runs if "drop" in r]
+        params = statistics.median(r["final"]["params"] for r in runs)
+        macs = statistics.median(r["final"]["macs"] for r in runs)
+        dense_p = first["dense"]["final"]["params"]
+        dense_m = first["dense"]["final"]["macs"]
+        note = ""
+        reached = [r.get("reached") for r in runs if r.get("reached")]
+        if reached:
+            note = "; ".join(f"{x['measure']} {x['got']:,} of {x['target']:,}" + ("" if x["within"] else " (NOT within 3 %)")
+                             for x in reached[:1])
+        results[m] = {"map50": maps, "drop_points": drops, "params": params, "macs": macs, "latency_ms": lat[m],
+                      "reached": reached}
+        print(row(m, _spread(maps), _spread(drops) if drops else "-", f"{int(params):,}", f"{dense_p / params:.2f}",
+                  f"{macs / 1e6:.0f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}", f"{lat['dense'] / lat[m]:.2f}x", note))
+    (out / "methods.json").write_text(json.dumps({"seeds": seeds, "train_args": train_args, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

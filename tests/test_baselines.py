@@ -76,3 +76,16 @@ def test_baselines_prune_inside_a_fit(tmp_path, kind):
         assert {k: s["channels"][k] for k in ("conv5_3", "conv6", "conv7")} == {"conv5_3": 16, "conv6": 40, "conv7": 24}
     else:
         assert 150_000 < params <= 260_000
+
+
+def test_tp_ratio_search_reaches_a_macs_target():
+    from benchmarks.baselines import _count, tp_global_selection, tp_ratio_for_params
+    from callbacks.surgery import prune_filters
+    from lightning_modules.ssd import build_ssd
+
+    model = build_ssd(300, 3, width_mult=0.125, batch_norm=True)
+    target = _count(model, 300, "macs") // 2
+    ratio, got = tp_ratio_for_params(model, 300, target, measure="macs", steps=10)
+    assert abs(got - target) < 0.05 * target
+    prune_filters(model, tp_global_selection(model, 300, ratio))
+    assert _count(model, 300, "macs") == got
