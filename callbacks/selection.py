@@ -121,15 +121,18 @@ class FilterSelection(Callback):
         for i, phase in enumerate(state.phases):
             done = any(s["phase"] == i for s in state.surgeries)
             if phase.selection_epoch == trainer.current_epoch and not done and not state.selection:
-                state.selection = self.select(pl_module, phase, i == len(state.phases) - 1)
+                state.selection = self.select(pl_module, phase, i == len(state.phases) - 1, state.masks)
                 state.selection = trainer.strategy.broadcast(state.selection, src=0)
                 for name, idx in state.selection.items():
                     pl_module.log(f"prune/selected/{name}", float(len(idx)))
 
     @torch.no_grad()
-    def select(self, pl_module, phase: Phase, is_last_phase: bool) -> dict[str, list[int]]:
+    def select(self, pl_module, phase: Phase, is_last_phase: bool, masks: dict[str, Tensor] | None = None) -> dict[str, list[int]]:
         model = pl_module.model
         weights = {n: conv.weight.detach() for n, conv in model.layers.items()}
+        for name, mask in (masks or {}).items():  # a masked channel (BatchNorm scale at 0) is a fully sparse F_i
+            if mask.dim() == 1 and name in weights and mask.numel() == weights[name].shape[0]:
+                weights[name] = weights[name] * mask.to(weights[name]).view(-1, 1, 1, 1)
         layers = prunable_layers(phase, is_last_phase)
         nxt = trunk_successors(pl_module.hparams.size, set(model.layers))
         extra = None

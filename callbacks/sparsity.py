@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from callbacks.report import measure_model
+from callbacks.selection import prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
 from lightning_modules.metrics import VOCMeanAveragePrecision
 
@@ -79,6 +80,7 @@ class SparsityInduction(Callback):
         search_batches: int = 5,
         search_steps: int = 6,
         threshold_norm: str = "rms",
+        sparsity_on: str = "weights",
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -98,6 +100,9 @@ class SparsityInduction(Callback):
         if threshold_norm not in ("rms", "rms_before_l1", "none"):
             raise ValueError(f"threshold_norm must be 'rms', 'rms_before_l1' or 'none', got {threshold_norm!r}")
         self.threshold_norm = threshold_norm
+        if sparsity_on not in ("weights", "bn_scale"):
+            raise ValueError(f"sparsity_on must be 'weights' or 'bn_scale', got {sparsity_on!r}")
+        self.sparsity_on = sparsity_on
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -112,6 +117,9 @@ class SparsityInduction(Callback):
             missing = [n for n in p.layers if n not in pl_module.model.layers]
             if missing:
                 raise ScheduleError(f"schedule names layers the model does not have (dropped branches?): {missing}")
+        if self.sparsity_on == "bn_scale" and not len(getattr(pl_module.model, "norms", {})):
+            raise ScheduleError("sparsity_on: bn_scale induces sparsity on BatchNorm scales; the model has no "
+                                "BatchNorm (set --model.batch_norm true, or sparsity_on: weights)")
 
     def state_dict(self) -> dict:
         return self.state.state_dict()
@@ -120,13 +128,21 @@ class SparsityInduction(Callback):
         self.state.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ L1 and masks
+    def l1_params(self, pl_module, phase: Phase) -> list[Tensor]:
+        """What the L1 term acts on: the phase's conv weights, or (``bn_scale``) the BatchNorm scales of the
+        filters the phase may remove."""
+        model = pl_module.model
+        if self.sparsity_on == "weights":
+            return [model.layers[n].weight for n in phase.layers]
+        last = self.state.phase_index(phase) == len(self.state.phases) - 1
+        return [model.norms[n].weight for n in prunable_layers(phase, last) if n in model.norms]
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
             return
         with torch.no_grad():
-            for name in phase.layers:
-                w = pl_module.model.layers[name].weight
+            for w in self.l1_params(pl_module, phase):
                 if w.grad is not None:
                     w.grad.add_(torch.sign(w), alpha=self.l1_lambda)
 
@@ -142,8 +158,7 @@ class SparsityInduction(Callback):
         """Soft-threshold after the optimiser step: |w| shrinks by lr * l1_lambda, stopping at exactly 0 (the
         proximal operator of the L1 term, decoupled from the optimiser as AdamW decouples weight decay)."""
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        for name in phase.layers:
-            w = pl_module.model.layers[name].weight
+        for w in self.l1_params(pl_module, phase):
             shrink = lr_of.get(id(w), 0.0) * self.l1_lambda
             w.copy_(w.sign() * (w.abs() - shrink).clamp(min=0))
 
@@ -163,6 +178,8 @@ class SparsityInduction(Callback):
         phase = self.state.phases[index]
         if self.state.dense_stats is None:  # the dense model, before anything is zeroed (compression report)
             self.state.dense_stats = measure_model(trainer, pl_module, with_map=self.state.measure_dense_map)
+        if self.sparsity_on == "bn_scale":
+            return self._threshold_channels(trainer, pl_module, index)
         weights = {n: pl_module.model.layers[n].weight for n in phase.layers}
         if self.state.keep_l1_weights:  # Θ_L1, for a surgery that initialises the kept filters from it (paper A)
             self.state.l1_weights.update({n: w.detach().clone() for n, w in weights.items()})
@@ -192,6 +209,52 @@ class SparsityInduction(Callback):
         for name, m in masks.items():
             pl_module.log(f"prune/sparsity/{name}", 1.0 - m.float().mean().item())
         return tau
+
+    @torch.no_grad()
+    def _threshold_channels(self, trainer, pl_module, index: int) -> float:
+        """``bn_scale``: one global tau on |gamma| over the filters the phase may remove (BatchNorm puts every layer
+        on one scale, so no normalisation: Liu et al. 2017, "Network Slimming"); channels at or under tau are
+        masked (gamma and beta held at 0, so the channel outputs 0 and its removal changes nothing)."""
+        phase = self.state.phases[index]
+        model = pl_module.model
+        last = index == len(self.state.phases) - 1
+        gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last) if n in model.norms}
+        if self.threshold_mode == "target_sparsity":
+            target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
+            tau = tau_for_sparsity(gammas, target)
+        else:
+            tau = self._search_channel_tau(trainer, pl_module, gammas)
+        tau = float(trainer.strategy.broadcast(tau, src=0))
+        masks = masks_for_tau(gammas, tau)
+        self.state.masks.update(masks)
+        self.state.thresholds[index] = tau
+        apply_masks(model, masks, trainer.optimizers[0] if trainer.optimizers else None)
+        total = sum(m.numel() for m in masks.values())
+        pl_module.log(f"prune/phase{index}/tau", tau)
+        pl_module.log(f"prune/phase{index}/sparsity", sum(int((~m).sum()) for m in masks.values()) / max(total, 1))
+        return tau
+
+    @torch.no_grad()
+    def _search_channel_tau(self, trainer, pl_module, gammas: dict[str, Tensor]) -> float:
+        """``max_map_drop`` for channel masks: the largest fraction of channels whose masking drops the validation
+        mAP by at most ``max_map_drop`` (binary search)."""
+        model = pl_module.model
+        bns = {n: model.norms[n] for n in gammas}
+        original = {n: (bn.weight.detach().clone(), bn.bias.detach().clone()) for n, bn in bns.items()}
+        base = self._eval_map(trainer, pl_module)
+        lo, hi, best = 0.0, 0.99, 0.0
+        for _ in range(self.search_steps):
+            mid = (lo + hi) / 2
+            apply_masks(model, masks_for_tau(gammas, tau_for_sparsity(gammas, mid)))
+            drop = base - self._eval_map(trainer, pl_module)
+            for n, bn in bns.items():
+                bn.weight.copy_(original[n][0])
+                bn.bias.copy_(original[n][1])
+            if drop <= self.max_map_drop:
+                best, lo = mid, mid
+            else:
+                hi = mid
+        return tau_for_sparsity(gammas, best)
 
     @torch.no_grad()
     def _eval_map(self, trainer, pl_module) -> float:

@@ -150,15 +150,21 @@ def callback_order_check(trainer) -> None:
 
 @torch.no_grad()
 def apply_masks(model, masks: dict[str, Tensor], optimizer=None) -> None:
-    """Zero masked weights (and their optimiser state, so momentum cannot revive them)."""
+    """Zero masked weights (and their optimiser state, so momentum cannot revive them). A mask shaped like the
+    layer's weight masks weights; a 1-D mask masks whole channels: the layer's BatchNorm scale and shift, so a
+    masked channel outputs exactly zero (sparsity on BatchNorm scales)."""
     for name, mask in masks.items():
-        w = model.layers[name].weight
-        if w.shape != mask.shape:
-            continue
-        m = mask.to(w.device)
-        w.mul_(m)
-        if optimizer is not None:
-            st = optimizer.state.get(w, {})
-            for key in ("momentum_buffer", "exp_avg"):
-                if isinstance(st.get(key), Tensor):
-                    st[key].mul_(m)
+        if mask.dim() == 1:
+            bn = model.norms[name] if name in getattr(model, "norms", {}) else None
+            params = [bn.weight, bn.bias] if bn is not None and bn.weight.shape == mask.shape else []
+        else:
+            w = model.layers[name].weight
+            params = [w] if w.shape == mask.shape else []
+        for p in params:
+            m = mask.to(p.device)
+            p.mul_(m)
+            if optimizer is not None:
+                st = optimizer.state.get(p, {})
+                for key in ("momentum_buffer", "exp_avg"):
+                    if isinstance(st.get(key), Tensor):
+                        st[key].mul_(m)

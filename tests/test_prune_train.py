@@ -67,6 +67,40 @@ def test_paper_mode_in_one_fit(tmp_path):
     assert hp["model"]["init_args"]["optimizer"] == "sgd" and hp["data"]["init_args"]["val_fraction"] == 0.1
 
 
+def test_bn_scale_sparsity_removes_exactly_the_masked_channels(tmp_path):
+    """sparsity_on: bn_scale — L1 (proximal, AdamW) on BatchNorm scales, one tau on |gamma|, the masked channels
+    are the removed filters."""
+    cfg = shrunken_demo(tmp_path, max_epochs=3, schedule=[
+        {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"], "l1_epochs": [0, 1], "surgery_epoch": 2}])
+    raw = yaml.safe_load(cfg.read_text())
+    for cb in raw["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"].update(sparsity_on="bn_scale", l1_mode="proximal", l1_lambda=2.0, target_sparsity=0.5)
+        if cb["class_path"].endswith("FilterSelection"):
+            cb["init_args"].update(s_F=1.0, s_F_min=1.0, s_G=1.0, round_to=1, min_width=1)
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["save_top_k"] = -1
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = run_train(["--config", str(cfg), "--run_name", "bn"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    masked = torch.load(next((tmp_path / "runs/bn/checkpoints").glob("epoch=0-*.ckpt")), map_location="cpu",
+                        weights_only=True)
+    state = next(v for k, v in masked["callbacks"].items() if "SparsityInduction" in k)
+    dead = {n: int((~m).sum()) for n, m in state["masks"].items()}
+    # the only phase is the last: all its layers may lose filters (conv1_1 alone is never pruned)
+    assert set(dead) == {"conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"}
+    assert all(m.dim() == 1 for m in state["masks"].values())
+    assert sum(dead.values()) == round(0.5 * sum(m.numel() for m in state["masks"].values()))
+    for n, m in state["masks"].items():  # masked channels: gamma and beta at exactly 0
+        assert (masked["state_dict"][f"model.norms.{n}.weight"][~m] == 0).all()
+        assert (masked["state_dict"][f"model.norms.{n}.bias"][~m] == 0).all()
+    s = json.loads((tmp_path / "runs/bn/summary.json").read_text())
+    from lightning_modules.ssd import resolve_channels
+
+    full = resolve_channels(300, None, 0.125)
+    assert {n: full[n] - s["channels"][n] for n in dead} == dead  # exactly the masked channels went
+
+
 def test_bad_schedule_fails_at_start_up(tmp_path):
     cfg = shrunken_demo(tmp_path, schedule=[{"layers": ["conv5_1", "conv_oops"], "l1_epochs": [0, 1]}])
     proc = run_train(["--config", str(cfg)])

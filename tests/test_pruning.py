@@ -274,3 +274,28 @@ def test_surgery_from_l1_weights_keeps_the_unthresholded_filters():
     prune_filters(m, {"conv6": removed})
     keep = [i for i in range(theta_l1.shape[0]) if i not in removed]
     assert torch.equal(m.layers["conv6"].weight, theta_l1[keep]) and state.l1_weights == {}
+
+
+def test_channel_masks_zero_bn_scale_and_shift_under_adam():
+    m = build_ssd(300, 4, width_mult=0.125, batch_norm=True).train()
+    mask = torch.ones(m.layers["conv6"].out_channels, dtype=torch.bool)
+    mask[[2, 5]] = False
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        loc, conf = m(torch.randn(2, 3, 300, 300))
+        (loc.square().mean() + conf.square().mean()).backward()
+        opt.step()
+        apply_masks(m, {"conv6": mask}, opt)
+    bn = m.norms["conv6"]
+    assert (bn.weight[~mask] == 0).all() and (bn.bias[~mask] == 0).all() and (bn.weight[mask] != 0).all()
+    assert (opt.state[bn.weight]["exp_avg"][~mask] == 0).all()
+    # a masked channel outputs exactly zero after BatchNorm: removing it changes nothing downstream
+    m.eval()
+    x = torch.randn(1, 3, 300, 300)
+    with torch.no_grad():
+        ref = m(x)
+        prune_filters(m, {"conv6": [2, 5]})
+        out = m(x)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-5, rtol=1e-4)
