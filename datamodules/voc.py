@@ -521,11 +521,11 @@ class VOCDataModule(pl.LightningDataModule):
                 self.val_ds = self._dataset([self.val_set], train=False)
         if stage in ("test", "validate", None) and not hasattr(self, "test_ds"):
             self.test_ds = self._dataset([self.test_set], train=False)
-            if not hasattr(self, "val_ds"):
-                if self.hparams.val_fraction > 0 or self.val_set != self.test_set:
-                    self.setup("fit")
-                else:
-                    self.val_ds = self.test_ds
+        if stage == "validate" and not hasattr(self, "val_ds"):  # (test needs no validation split)
+            if self.hparams.val_fraction > 0 or self.val_set != self.test_set:
+                self.setup("fit")
+            else:
+                self.val_ds = self.test_ds
 
     def per_device_batch_size(self) -> int:
         """``batch_size`` is the global batch: split evenly over all devices of all nodes."""
