@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from callbacks.budget import architecture_cost, channel_macs, kept_widths
 from callbacks.report import measure_model
 from callbacks.selection import prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
@@ -81,6 +82,9 @@ class SparsityInduction(Callback):
         search_steps: int = 6,
         threshold_norm: str = "rms",
         sparsity_on: str = "weights",
+        cost_exponent: float = 0.0,
+        target_params_x: float | None = None,
+        target_macs_x: float | None = None,
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -103,6 +107,15 @@ class SparsityInduction(Callback):
         if sparsity_on not in ("weights", "bn_scale"):
             raise ValueError(f"sparsity_on must be 'weights' or 'bn_scale', got {sparsity_on!r}")
         self.sparsity_on = sparsity_on
+        if (target_params_x or target_macs_x or cost_exponent) and sparsity_on != "bn_scale":
+            raise ValueError("cost_exponent, target_params_x and target_macs_x work on channels: sparsity_on: bn_scale")
+        if target_params_x and target_macs_x:
+            raise ValueError("give one budget: target_params_x or target_macs_x")
+        for k, v in {"target_params_x": target_params_x, "target_macs_x": target_macs_x}.items():
+            if v is not None and v <= 1.0:
+                raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
+        self.cost_exponent = cost_exponent
+        self.target_params_x, self.target_macs_x = target_params_x, target_macs_x
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -219,7 +232,13 @@ class SparsityInduction(Callback):
         model = pl_module.model
         last = index == len(self.state.phases) - 1
         gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last) if n in model.norms}
-        if self.threshold_mode == "target_sparsity":
+        if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
+            cost = channel_macs(model, model.size)
+            mean = sum(cost[n] for n in gammas) / len(gammas)
+            gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
+        if self.target_params_x or self.target_macs_x:
+            tau = self._tau_for_budget(trainer, pl_module, gammas)
+        elif self.threshold_mode == "target_sparsity":
             target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
             tau = tau_for_sparsity(gammas, target)
         else:
@@ -233,6 +252,34 @@ class SparsityInduction(Callback):
         pl_module.log(f"prune/phase{index}/tau", tau)
         pl_module.log(f"prune/phase{index}/sparsity", sum(int((~m).sum()) for m in masks.values()) / max(total, 1))
         return tau
+
+    @torch.no_grad()
+    def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:
+        """The smallest channel sparsity whose pruned architecture (widths as FilterSelection keeps them) meets the
+        budget: dense params / ``target_params_x`` or dense MACs / ``target_macs_x`` (binary search)."""
+        from callbacks.selection import FilterSelection
+
+        measure, x = ("params", self.target_params_x) if self.target_params_x else ("macs", self.target_macs_x)
+        budget = self.state.dense_stats[measure] / x
+        sel = next((cb for cb in trainer.callbacks if isinstance(cb, FilterSelection)), None)
+        min_width, round_to = (sel.min_width, sel.round_to) if sel else (1, 1)
+        model = pl_module.model
+
+        def cost_at(sparsity: float) -> int:
+            masks = masks_for_tau(scores, tau_for_sparsity(scores, sparsity))
+            return architecture_cost(model, kept_widths(model, masks, min_width, round_to), measure)
+
+        lo, hi = 0.0, 0.99
+        if cost_at(hi) > budget:
+            raise ScheduleError(f"the {measure} budget {budget:,.0f} (dense / {x}) cannot be met by removing channels "
+                                f"of this phase's layers (at 99 % of them: {cost_at(hi):,}); lower the target")
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if cost_at(mid) > budget:
+                lo = mid
+            else:
+                hi = mid
+        return tau_for_sparsity(scores, hi)
 
     @torch.no_grad()
     def _search_channel_tau(self, trainer, pl_module, gammas: dict[str, Tensor]) -> float:

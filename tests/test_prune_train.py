@@ -101,6 +101,32 @@ def test_bn_scale_sparsity_removes_exactly_the_masked_channels(tmp_path):
     assert {n: full[n] - s["channels"][n] for n in dead} == dead  # exactly the masked channels went
 
 
+def test_bn_scale_to_a_params_budget_with_mac_aware_ranking(tmp_path):
+    """target_params_x: the threshold is searched so the pruned model has at most dense / x parameters (widths as
+    FilterSelection rounds them), with channels ranked by |gamma| / (relative MAC cost) ** cost_exponent."""
+    cfg = shrunken_demo(tmp_path, max_epochs=2, schedule=[
+        {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
+                    "conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7", "conv8_1", "conv8_2"], "l1_epochs": [0, 1]}])
+    raw = yaml.safe_load(cfg.read_text())
+    for cb in raw["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"].update(sparsity_on="bn_scale", l1_mode="proximal", l1_lambda=1.0, target_params_x=3.0,
+                                   cost_exponent=0.5)
+        if cb["class_path"].endswith("FilterSelection"):
+            cb["init_args"].update(s_F=1.0, s_F_min=1.0, s_G=1.0)
+    cfg.write_text(yaml.safe_dump(raw))
+    proc = run_train(["--config", str(cfg), "--run_name", "budget"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs/budget/summary.json").read_text())
+    budget = s["dense"]["params"] / 3.0
+    assert 0.85 * budget <= s["final"]["params"] <= budget
+    from lightning_modules.ssd import resolve_channels
+
+    full = resolve_channels(300, None, 0.125)
+    early = ["conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2"]
+    assert any(s["channels"][n] < full[n] for n in early)  # the costly high-resolution layers are cut too
+
+
 def test_bad_schedule_fails_at_start_up(tmp_path):
     cfg = shrunken_demo(tmp_path, schedule=[{"layers": ["conv5_1", "conv_oops"], "l1_epochs": [0, 1]}])
     proc = run_train(["--config", str(cfg)])

@@ -300,3 +300,34 @@ def test_channel_masks_zero_bn_scale_and_shift_under_adam():
         out = m(x)
     for o, r in zip(out, ref):  # equal up to float summation order (a sum of fewer terms)
         torch.testing.assert_close(o, r, atol=1e-5 * float(r.abs().max()), rtol=1e-4)
+
+
+def test_channel_macs_account_for_every_convolution():
+    """Each conv's MACs are counted once per output channel (producing) and once per input channel (reading), so
+    sum(width * cost) = 2 x trunk MACs - conv1_1's (its input is the image) + the heads' MACs."""
+    from callbacks.budget import channel_macs
+
+    m = build_ssd(300, 4, width_mult=0.125, batch_norm=True)
+    macs = {}
+    hooks = [c.register_forward_hook(lambda mod, i, o: macs.__setitem__(mod, o[0].numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]))
+             for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    with torch.no_grad():
+        m.eval()(torch.zeros(1, 3, 300, 300))
+    for h in hooks:
+        h.remove()
+    trunk = sum(macs[c] for c in m.layers.values())
+    heads = sum(v for c, v in macs.items() if c not in set(m.layers.values()))
+    cost = channel_macs(m, 300)
+    total = sum(cost[n] * m.layers[n].out_channels for n in m.layers)
+    assert total == pytest.approx(2 * trunk - macs[m.layers["conv1_1"]] + heads, rel=1e-9)
+    assert cost["conv1_2"] > 100 * cost["conv9_2"]  # high resolution costs more per channel
+
+
+def test_kept_widths_follow_selection_rounding():
+    from callbacks.budget import architecture_cost, kept_widths
+
+    m = build_ssd(300, 4, width_mult=0.125, batch_norm=True)
+    w = kept_widths(m, {"conv6": torch.arange(128) < 50, "conv7": torch.zeros(128, dtype=torch.bool)}, 8, 8)
+    assert w["conv6"] == 56 and w["conv7"] == 8 and w["conv5_3"] == m.channels["conv5_3"]
+    small = build_ssd(300, 4, w, batch_norm=True)
+    assert architecture_cost(m, w, "params") == sum(p.numel() for p in small.parameters())

@@ -1,0 +1,75 @@
+"""Cost of channels and of architectures, for pruning to a budget (parameters or MACs) rather than to a fraction.
+
+Users deploy for size *and* speed: a criterion that ranks channels by importance alone keeps the expensive
+high-resolution layers (conv1-conv4 of SSD run at 300-38 px) as wide as the cheap late ones. Here each channel gets
+its MAC cost (its own convolution, plus the input slice it feeds in every consumer: the next convolution and, for a
+source layer, its loc/conf heads), and a candidate set of widths is priced by rebuilding the model at those widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def channel_macs(model: nn.Module, size: int) -> dict[str, float]:
+    """MACs that one output channel of each layer costs per image: producing it (H*W*C_in*k*k of its conv) plus
+    reading it (H'*W'*C_out'*k'*k' in each consumer)."""
+    hw: dict[nn.Module, int] = {}
+    convs = [*model.layers.values(), *model.head.modules()]
+    hooks = [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, o.shape[-1] * o.shape[-2]))
+             for m in convs if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+    def read_cost(conv: nn.Conv2d) -> float:  # MACs per *input* channel of a consumer
+        return hw[conv] * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] / conv.groups
+
+    names = list(model.layers)
+    heads = (model.head.classification_head.module_list, model.head.regression_head.module_list)
+    cost = {}
+    for i, name in enumerate(names):
+        conv = model.layers[name]
+        c = hw[conv] * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        if i + 1 < len(names):
+            c += read_cost(model.layers[names[i + 1]])
+        if name in model.sources:
+            k = list(model.sources).index(name)
+            c += sum(read_cost(h[k]) for h in heads)
+        cost[name] = float(c)
+    return cost
+
+
+def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, round_to: int = 1) -> dict[str, int]:
+    """Widths after removing the masked channels, as FilterSelection keeps them (at least ``min_width``, rounded up
+    to a multiple of ``round_to``)."""
+    widths = dict(model.channels)
+    for name, keep in masks.items():
+        n = widths[name]
+        target = max(int(keep.sum()), min(min_width, n))
+        if round_to > 1:
+            target = min(n, int(math.ceil(target / round_to) * round_to))
+        widths[name] = target
+    return widths
+
+
+def architecture_cost(model: nn.Module, widths: dict[str, int], measure: str) -> int:
+    """Parameters or MACs (one image) of ``model``'s architecture at ``widths``."""
+    from lightning_modules.ssd import build_ssd
+
+    arch = build_ssd(model.size, model.num_classes + 1, widths, 1.0, model.num_branches, False, bool(len(model.norms)))
+    if measure == "params":
+        return sum(p.numel() for p in arch.parameters())
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(arch.eval(), torch.zeros(1, 3, model.size, model.size))
+    return int(macs)
