@@ -49,6 +49,24 @@ def channel_macs(model: nn.Module, size: int) -> dict[str, float]:
     return cost
 
 
+@torch.no_grad()
+def consumer_weight(model: nn.Module, name: str) -> Tensor:
+    """How strongly the layers that read ``name``'s channels use each channel: for every consumer (the next trunk
+    conv and, for a source layer, its loc/conf heads) the L1 norm of column i, divided by that consumer's mean
+    column norm; averaged over the consumers. 1 = an ordinary channel; ~0 = its readers ignore it (paper A's G_i,
+    as a magnitude rather than a count of zeros)."""
+    names = list(model.layers)
+    i = names.index(name)
+    consumers = [model.layers[names[i + 1]].weight] if i + 1 < len(names) else []
+    if name in model.sources:
+        k = list(model.sources).index(name)
+        consumers += [model.head.classification_head.module_list[k].weight, model.head.regression_head.module_list[k].weight]
+    if not consumers:
+        return torch.ones(model.layers[name].out_channels, device=model.layers[name].weight.device)
+    cols = [c.detach().abs().transpose(0, 1).flatten(1).sum(1) for c in consumers]
+    return sum(c / c.mean().clamp(min=1e-12) for c in cols) / len(cols)
+
+
 def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, round_to: int = 1) -> dict[str, int]:
     """Widths after removing the masked channels, as FilterSelection keeps them (at least ``min_width``, rounded up
     to a multiple of ``round_to``)."""

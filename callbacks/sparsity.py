@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from callbacks.budget import architecture_cost, channel_macs, kept_widths
+from callbacks.budget import architecture_cost, channel_macs, consumer_weight, kept_widths
 from callbacks.report import measure_model
 from callbacks.selection import prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
@@ -83,6 +83,7 @@ class SparsityInduction(Callback):
         threshold_norm: str = "rms",
         sparsity_on: str = "weights",
         cost_exponent: float = 0.0,
+        channel_score: str = "gamma",
         target_params_x: float | None = None,
         target_macs_x: float | None = None,
     ):
@@ -115,6 +116,9 @@ class SparsityInduction(Callback):
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
         self.cost_exponent = cost_exponent
+        if channel_score not in ("gamma", "gamma_g"):
+            raise ValueError(f"channel_score must be 'gamma' or 'gamma_g', got {channel_score!r}")
+        self.channel_score = channel_score
         self.target_params_x, self.target_macs_x = target_params_x, target_macs_x
 
     # ------------------------------------------------------------------ lifecycle
@@ -232,6 +236,8 @@ class SparsityInduction(Callback):
         model = pl_module.model
         last = index == len(self.state.phases) - 1
         gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last) if n in model.norms}
+        if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
+            gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
         if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
             cost = channel_macs(model, model.size)
             mean = sum(cost[n] for n in gammas) / len(gammas)
