@@ -68,6 +68,15 @@ class SparsityInduction(Callback):
       ``search_batches`` validation batches drops by at most ``max_map_drop`` (absolute).
 
     Zeroed weights (and their momentum) are held at exactly zero after every optimiser step until the surgery.
+
+    ``sparsity_on="bn_scale"`` (BatchNorm models) works on channels instead of weights: the L1 term acts on the
+    BatchNorm scales gamma of the filters the phase may remove (Liu et al. 2017, "Network Slimming": with BatchNorm
+    after a conv, an L1 term on the conv weights only rescales them), channels are ranked by one global score and the
+    lowest are masked (gamma and beta held at 0). The score is |gamma| (``channel_score="gamma"``) or |gamma| times
+    how strongly the consumers read the channel (``"gamma_g"``: paper A's G_i, as a magnitude over the next conv and
+    the detection heads), divided by (the channel's relative MAC cost) ** ``cost_exponent`` (0: cost-blind). How many
+    go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
+    ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
     """
 
     def __init__(

@@ -331,3 +331,17 @@ def test_kept_widths_follow_selection_rounding():
     assert w["conv6"] == 56 and w["conv7"] == 8 and w["conv5_3"] == m.channels["conv5_3"]
     small = build_ssd(300, 4, w, batch_norm=True)
     assert architecture_cost(m, w, "params") == sum(p.numel() for p in small.parameters())
+
+
+def test_consumer_weight_sees_every_reader():
+    from callbacks.budget import consumer_weight
+
+    m = build_ssd(300, 4, width_mult=0.125, batch_norm=True)
+    with torch.no_grad():
+        m.layers["conv8_1"].weight[:, 3] = 0  # the next conv ignores conv7's channel 3 ...
+    w = consumer_weight(m, "conv7")
+    assert 0.4 < w[3] < 0.9  # ... but conv7 is a source: its heads still read it
+    with torch.no_grad():
+        for head in (m.head.classification_head, m.head.regression_head):
+            head.module_list[1].weight[:, 3] = 0
+    assert consumer_weight(m, "conv7")[3] == 0 and consumer_weight(m, "conv7").mean() == pytest.approx(1.0, abs=0.01)
