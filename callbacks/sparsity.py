@@ -74,7 +74,9 @@ class SparsityInduction(Callback):
     after a conv, an L1 term on the conv weights only rescales them), channels are ranked by one global score and the
     lowest are masked (gamma and beta held at 0). The score is |gamma| (``channel_score="gamma"``) or |gamma| times
     how strongly the consumers read the channel (``"gamma_g"``: paper A's G_i, as a magnitude over the next conv and
-    the detection heads), divided by (the channel's relative MAC cost) ** ``cost_exponent`` (0: cost-blind). How many
+    the detection heads), optionally divided by its layer's mean score (``score_norm="layer_mean"``, as Torch-Pruning's
+    mean normaliser: a layer whose scales L1 training shrank as a whole is not wiped out), divided by (the channel's
+    relative MAC cost) ** ``cost_exponent`` (0: cost-blind). How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
     """
@@ -93,6 +95,7 @@ class SparsityInduction(Callback):
         sparsity_on: str = "weights",
         cost_exponent: float = 0.0,
         channel_score: str = "gamma",
+        score_norm: str = "none",
         target_params_x: float | None = None,
         target_macs_x: float | None = None,
     ):
@@ -128,6 +131,9 @@ class SparsityInduction(Callback):
         if channel_score not in ("gamma", "gamma_g"):
             raise ValueError(f"channel_score must be 'gamma' or 'gamma_g', got {channel_score!r}")
         self.channel_score = channel_score
+        if score_norm not in ("none", "layer_mean"):
+            raise ValueError(f"score_norm must be 'none' or 'layer_mean', got {score_norm!r}")
+        self.score_norm = score_norm
         self.target_params_x, self.target_macs_x = target_params_x, target_macs_x
 
     # ------------------------------------------------------------------ lifecycle
@@ -247,6 +253,8 @@ class SparsityInduction(Callback):
         gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last) if n in model.norms}
         if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
             gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
+        if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
+            gammas = {n: g / g.mean().clamp(min=1e-12) for n, g in gammas.items()}
         if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
             cost = channel_macs(model, model.size)
             mean = sum(cost[n] for n in gammas) / len(gammas)
