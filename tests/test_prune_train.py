@@ -111,7 +111,7 @@ def test_bn_scale_to_a_params_budget_with_mac_aware_ranking(tmp_path):
     for cb in raw["trainer"]["callbacks"]:
         if cb["class_path"].endswith("SparsityInduction"):
             cb["init_args"].update(sparsity_on="bn_scale", l1_mode="proximal", l1_lambda=1.0, target_params_x=3.0,
-                                   cost_exponent=0.5)
+                                   cost_exponent=0.5, channel_score="gamma_g", score_norm="layer_mean")
         if cb["class_path"].endswith("FilterSelection"):
             cb["init_args"].update(s_F=1.0, s_F_min=1.0, s_G=1.0)
     cfg.write_text(yaml.safe_dump(raw))
