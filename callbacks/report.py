@@ -168,6 +168,13 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += config_differences(va, vb, path + ".")
-        elif va != vb:
+        elif _comparable(va) != _comparable(vb):
             out.append(f"{path}: {va!r} vs {vb!r}")
     return out
+
+
+def _comparable(value):
+    """A config value without the memory addresses of objects jsonargparse could not serialise."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
