@@ -8,8 +8,6 @@ source layer, its loc/conf heads), and a candidate set of widths is priced by re
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -70,13 +68,11 @@ def consumer_weight(model: nn.Module, name: str) -> Tensor:
 def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, round_to: int = 1) -> dict[str, int]:
     """Widths after removing the masked channels, as FilterSelection keeps them (at least ``min_width``, rounded up
     to a multiple of ``round_to``)."""
+    from callbacks.selection import kept_width
+
     widths = dict(model.channels)
     for name, keep in masks.items():
-        n = widths[name]
-        target = max(int(keep.sum()), min(min_width, n))
-        if round_to > 1:
-            target = min(n, int(math.ceil(target / round_to) * round_to))
-        widths[name] = target
+        widths[name] = kept_width(int(keep.sum()), widths[name], min_width, round_to)
     return widths
 
 

@@ -18,6 +18,14 @@ def splevel(t: Tensor, dim: int) -> Tensor:
     return (t == 0).flatten(1).float().mean(dim=1)
 
 
+def kept_width(kept: int, width: int, min_width: int = 1, round_to: int = 1) -> int:
+    """The width a layer keeps: at least ``min_width`` (or all it has), rounded *up* to a multiple of ``round_to``."""
+    target = max(kept, min(min_width, width))
+    if round_to > 1:
+        target = min(width, int(math.ceil(target / round_to) * round_to))
+    return target
+
+
 def select_filters(
     weights: dict[str, Tensor],
     layers: list[str],
@@ -58,9 +66,7 @@ def select_filters(
         prune = (sp_f >= s_F_min) & ((sp_f >= s_F) | (sp_g >= s_G))
         n = w.shape[0]
         kept = n - int(prune.sum())
-        target = max(kept, min(min_width, n))
-        if round_to > 1:
-            target = min(n, int(math.ceil(target / round_to) * round_to))
+        target = kept_width(kept, n, min_width, round_to)
         if target > kept:  # put back the least sparse of the selected filters
             cand = torch.nonzero(prune).squeeze(1)
             order = cand[torch.argsort(sp_f[cand], stable=True)]
