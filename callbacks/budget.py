@@ -1,4 +1,5 @@
-"""Cost of channels and of architectures, for pruning to a budget (parameters or MACs) rather than to a fraction.
+"""Who reads a layer's channels, what a channel costs, and what an architecture costs: for pruning to a budget
+(parameters or MACs) rather than to a fraction, and for paper A's G_i over every consumer.
 
 Users deploy for size *and* speed: a criterion that ranks channels by importance alone keeps the expensive
 high-resolution layers (conv1-conv4 of SSD run at 300-38 px) as wide as the cheap late ones. Here each channel gets
@@ -10,6 +11,21 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+
+def head_consumers(model: nn.Module, name: str) -> list[nn.Conv2d]:
+    """The loc/conf head convolutions that read ``name``'s channels (none unless it is a detection source)."""
+    if name not in model.sources:
+        return []
+    k = list(model.sources).index(name)
+    return [model.head.classification_head.module_list[k], model.head.regression_head.module_list[k]]
+
+
+def consumers(model: nn.Module, name: str) -> list[nn.Conv2d]:
+    """Every convolution that reads ``name``'s output channels: the next trunk convolution and its heads."""
+    names = list(model.layers)
+    i = names.index(name)
+    return ([model.layers[names[i + 1]]] if i + 1 < len(names) else []) + head_consumers(model, name)
 
 
 @torch.no_grad()
@@ -32,18 +48,10 @@ def channel_macs(model: nn.Module, size: int) -> dict[str, float]:
     def read_cost(conv: nn.Conv2d) -> float:  # MACs per *input* channel of a consumer
         return hw[conv] * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] / conv.groups
 
-    names = list(model.layers)
-    heads = (model.head.classification_head.module_list, model.head.regression_head.module_list)
     cost = {}
-    for i, name in enumerate(names):
-        conv = model.layers[name]
-        c = hw[conv] * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        if i + 1 < len(names):
-            c += read_cost(model.layers[names[i + 1]])
-        if name in model.sources:
-            k = list(model.sources).index(name)
-            c += sum(read_cost(h[k]) for h in heads)
-        cost[name] = float(c)
+    for name, conv in model.layers.items():
+        own = hw[conv] * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        cost[name] = float(own + sum(read_cost(c) for c in consumers(model, name)))
     return cost
 
 
@@ -53,15 +61,10 @@ def consumer_weight(model: nn.Module, name: str) -> Tensor:
     conv and, for a source layer, its loc/conf heads) the L1 norm of column i, divided by that consumer's mean
     column norm; averaged over the consumers. 1 = an ordinary channel; ~0 = its readers ignore it (paper A's G_i,
     as a magnitude rather than a count of zeros)."""
-    names = list(model.layers)
-    i = names.index(name)
-    consumers = [model.layers[names[i + 1]].weight] if i + 1 < len(names) else []
-    if name in model.sources:
-        k = list(model.sources).index(name)
-        consumers += [model.head.classification_head.module_list[k].weight, model.head.regression_head.module_list[k].weight]
-    if not consumers:
+    readers = consumers(model, name)
+    if not readers:
         return torch.ones(model.layers[name].out_channels, device=model.layers[name].weight.device)
-    cols = [c.detach().abs().transpose(0, 1).flatten(1).sum(1) for c in consumers]
+    cols = [c.weight.detach().abs().transpose(0, 1).flatten(1).sum(1) for c in readers]
     return sum(c / c.mean().clamp(min=1e-12) for c in cols) / len(cols)
 
 

@@ -8,6 +8,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
+from callbacks.budget import head_consumers
 from callbacks.state import Phase, find_state
 from lightning_modules.ssd import layer_specs
 
@@ -142,8 +143,7 @@ class FilterSelection(Callback):
         layers = prunable_layers(phase, is_last_phase)
         nxt = trunk_successors(pl_module.hparams.size, set(model.layers))
         extra = None
-        if self.g_over == "all_consumers":
-            heads = (model.head.classification_head.module_list, model.head.regression_head.module_list)
-            extra = {src: [h[k].weight.detach() for h in heads] for k, src in enumerate(model.sources)}
+        if self.g_over == "all_consumers":  # the next conv is G already; add the heads a source layer feeds
+            extra = {src: [h.weight.detach() for h in head_consumers(model, src)] for src in model.sources}
         return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to,
                               extra)

@@ -225,7 +225,7 @@ class SparsityInduction(Callback):
             target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
             tau = tau_for_sparsity(norm, target)
         else:
-            tau = self._search_tau(trainer, pl_module, weights, norm)
+            tau = self._search_tau(trainer, pl_module, norm, list(weights.values()))
         tau = float(trainer.strategy.broadcast(tau, src=0))
         masks = masks_for_tau(norm, tau)
         if trainer.world_size > 1:  # decided once: every rank takes rank 0's masks
@@ -265,7 +265,8 @@ class SparsityInduction(Callback):
             target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
             tau = tau_for_sparsity(gammas, target)
         else:
-            tau = self._search_channel_tau(trainer, pl_module, gammas)
+            bns = [model.norms[n] for n in gammas]
+            tau = self._search_tau(trainer, pl_module, gammas, [t for bn in bns for t in (bn.weight, bn.bias)])
         tau = float(trainer.strategy.broadcast(tau, src=0))
         masks = masks_for_tau(gammas, tau)
         self.state.masks.update(masks)
@@ -305,28 +306,6 @@ class SparsityInduction(Callback):
         return tau_for_sparsity(scores, hi)
 
     @torch.no_grad()
-    def _search_channel_tau(self, trainer, pl_module, gammas: dict[str, Tensor]) -> float:
-        """``max_map_drop`` for channel masks: the largest fraction of channels whose masking drops the validation
-        mAP by at most ``max_map_drop`` (binary search)."""
-        model = pl_module.model
-        bns = {n: model.norms[n] for n in gammas}
-        original = {n: (bn.weight.detach().clone(), bn.bias.detach().clone()) for n, bn in bns.items()}
-        base = self._eval_map(trainer, pl_module)
-        lo, hi, best = 0.0, 0.99, 0.0
-        for _ in range(self.search_steps):
-            mid = (lo + hi) / 2
-            apply_masks(model, masks_for_tau(gammas, tau_for_sparsity(gammas, mid)))
-            drop = base - self._eval_map(trainer, pl_module)
-            for n, bn in bns.items():
-                bn.weight.copy_(original[n][0])
-                bn.bias.copy_(original[n][1])
-            if drop <= self.max_map_drop:
-                best, lo = mid, mid
-            else:
-                hi = mid
-        return tau_for_sparsity(gammas, best)
-
-    @torch.no_grad()
     def _eval_map(self, trainer, pl_module) -> float:
         loader = trainer.datamodule.val_dataloader()
         metric = VOCMeanAveragePrecision(len(pl_module.classes), use_07_metric=pl_module.hparams.use_07_metric)
@@ -342,22 +321,21 @@ class SparsityInduction(Callback):
         return float(metric.compute()["map"])
 
     @torch.no_grad()
-    def _search_tau(self, trainer, pl_module, weights, norm) -> float:
-        """Largest sparsity whose validation-subset mAP drop stays within ``max_map_drop`` (binary search)."""
-        original = {n: w.detach().clone() for n, w in weights.items()}
+    def _search_tau(self, trainer, pl_module, scores: dict[str, Tensor], params: list[Tensor]) -> float:
+        """Largest sparsity whose validation-subset mAP drop stays within ``max_map_drop`` (binary search). Each
+        candidate is applied with ``apply_masks`` (weight masks, or channel masks on BatchNorm) and undone by
+        restoring ``params``, the tensors those masks touch."""
+        original = [p.detach().clone() for p in params]
         base = self._eval_map(trainer, pl_module)
-        lo, hi = 0.0, 0.99
-        best = 0.0
+        lo, hi, best = 0.0, 0.99, 0.0
         for _ in range(self.search_steps):
             mid = (lo + hi) / 2
-            tau = tau_for_sparsity(norm, mid)
-            for n, w in weights.items():
-                w.mul_(norm[n] > tau)
+            apply_masks(pl_module.model, masks_for_tau(scores, tau_for_sparsity(scores, mid)))
             drop = base - self._eval_map(trainer, pl_module)
-            for n, w in weights.items():
-                w.copy_(original[n])
+            for p, o in zip(params, original):
+                p.copy_(o)
             if drop <= self.max_map_drop:
                 best, lo = mid, mid
             else:
                 hi = mid
-        return tau_for_sparsity(norm, best)
+        return tau_for_sparsity(scores, best)

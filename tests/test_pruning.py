@@ -345,3 +345,38 @@ def test_consumer_weight_sees_every_reader():
         for head in (m.head.classification_head, m.head.regression_head):
             head.module_list[1].weight[:, 3] = 0
     assert consumer_weight(m, "conv7")[3] == 0 and consumer_weight(m, "conv7").mean() == pytest.approx(1.0, abs=0.01)
+
+
+def test_max_map_drop_search_on_channels():
+    """The same binary search with channel masks (sparsity_on=bn_scale): the stand-in mAP falls by the fraction of
+    BatchNorm channels zeroed; the search ends within one step of the allowed drop and restores every scale it tried."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3", "conv6"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], threshold_mode="max_map_drop", max_map_drop=0.3,
+                           search_steps=7, sparsity_on="bn_scale")
+    cb.state.dense_stats = {"measured": "elsewhere"}
+    torch.manual_seed(0)
+    det = SSDDetector(["a", "b"], width_mult=0.125, batch_norm=True)
+    with torch.no_grad():
+        for n in layers:
+            det.model.norms[n].weight.uniform_(0.1, 1.0)
+    prunable = layers  # the only phase is the last one: all its layers may lose filters
+    cb.state.phases[0].layers = layers
+
+    def fake_map(trainer, pl_module):
+        g = torch.cat([pl_module.model.norms[n].weight for n in prunable])
+        return 1.0 - float((g == 0).float().mean())
+
+    cb._eval_map = fake_map
+    trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj), world_size=1, optimizers=[],
+                              callbacks=[])
+    cb.threshold(trainer, det, 0)
+    zeroed = float(torch.cat([(~cb.state.masks[n]) for n in prunable]).float().mean())
+    assert zeroed == pytest.approx(0.3, abs=0.99 / 2**7 + 1e-2)
+    for n in prunable:  # the masks, and only they, zero gamma and beta
+        bn = det.model.norms[n]
+        assert torch.equal(bn.weight == 0, ~cb.state.masks[n]) and (bn.bias[~cb.state.masks[n]] == 0).all()
