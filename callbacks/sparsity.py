@@ -79,6 +79,16 @@ class SparsityInduction(Callback):
     relative MAC cost) ** ``cost_exponent`` (0: cost-blind). How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
+
+    ``l1_target="below_budget"`` (``bn_scale`` only) puts the L1 pressure only on the channels that would go if the
+    threshold were taken now: at the start of each epoch of the L1 window the channels are ranked as above, those at
+    or under the budget's tau become the candidates, and the proximal step shrinks *their* gamma and beta towards 0
+    while every other channel trains freely. The channels that stay are not shrunk for the whole window (with
+    ``"all"`` every scale is), and the ones that go fade out over the window instead of being cut at once, so the
+    surgery removes channels that already output ~0. This is the targeted penalty of Wang et al. 2021, "Neural
+    Pruning via Growing Regularization" (GReg-1: regularise only the filters chosen for removal), with paper A's
+    sparsity-then-threshold order kept; the candidates are re-chosen every epoch, so a channel may still come back.
+    The dense model is then measured when the window starts, before any channel is shrunk.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class SparsityInduction(Callback):
         score_norm: str = "none",
         target_params_x: float | None = None,
         target_macs_x: float | None = None,
+        l1_target: str = "all",
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -135,6 +146,14 @@ class SparsityInduction(Callback):
             raise ValueError(f"score_norm must be 'none' or 'layer_mean', got {score_norm!r}")
         self.score_norm = score_norm
         self.target_params_x, self.target_macs_x = target_params_x, target_macs_x
+        if l1_target not in ("all", "below_budget"):
+            raise ValueError(f"l1_target must be 'all' or 'below_budget', got {l1_target!r}")
+        if l1_target == "below_budget" and sparsity_on != "bn_scale":
+            raise ValueError("l1_target: below_budget ranks channels: it needs sparsity_on: bn_scale")
+        if l1_target == "below_budget" and threshold_mode == "max_map_drop" and not (target_params_x or target_macs_x):
+            raise ValueError("l1_target: below_budget needs to know how many channels go before the threshold: give "
+                             "target_params_x, target_macs_x or threshold_mode: target_sparsity")
+        self.l1_target = l1_target
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -169,14 +188,23 @@ class SparsityInduction(Callback):
         last = self.state.phase_index(phase) == len(self.state.phases) - 1
         return [model.norms[n].weight for n in prunable_layers(phase, last) if n in model.norms]
 
+    def l1_terms(self, pl_module, phase: Phase) -> list[tuple[Tensor, Tensor | None]]:
+        """(tensor, which of its entries the L1 term acts on; None = all): ``l1_params``, or with
+        ``l1_target="below_budget"`` the gamma and beta of the candidate channels only."""
+        if self.l1_target != "below_budget":
+            return [(w, None) for w in self.l1_params(pl_module, phase)]
+        norms = pl_module.model.norms
+        return [(t, m.to(t.device)) for n, m in self.state.l1_candidates.items() if n in norms
+                for t in (norms[n].weight, norms[n].bias) if t.shape == m.shape]
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
             return
         with torch.no_grad():
-            for w in self.l1_params(pl_module, phase):
+            for w, m in self.l1_terms(pl_module, phase):
                 if w.grad is not None:
-                    w.grad.add_(torch.sign(w), alpha=self.l1_lambda)
+                    w.grad.add_(torch.sign(w) if m is None else torch.sign(w) * m, alpha=self.l1_lambda)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         phase = self.state.active_l1_phase(trainer.current_epoch)
@@ -190,14 +218,32 @@ class SparsityInduction(Callback):
         """Soft-threshold after the optimiser step: |w| shrinks by lr * l1_lambda, stopping at exactly 0 (the
         proximal operator of the L1 term, decoupled from the optimiser as AdamW decouples weight decay)."""
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        for w in self.l1_params(pl_module, phase):
+        for w, m in self.l1_terms(pl_module, phase):
             shrink = lr_of.get(id(w), 0.0) * self.l1_lambda
-            w.copy_(w.sign() * (w.abs() - shrink).clamp(min=0))
+            shrunk = w.sign() * (w.abs() - shrink).clamp(min=0)
+            w.copy_(shrunk if m is None else torch.where(m, shrunk, w))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         for i, phase in enumerate(self.state.phases):
             if phase.l1_epochs[0] == trainer.current_epoch and i not in self.state.l1_rms:
                 self.state.l1_rms[i] = {n: rms(pl_module.model.layers[n].weight) for n in phase.layers}
+        phase = self.state.active_l1_phase(trainer.current_epoch)
+        if self.l1_target == "below_budget" and phase is not None:
+            self.choose_candidates(trainer, pl_module, self.state.phase_index(phase))
+
+    @torch.no_grad()
+    def choose_candidates(self, trainer, pl_module, index: int) -> None:
+        """``l1_target="below_budget"``: the channels the threshold would remove now get the L1 term this epoch."""
+        if self.state.dense_stats is None:  # the dense model, before any channel is shrunk
+            self.state.dense_stats = measure_model(trainer, pl_module, with_map=self.state.measure_dense_map)
+            if "map50_before_pruning_epoch" in self.state.dense_stats:  # taken before this epoch: at the last one's end
+                self.state.dense_stats["map50_before_pruning_epoch"] = trainer.current_epoch - 1
+        scores = self._channel_scores(pl_module, index)
+        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
+        self.state.l1_candidates = {n: ~m for n, m in masks_for_tau(scores, tau).items()}
+        total = sum(m.numel() for m in self.state.l1_candidates.values())
+        pl_module.log(f"prune/phase{index}/l1_candidates",
+                      sum(int(m.sum()) for m in self.state.l1_candidates.values()) / max(total, 1))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         for i, phase in enumerate(self.state.phases):
@@ -247,6 +293,22 @@ class SparsityInduction(Callback):
         """``bn_scale``: one global tau on |gamma| over the filters the phase may remove (BatchNorm puts every layer
         on one scale, so no normalisation: Liu et al. 2017, "Network Slimming"); channels at or under tau are
         masked (gamma and beta held at 0, so the channel outputs 0 and its removal changes nothing)."""
+        scores = self._channel_scores(pl_module, index)
+        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
+        masks = masks_for_tau(scores, tau)
+        self.state.masks.update(masks)
+        self.state.thresholds[index] = tau
+        self.state.l1_candidates = {}
+        apply_masks(pl_module.model, masks, trainer.optimizers[0] if trainer.optimizers else None)
+        total = sum(m.numel() for m in masks.values())
+        pl_module.log(f"prune/phase{index}/tau", tau)
+        pl_module.log(f"prune/phase{index}/sparsity", sum(int((~m).sum()) for m in masks.values()) / max(total, 1))
+        return tau
+
+    @torch.no_grad()
+    def _channel_scores(self, pl_module, index: int) -> dict[str, Tensor]:
+        """One score per channel of the phase's prunable layers (``channel_score``, ``score_norm``,
+        ``cost_exponent``); the lowest go."""
         phase = self.state.phases[index]
         model = pl_module.model
         last = index == len(self.state.phases) - 1
@@ -259,23 +321,16 @@ class SparsityInduction(Callback):
             cost = channel_macs(model, model.size)
             mean = sum(cost[n] for n in gammas) / len(gammas)
             gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
+        return gammas
+
+    def _channel_tau(self, trainer, pl_module, index: int, scores: dict[str, Tensor]) -> float:
+        phase = self.state.phases[index]
         if self.target_params_x or self.target_macs_x:
-            tau = self._tau_for_budget(trainer, pl_module, gammas)
-        elif self.threshold_mode == "target_sparsity":
-            target = self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity
-            tau = tau_for_sparsity(gammas, target)
-        else:
-            bns = [model.norms[n] for n in gammas]
-            tau = self._search_tau(trainer, pl_module, gammas, [t for bn in bns for t in (bn.weight, bn.bias)])
-        tau = float(trainer.strategy.broadcast(tau, src=0))
-        masks = masks_for_tau(gammas, tau)
-        self.state.masks.update(masks)
-        self.state.thresholds[index] = tau
-        apply_masks(model, masks, trainer.optimizers[0] if trainer.optimizers else None)
-        total = sum(m.numel() for m in masks.values())
-        pl_module.log(f"prune/phase{index}/tau", tau)
-        pl_module.log(f"prune/phase{index}/sparsity", sum(int((~m).sum()) for m in masks.values()) / max(total, 1))
-        return tau
+            return self._tau_for_budget(trainer, pl_module, scores)
+        if self.threshold_mode == "target_sparsity":
+            return tau_for_sparsity(scores, self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity)
+        bns = [pl_module.model.norms[n] for n in scores]
+        return self._search_tau(trainer, pl_module, scores, [t for bn in bns for t in (bn.weight, bn.bias)])
 
     @torch.no_grad()
     def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:

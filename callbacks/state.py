@@ -94,6 +94,7 @@ class PruningState:
     l1_rms: dict[int, dict[str, float]] = field(default_factory=dict)  # phase -> layer -> rms(W_l) as its L1 window began
     l1_weights: dict[str, Tensor] = field(default_factory=dict)  # layer -> Θ_L1, un-thresholded (if a surgery wants it)
     keep_l1_weights: bool = False  # set by StructuredSurgery(init_from="l1")
+    l1_candidates: dict[str, Tensor] = field(default_factory=dict)  # layer -> channels under L1 (l1_target below_budget)
 
     def active_l1_phase(self, epoch: int) -> Phase | None:
         for p in self.phases:
@@ -113,6 +114,7 @@ class PruningState:
             "dense_stats": self.dense_stats,
             "l1_rms": {int(k): dict(v) for k, v in self.l1_rms.items()},
             "l1_weights": {k: v.cpu() for k, v in self.l1_weights.items()},
+            "l1_candidates": {k: v.cpu() for k, v in self.l1_candidates.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -123,6 +125,7 @@ class PruningState:
         self.dense_stats = sd.get("dense_stats")
         self.l1_rms = {int(k): dict(v) for k, v in sd.get("l1_rms", {}).items()}
         self.l1_weights = dict(sd.get("l1_weights", {}))
+        self.l1_candidates = {k: v.bool() for k, v in sd.get("l1_candidates", {}).items()}
 
 
 def find_state(trainer) -> PruningState:

@@ -233,6 +233,45 @@ def test_proximal_l1_shrinks_by_lr_lambda_and_stops_at_zero():
     assert torch.allclose(w, expected)
 
 
+def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
+    """l1_target below_budget: the lowest-ranked channels (here half of them, by |gamma|) are the candidates; the
+    proximal step shrinks their gamma and beta and leaves every other channel exactly as the optimiser left it."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], l1_lambda=2.0, l1_mode="proximal",
+                           sparsity_on="bn_scale", target_sparsity=0.5, l1_target="below_budget")
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    norms = det.model.norms
+    with torch.no_grad():
+        for n in layers:
+            norms[n].weight.uniform_(0.1, 1.0)
+            norms[n].bias.uniform_(-0.5, 0.5)
+    before = {n: (norms[n].weight.detach().clone(), norms[n].bias.detach().clone()) for n in layers}
+    opt = torch.optim.AdamW(det.model.parameters(), lr=0.01)
+    trainer = SimpleNamespace(current_epoch=0, optimizers=[opt], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    cb.state.dense_stats = {"params": 1}  # measured already
+    cb.on_train_epoch_start(trainer, det)
+    cand = cb.state.l1_candidates
+    prunable = prunable_layers(cb.state.phases[0], True)
+    assert set(cand) == set(prunable)
+    gammas = torch.cat([before[n][0] for n in prunable])
+    chosen = torch.cat([cand[n] for n in prunable])
+    assert int(chosen.sum()) == round(0.5 * gammas.numel())
+    assert gammas[chosen].max() < gammas[~chosen].min()  # the lowest |gamma| are the candidates
+    cb.on_train_batch_end(trainer, det, None, None, 0)
+    for n in prunable:
+        for t, t0 in zip((norms[n].weight, norms[n].bias), before[n]):
+            m = cand[n]
+            assert torch.equal(t[~m], t0[~m])  # kept channels: untouched
+            assert torch.allclose(t[m], t0[m].sign() * (t0[m].abs() - 0.02).clamp(min=0))
+    assert cb.state_dict()["l1_candidates"].keys() == cand.keys()  # resumable mid-window
+
+
 def test_g_over_all_consumers_counts_the_head_columns():
     # layer a: 2 filters; the next conv reads channel 0 only through zeros, a head reads it through non-zeros
     a = torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]).view(2, 3, 1, 1)  # splevel(F) = [2/3, 0]
