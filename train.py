@@ -9,6 +9,7 @@ Other modes:
   --evaluate CKPT|EXPORT_DIR   with --config: test that model on the data module's test split, no training
   --export CKPT [--out DIR]    export a checkpoint (no config needed)
   --predict CKPT|EXPORT_DIR --images DIR [--out DIR] [--score_threshold S]   detections drawn + detections.json
+  --compare RUN [RUN ...] [--out DIR] [--wandb_project P]   runs side by side: compare.md + Pareto/width PNGs
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
 from callbacks.distributed import RanksInconsistentError, check_ranks
 from callbacks.report import compression, model_stats, paired_latency_ms, reference_drop, write_summary
 from callbacks.state import ScheduleError
@@ -142,9 +144,11 @@ def main(args: list[str] | None = None) -> Path:
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
+    meta = {"name": run_dir.name, **run_meta(cli.config.as_dict())}
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero:
-            lg.experiment.config.update({"resolved_config": cli.config.as_dict()}, allow_val_change=True)
+            # method / dataset / model / seed as top-level keys: what W&B dashboards group and filter runs by
+            lg.experiment.config.update({"resolved_config": cli.config.as_dict(), **meta}, allow_val_change=True)
     evaluate = cli.config.evaluate
     if evaluate:
         model = load_detector(evaluate)
@@ -178,24 +182,21 @@ def main(args: list[str] | None = None) -> Path:
                                    dense.pop("num_branches"), False, hp.batch_norm)
             lat = paired_latency_ms({"dense": dense_arch, "final": model.model}, hp.size)
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
-        dense.pop("channels", None)
+        dense_channels = dense.pop("channels", None) or dict(model.model.channels)
         dense.pop("num_branches", None)
         if evaluate:
             export = {"evaluated": str(evaluate)}
         else:
             export = export_detector(model, run_dir / "export", onnx=cli.config.export_onnx)
-        wandb_dir = None
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                wandb_dir = str(Path(lg.experiment.dir).parent)
-                lg.experiment.summary.update({f"final/{k}": v for k, v in final.items()})
         summary = {
+            "run": meta,
             "dense": dense,
             "final": final,
             "compression": compression(dense, final),
             "channels": model.model.channels,
+            "dense_channels": dense_channels,
             "export": export,
-            "wandb_dir": wandb_dir,
+            "wandb_dir": None,
             "world_size": trainer.world_size,
             "ranks_consistent": ranks["ranks_consistent"],
             "test_metrics": {k: float(v) for k, v in results[0].items()},
@@ -211,8 +212,12 @@ def main(args: list[str] | None = None) -> Path:
                 print(f"warning: --reference {cli.config.reference} differs from this run in more than the pruning: "
                       f"{'; '.join(differences)}", file=sys.stderr)
             summary["reference"], summary["drop"] = reference, drop
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                summary["wandb_dir"] = wandb_dir = str(Path(lg.experiment.dir).parent)
+                log_summary_to_wandb(lg.experiment, summary)
         write_summary(summary_path, summary)
-        if wandb_dir and went_offline:
+        if summary["wandb_dir"] and went_offline:
             print(f"W&B ran offline (no API key, no WANDB_MODE). Upload with: wandb sync {wandb_dir}")
         print(f"summary: {summary_path}")
     return summary_path
@@ -226,12 +231,28 @@ def tool_main(argv: list[str]) -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--export", metavar="CKPT", help="export this checkpoint: model.safetensors, model.json, model.onnx")
     mode.add_argument("--predict", metavar="CKPT_OR_EXPORT", help="detect objects with this checkpoint or export folder")
+    mode.add_argument("--compare", metavar="RUN", nargs="+",
+                      help="run folders or summary.json files (globs work): table and pictures side by side")
+    ap.add_argument("--wandb_project", help="--compare: also log the table and pictures to this W&B project")
     ap.add_argument("--images", help="--predict: folder of images")
     ap.add_argument("--out", help="output folder (default: <checkpoint folder>/export, or <images>_detections)")
     ap.add_argument("--score_threshold", type=float, default=0.3, help="--predict: draw and list detections >= this")
     ap.add_argument("--no_onnx", action="store_true", help="--export: skip model.onnx")
     ap.add_argument("--device", default="cpu", help="--predict: torch device (cpu, cuda, cuda:1 ...)")
     a = ap.parse_args(argv)
+    if a.compare:
+        from callbacks.compare import compare, log_compare_to_wandb
+
+        res = compare(a.compare, Path(a.out or "runs/compare"))
+        print(res["table"].read_text())
+        if a.wandb_project:
+            went_offline = configure_wandb_mode()
+            wandb_dir = log_compare_to_wandb(res, a.wandb_project, Path(a.out or "runs/compare"))
+            if went_offline:
+                print(f"W&B ran offline (no API key, no WANDB_MODE). Upload with: wandb sync {wandb_dir}")
+        for p in [res["table"], *res["images"]]:
+            print(f"wrote: {p}")
+        return
     if a.export:
         det = load_detector(a.export)
         out = Path(a.out) if a.out else Path(a.export).resolve().parent / "export"
@@ -248,10 +269,12 @@ def tool_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
-        if any(arg in ("--export", "--predict") or arg.startswith(("--export=", "--predict=")) for arg in sys.argv[1:]):
+        tools = ("--export", "--predict", "--compare")
+        if any(arg in tools or arg.startswith(tuple(t + "=" for t in tools)) for arg in sys.argv[1:]):
             tool_main(sys.argv[1:])
         else:
             main()
-    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError, RanksInconsistentError) as err:
+    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError, RanksInconsistentError,
+            CompareError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from callbacks.report import measure_model
@@ -141,6 +142,17 @@ def drop_branches(model: SSD, k: int) -> None:
     model.priors = default_boxes(model.size, k).to(model.priors.device)
 
 
+def surgery_line(record: dict, phases: int, dense: dict | None, macs: int, before: dict, after: dict) -> str:
+    """One console line per surgery: which, when, the size and MACs against the dense model, the widths cut."""
+    parts = [f"surgery {record['phase'] + 1}/{phases} (end of epoch {record['epoch']}): params {record['params']:,}"]
+    if dense:
+        parts[0] += f" ({dense['params'] / record['params']:.2f}x smaller), MACs {macs / 1e6:,.1f}M " \
+                    f"({dense['macs'] / macs:.2f}x fewer)"
+    cut = [f"{n} {before[n]}->{after.get(n, 0)}" for n in before if after.get(n, 0) != before[n]]
+    parts.append("widths " + (", ".join(cut) if cut else "unchanged"))
+    return "; ".join(parts)
+
+
 class StructuredSurgery(Callback):
     """Removes the filters ``FilterSelection`` chose, at each phase's surgery boundary, and keeps training.
 
@@ -185,12 +197,39 @@ class StructuredSurgery(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = find_state(trainer)
+        self._surgeries(trainer, pl_module, state)
+        self._log_curve(pl_module, state)
+
+    def _macs(self, model: SSD) -> int:
+        """MACs of the current architecture (counted once per architecture: the curve is logged every epoch)."""
+        key = (tuple(model.channels.items()), model.num_branches)
+        if getattr(self, "_macs_key", None) != key:
+            from callbacks.report import model_stats
+
+            self._macs_key, self._macs_value = key, model_stats(model, model.size, latency=False)["macs"]
+        return self._macs_value
+
+    def _log_curve(self, pl_module, state) -> None:
+        """The compression curve (params and MACs per epoch, and their ratios to the dense model) for W&B, and the
+        phase and size in the progress bar."""
+        params = sum(p.numel() for p in pl_module.model.parameters())
+        macs = self._macs(pl_module.model)
+        pl_module.log("model/params", float(params))
+        pl_module.log("model/macs", float(macs))
+        if state.dense_stats:
+            pl_module.log("model/params_x", state.dense_stats["params"] / params)
+            pl_module.log("model/macs_x", state.dense_stats["macs"] / macs)
+        pl_module.log("phase", float(len(state.surgeries)), prog_bar=True)
+        pl_module.log("params_k", params / 1e3, prog_bar=True)
+
+    def _surgeries(self, trainer, pl_module, state) -> None:
         for i, phase in enumerate(state.phases):
             if phase.selection_epoch != trainer.current_epoch or any(s["phase"] == i for s in state.surgeries):
                 continue
             if state.dense_stats is None:  # normally measured by SparsityInduction before its first threshold
                 state.dense_stats = measure_model(trainer, pl_module, with_map=self.measure_dense_map)
             t0 = time.perf_counter()
+            before = dict(pl_module.model.channels)
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             if self.init_from == "l1":
                 self.restore_l1_weights(pl_module.model, phase.layers, state)
@@ -219,3 +258,6 @@ class StructuredSurgery(Callback):
             pl_module.log("prune/params", float(record["params"]))
             for name, width in pl_module.model.channels.items():
                 pl_module.log(f"prune/width/{name}", float(width))
+            if trainer.is_global_zero:
+                rank_zero_info(surgery_line(record, len(state.phases), state.dense_stats, self._macs(pl_module.model),
+                                            before, pl_module.model.channels))
