@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder, SSDMatcher
-from torchvision.ops import batched_nms, box_convert, box_iou
+from torchvision.ops import batched_nms, box_convert, box_iou, nms
 
 BOX_CODER = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
@@ -70,6 +70,20 @@ class MultiBoxLoss:
         return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos.float()}
 
 
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each group (boxes of different groups never suppress each other); indices kept, by decreasing
+    score. torchvision's ``batched_nms`` on a GPU (one kernel, coordinate offsets), and on a CPU for small inputs.
+    For many boxes on a CPU torchvision loops over the groups and finds each one's boxes with a full scan
+    (O(groups x boxes), slow when the groups are every image x class of a batch); here the boxes are sorted by group
+    once and each group's slice goes to ``nms``."""
+    if boxes.device.type != "cpu" or boxes.numel() <= 4000:
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    order = torch.sort(groups, stable=True).indices
+    counts = torch.unique_consecutive(groups[order], return_counts=True)[1].tolist()
+    keep = torch.cat([idx[nms(boxes[idx], scores[idx], iou_threshold)] for idx in order.split(counts)])
+    return keep[scores[keep].argsort(descending=True)]
+
+
 @torch.no_grad()
 def decode(
     loc: Tensor,
@@ -84,19 +98,32 @@ def decode(
 
     Test-time settings of the original SSD: confidence 0.01, NMS 0.45, top 200 per image; at most
     ``pre_nms_top_k`` candidates per class enter NMS.
+
+    One pass over the whole batch, on the device of ``loc``: the boxes of every image are decoded at once, the
+    ``pre_nms_top_k`` best per (image, class) are taken with one ``topk``, and one ``batched_nms`` runs over every
+    image and class together (group id = image * classes + class, so boxes of different images or classes never
+    suppress each other; ``grouped_nms``); the ``top_k`` per image are then cut with a segmented rank, not a loop.
+    Python loops left: the final split into one dict per image (views, no copies) and, on a CPU with many
+    candidates, one ``nms`` call per non-empty group.
     """
+    n, p, _ = loc.shape
     anchors = priors_xyxy(priors)
     probs = conf.float().softmax(dim=-1)[..., 1:]  # drop background
     num_classes = probs.shape[-1]
-    out = []
-    for loc_i, probs_i in zip(loc, probs):
-        boxes = BOX_CODER.decode_single(loc_i.float(), anchors).clamp(0.0, 1.0)
-        k = min(pre_nms_top_k, probs_i.shape[0])
-        scores, idx = probs_i.topk(k, dim=0)  # (k, C): best boxes per class
-        labels = torch.arange(num_classes, device=probs_i.device).expand(k, num_classes)
-        keep = scores > conf_threshold
-        scores, idx, labels = scores[keep], idx[keep], labels[keep]
-        cand = boxes[idx]
-        kept = batched_nms(cand, scores, labels, nms_threshold)[:top_k]
-        out.append({"boxes": cand[kept], "scores": scores[kept], "labels": labels[kept]})
-    return out
+    boxes = BOX_CODER.decode_single(loc.float().reshape(-1, 4), anchors.repeat(n, 1)).clamp(0.0, 1.0).view(n, p, 4)
+    k = min(pre_nms_top_k, p)
+    scores, idx = probs.topk(k, dim=1)  # (N, k, C): best boxes per image and class
+    keep = scores > conf_threshold
+    image, _, labels = keep.nonzero(as_tuple=True)
+    scores, idx = scores[keep], idx[keep]
+    cand = boxes[image, idx]
+    kept = grouped_nms(cand, scores, image * num_classes + labels, nms_threshold)  # by decreasing score
+    img_k = image[kept]
+    order = torch.sort(img_k, stable=True).indices  # group by image, keeping the score order inside each
+    kept, img_k = kept[order], img_k[order]
+    counts = torch.bincount(img_k, minlength=n)
+    rank = torch.arange(len(kept), device=kept.device) - (counts.cumsum(0) - counts)[img_k]
+    kept = kept[rank < top_k]
+    per_image = torch.bincount(image[kept], minlength=n).tolist()
+    return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in
+            zip(cand[kept].split(per_image), scores[kept].split(per_image), labels[kept].split(per_image))]

@@ -1,0 +1,156 @@
+"""SSD300 speed on one device: ours vs torchvision ``ssd300_vgg16``, fp32 / bf16 autocast / channels-last, dense vs
+pruned to paper A's pruned-6det widths, with and without post-processing, at batch 1 and a throughput batch; and
+our decode + NMS, batched vs the old per-image loop.
+
+    python -m benchmarks.bench_gpu                      # on the GPU if there is one: batch 1 and 32
+    python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
+
+Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
+Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_surgery import P6DET
+from benchmarks.common import row
+from lightning_modules.box_ops import BOX_CODER, decode, priors_xyxy
+from lightning_modules.ssd import build_ssd
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def decode_per_image(loc, conf, priors, conf_threshold=0.01, nms_threshold=0.45, top_k=200, pre_nms_top_k=400):
+    """The decoder before batching (a loop over images), for the comparison."""
+    from torchvision.ops import batched_nms
+
+    anchors = priors_xyxy(priors)
+    probs = conf.float().softmax(dim=-1)[..., 1:]
+    out = []
+    for loc_i, probs_i in zip(loc, probs):
+        boxes = BOX_CODER.decode_single(loc_i.float(), anchors).clamp(0.0, 1.0)
+        k = min(pre_nms_top_k, probs_i.shape[0])
+        scores, idx = probs_i.topk(k, dim=0)
+        labels = torch.arange(probs_i.shape[1], device=probs_i.device).expand(k, probs_i.shape[1])
+        keep = scores > conf_threshold
+        scores, idx, labels = scores[keep], idx[keep], labels[keep]
+        cand = boxes[idx]
+        kept = batched_nms(cand, scores, labels, nms_threshold)[:top_k]
+        out.append({"boxes": cand[kept], "scores": scores[kept], "labels": labels[kept]})
+    return out
+
+
+def peaked_logits(n: int, p: int, c: int, device, objects: int = 5) -> torch.Tensor:
+    """Logits shaped like a trained detector's: background everywhere but a few runs of confident boxes."""
+    g = torch.Generator().manual_seed(0)
+    conf = torch.full((n, p, c), -4.0)
+    conf[..., 0] = 4.0
+    for i in range(n):
+        for _ in range(objects):
+            s, cls = int(torch.randint(0, p - 60, (), generator=g)), int(torch.randint(1, c, (), generator=g))
+            conf[i, s:s + 60, cls] = 3.0 + 5 * torch.rand(60, generator=g)
+    return conf.to(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=32, help="the throughput batch (batch 1 is always timed)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--classes", type=int, default=21, help="with background (VOC: 21)")
+    ap.add_argument("--only", choices=("decode", "networks"), help="run one of the two tables")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; batch 1 and {args.batch}; medians of {args.repeats}\n")
+
+    # --- decode + NMS alone: batched vs per-image loop
+    m = build_ssd(300, args.classes).to(dev).eval()
+    p = m.priors.shape[0]
+    print(row("decode + NMS", "logits", "batch", "per-image loop ms", "batched ms", "speed-up"))
+    print(row(*["---"] * 6))
+    for kind in ("peaked", "random") if args.only != "networks" else ():
+        for b in (1, args.batch):
+            loc = torch.randn(b, p, 4, device=dev) * 0.5
+            conf = peaked_logits(b, p, args.classes, dev) if kind == "peaked" else torch.randn(b, p, args.classes,
+                                                                                               device=dev) * 2
+            t_old = timed(lambda: decode_per_image(loc, conf, m.priors), dev, args.repeats)
+            t_new = timed(lambda: decode(loc, conf, m.priors), dev, args.repeats)
+            print(row("ours", kind, b, f"{t_old * 1e3:.1f}", f"{t_new * 1e3:.1f}", f"{t_old / t_new:.2f}x"))
+    print()
+    if args.only == "decode":
+        return
+
+    # --- the networks
+    import torchvision
+
+    tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=args.classes)
+    tv = tv.to(dev).eval()
+    pruned = build_ssd(300, args.classes, channels=P6DET).to(dev).eval()
+    models = {"ours dense": m, "ours pruned-6det": pruned}
+    print(row("model", "precision / layout", "batch", "network img/s", "with decode+NMS img/s",
+              "post-processing share"))
+    print(row(*["---"] * 6))
+    modes = [("fp32", False, False), ("bf16", True, False), ("bf16 + channels-last", True, True)]
+    for b in (1, args.batch):
+        x = torch.rand(b, 3, 300, 300, device=dev) * 255
+        for label, model in models.items():
+            for mode, bf16, cl in modes:
+                mm = model.to(memory_format=torch.channels_last) if cl else model.to(memory_format=torch.contiguous_format)
+                xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+                ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+                def net():
+                    with torch.no_grad(), ctx():
+                        return mm((xi - 120.0) / 60.0)
+
+                def full():
+                    loc, conf = net()
+                    return decode(loc, conf, mm.priors)
+
+                t_net, t_full = timed(net, dev, args.repeats), timed(full, dev, args.repeats)
+                print(row(label, mode, b, f"{b / t_net:.1f}", f"{b / t_full:.1f}", f"{1 - t_net / t_full:.0%}"))
+        xs = list(x / 255.0)
+
+        def tv_full():
+            with torch.no_grad():
+                return tv(xs)
+
+        def tv_net():
+            with torch.no_grad():
+                images, _ = tv.transform(xs)
+                return tv.head(list(tv.backbone(images.tensors).values()))
+
+        t_net, t_full = timed(tv_net, dev, args.repeats), timed(tv_full, dev, args.repeats)
+        print(row("torchvision ssd300_vgg16", "fp32", b, f"{b / t_net:.1f}", f"{b / t_full:.1f}",
+                  f"{1 - t_net / t_full:.0%}"))
+
+
+if __name__ == "__main__":
+    main()
