@@ -26,7 +26,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
 from callbacks.distributed import RanksInconsistentError, check_ranks
-from callbacks.report import compression, model_stats, paired_latency_ms, reference_drop, write_summary
+from callbacks.report import (LATENCY_THREADS, compression, model_stats, paired_device_timing, paired_latency_ms,
+                              reference_drop, write_summary)
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError, resolve_classes
 from lightning_modules.detector import NonFiniteLossError
@@ -182,6 +183,12 @@ def main(args: list[str] | None = None) -> Path:
                                    dense.pop("num_branches"), False, hp.batch_norm)
             lat = paired_latency_ms({"dense": dense_arch, "final": model.model}, hp.size)
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
+            device = next(model.model.parameters()).device
+            if device.type == "cuda":  # on the device that trained, too: batch 1 and a throughput batch
+                timing = paired_device_timing({"dense": dense_arch, "final": model.model}, hp.size, device)
+                dense.update(timing["dense"])
+                final.update(timing["final"])
+        final["latency_threads"] = LATENCY_THREADS
         dense_channels = dense.pop("channels", None) or dict(model.model.channels)
         dense.pop("num_branches", None)
         if evaluate:

@@ -40,12 +40,26 @@ def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict
     return stats
 
 
+LATENCY_THREADS = 1  # CPU latency is timed on this many threads: comparable across machines and data-loader load
+
+
 @torch.no_grad()
 def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int = 30,
-                      budget_s: float = 20.0) -> dict[str, float]:
+                      budget_s: float = 20.0, threads: int | None = LATENCY_THREADS) -> dict[str, float]:
     """Median batch-1 CPU latency of several models measured together, interleaved round by round, so that a
-    shared, noisy machine slows them alike (the ratio is what the report quotes). Big models get fewer rounds
-    (at least 5) so the timing stays within about ``budget_s``."""
+    shared, noisy machine slows them alike (the ratio is what the report quotes), on ``threads`` intra-op threads
+    (None: torch's current setting). Big models get fewer rounds (at least 5) so the timing stays within about
+    ``budget_s``."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _paired_latency_ms(models, input_size, rounds, budget_s)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int, budget_s: float) -> dict[str, float]:
     import copy
 
     ms = {k: copy.deepcopy(m).cpu().eval() for k, m in models.items()}
@@ -64,6 +78,37 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int
             m(x)
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
+@torch.no_grad()
+def paired_device_timing(models: dict[str, nn.Module], input_size: int, device: torch.device, batch: int = 32,
+                         rounds: int = 20) -> dict[str, dict]:
+    """On a GPU: each model's batch-1 latency (ms) and throughput (images/s at ``batch``), CUDA events after
+    warm-up, the models interleaved round by round; medians. Network only (no decoding), fp32."""
+    import copy
+
+    ms = {k: copy.deepcopy(m).to(device).eval() for k, m in models.items()}
+    out: dict[str, dict] = {k: {} for k in ms}
+    for b, key in ((1, "device_latency_ms"), (batch, "device_throughput")):
+        x = torch.randn(b, 3, input_size, input_size, device=device)
+        for m in ms.values():
+            for _ in range(3):
+                m(x)
+        times: dict[str, list[float]] = {k: [] for k in ms}
+        for _ in range(rounds):
+            for k, m in ms.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                m(x)
+                end.record()
+                torch.cuda.synchronize(device)
+                times[k].append(start.elapsed_time(end))
+        for k, v in times.items():
+            med = statistics.median(v)
+            out[k][key] = round(med, 3) if b == 1 else round(b / (med / 1e3), 1)
+    for k in out:
+        out[k].update(device=torch.cuda.get_device_name(device), device_batch=batch)
+    return out
 
 
 def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
@@ -109,12 +154,16 @@ def compression(dense: dict, final: dict) -> dict[str, float]:
     def ratio(key: str) -> float:
         return round(dense[key] / final[key], 4) if final.get(key) else float("nan")
 
-    return {
+    out = {
         "params_x": ratio("params"),
         "size_x": ratio("size_mb"),
         "macs_x": ratio("macs"),
         "speedup_x": round(dense["latency_ms"] / final["latency_ms"], 4) if final.get("latency_ms") else float("nan"),
     }
+    if final.get("device_latency_ms") and dense.get("device_latency_ms"):  # timed on the GPU that trained
+        out["device_speedup_x"] = ratio("device_latency_ms")
+        out["device_throughput_x"] = round(final["device_throughput"] / dense["device_throughput"], 4)
+    return out
 
 
 def write_summary(path: Path, summary: dict) -> Path:

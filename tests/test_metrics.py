@@ -160,3 +160,26 @@ def test_iou_exactly_at_threshold_is_not_a_hit():
     m = VOCMeanAveragePrecision(num_classes=1)
     m.update([_t([[0, 0, 9, 5]], [0], scores=[1.0])], [_t([[0, 0, 9, 9]], [0])])  # 60 / 100
     assert m.compute()["map"].item() == pytest.approx(1.0)
+
+
+def test_cpu_latency_is_timed_on_a_fixed_thread_count_and_restores_it():
+    import torch
+
+    from callbacks.report import LATENCY_THREADS, paired_latency_ms
+    from lightning_modules.ssd import build_ssd
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lat = paired_latency_ms({"probe": Probe(), "ssd": build_ssd(300, 3, width_mult=0.0625)}, 300, rounds=5)
+        assert set(seen) == {LATENCY_THREADS} and torch.get_num_threads() == 2
+        assert set(lat) == {"probe", "ssd"} and lat["ssd"] > lat["probe"] > 0
+    finally:
+        torch.set_num_threads(before)
