@@ -29,7 +29,7 @@ from callbacks.distributed import RanksInconsistentError, check_ranks
 from callbacks.report import (LATENCY_THREADS, compression, model_stats, paired_device_timing, paired_latency_ms,
                               reference_drop, write_summary)
 from callbacks.state import ScheduleError
-from datamodules.voc import DataError, resolve_classes
+from datamodules.voc import DataError, data_classes
 from lightning_modules.detector import NonFiniteLossError
 from lightning_modules.export import AtomicCheckpointIO, CheckpointError, export_detector, load_detector, predict_folder
 from lightning_modules.ssd import WeightsMismatchError
@@ -64,8 +64,8 @@ class SSDCLI(LightningCLI):
                             help="run folder (or summary.json) of the equal-budget dense run: fills 'reference' and "
                                  "'drop' in summary.json")
         # the model's classes follow the data's; "auto" is read from the training annotations here, once
-        parser.link_arguments(("data.init_args.classes", "data.init_args.root", "data.init_args.train_sets"),
-                              "model.init_args.classes", compute_fn=resolve_classes, apply_on="parse")
+        # (the DataModule class resolves them: VOC's "auto", COCO's category names, GTSDB's 43 signs or 4 groups)
+        parser.link_arguments("data", "model.init_args.classes", compute_fn=data_classes, apply_on="parse")
         parser.link_arguments("data.init_args.image_size", "model.init_args.size", apply_on="parse")
 
     def before_instantiate_classes(self) -> None:
@@ -74,7 +74,7 @@ class SSDCLI(LightningCLI):
         (``--ckpt_path <run>/checkpoints/x.ckpt`` without ``--run_name``) continues in the checkpoint's run folder
         and W&B run; ``--ckpt_path auto`` resumes from the newest checkpoint of ``--run_name`` if there is one."""
         cfg = self.config
-        if cfg.data.init_args.get("classes") == "auto":  # store the resolved list with the run (config.yaml)
+        if cfg.data.init_args.get("classes") in ("auto", None):  # store the resolved list with the run (config.yaml)
             cfg.data.init_args.classes = list(cfg.model.init_args.classes)
         run_dir = os.environ.get("SSD_RUN_DIR")
         if not run_dir:

@@ -413,7 +413,105 @@ class SyntheticSpec:
     class_textures: bool = False  # each class has its own texture as well as its own shape
 
 
-class VOCDataModule(pl.LightningDataModule):
+class DetectionDataModule(pl.LightningDataModule):
+    """What every detection DataModule shares: the SSD transforms, the validation split carved from training data,
+    the seeded samplers and the loaders. A subclass reads its format into ``Annotation`` lists (``load_items``),
+    names its classes (``model_classes``, which train.py links to the model) and sets ``self.classes`` and
+    ``self.val_is_test`` in its constructor. Its hparams carry ``image_size``, ``batch_size``, ``num_workers``,
+    ``val_fraction``, ``val_seed``, ``skip_bad_samples``, ``zoom_out``, ``augment``."""
+
+    classes: tuple[str, ...]
+    val_is_test: bool
+
+    @classmethod
+    def model_classes(cls, init_args: dict) -> list[str]:
+        """The class list the model is built for, from the DataModule's arguments (before it is instantiated)."""
+        return list(init_args["classes"])
+
+    def load_items(self, which: str) -> list[Annotation]:
+        """The parsed annotations of the ``"train"``, ``"val"`` or ``"test"`` split."""
+        raise NotImplementedError
+
+    def _dataset(self, items: list[Annotation], train: bool) -> VOCDataset:
+        hp = self.hparams
+        transform = ssd_train_transform(hp.image_size, hp.zoom_out, hp.augment) if train else ssd_eval_transform(hp.image_size)
+        return VOCDataset(None, [], self.classes, transform,
+                          keep_difficult=hp.get("keep_difficult_train", False) if train else True,
+                          skip_bad_samples=hp.skip_bad_samples, items=items)
+
+    def split_validation(self, items: list[Annotation]) -> tuple[list[Annotation], list[Annotation]]:
+        """(train, val): ``val_fraction`` of the training images, drawn by a permutation seeded by ``val_seed``
+        alone (so every training seed and every resume sees the same split)."""
+        n_val = max(1, round(self.hparams.val_fraction * len(items)))
+        if n_val >= len(items):
+            raise DataError(f"data.val_fraction {self.hparams.val_fraction} of {len(items)} training images leaves "
+                            "none to train on")
+        val_idx = set(np.random.default_rng(self.hparams.val_seed).permutation(len(items))[:n_val].tolist())
+        return ([a for i, a in enumerate(items) if i not in val_idx], [a for i, a in enumerate(items) if i in val_idx])
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and not hasattr(self, "train_ds"):
+            items = self.load_items("train")
+            if self.hparams.val_fraction > 0:
+                items, val_items = self.split_validation(items)
+            else:
+                val_items = self.load_items("val")
+            self.train_ds = self._dataset(items, train=True)
+            self.val_ds = self._dataset(val_items, train=False)
+        if stage in ("test", "validate", None) and not hasattr(self, "test_ds"):
+            self.test_ds = self._dataset(self.load_items("test"), train=False)
+        if stage == "validate" and not hasattr(self, "val_ds"):  # (test needs no validation split)
+            if self.val_is_test:
+                self.val_ds = self.test_ds
+            else:
+                self.setup("fit")
+
+    def per_device_batch_size(self) -> int:
+        """``batch_size`` is the global batch: split evenly over all devices of all nodes."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.batch_size % world:
+            raise DataError(
+                f"data.batch_size {self.hparams.batch_size} is the global batch size and must divide evenly over "
+                f"{world} processes (devices x nodes); use a multiple of {world}")
+        return self.hparams.batch_size // world
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        """Training: ``TrainSampler`` (order and augmentation from the global seed and the epoch; global batches
+        shared out over the ranks). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
+        nw = self.hparams.num_workers
+        batch = self.per_device_batch_size()
+        if train:
+            sampler = TrainSampler(ds, batch_size=batch, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        else:
+            sampler = EvalSampler(ds)
+        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=nw, collate_fn=collate,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_ds, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_ds, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_ds, train=False)
+
+
+def data_classes(data) -> list[str]:
+    """train.py's link from the data module's arguments to the model's classes: the DataModule class named by
+    ``data.class_path`` resolves them (``model_classes``: e.g. VOC's ``"auto"``, COCO's category names)."""
+    import importlib
+
+    module, _, name = str(data.class_path).rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    args = data.init_args
+    args = args.as_dict() if hasattr(args, "as_dict") else dict(args or {})
+    if not hasattr(cls, "model_classes"):
+        return list(args["classes"])
+    return cls.model_classes(args)
+
+
+class VOCDataModule(DetectionDataModule):
     """VOC-format data: PASCAL VOC itself, any data set in its layout, or the embedded synthetic set.
 
     Args:
@@ -493,66 +591,11 @@ class VOCDataModule(pl.LightningDataModule):
                 if not (self.root / "VOCdevkit" / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt").is_file():
                     VOCDetection(str(self.root), year=str(year), image_set=split, download=True)
 
-    def _dataset(self, sets, train: bool, items: list[Annotation] | None = None) -> VOCDataset:
-        hp = self.hparams
-        transform = ssd_train_transform(hp.image_size, hp.zoom_out, hp.augment) if train else ssd_eval_transform(hp.image_size)
-        return VOCDataset(self.root, sets, self.classes, transform, keep_difficult=hp.keep_difficult_train if train else True,
-                          skip_bad_samples=hp.skip_bad_samples, items=items)
+    @classmethod
+    def model_classes(cls, init_args: dict) -> list[str]:
+        return resolve_classes(init_args.get("classes", VOC_CLASSES), init_args.get("root", "data/VOC"),
+                               init_args.get("train_sets", ((2007, "trainval"), (2012, "trainval"))))
 
-    def split_validation(self, items: list[Annotation]) -> tuple[list[Annotation], list[Annotation]]:
-        """(train, val): ``val_fraction`` of the training images, drawn by a permutation seeded by ``val_seed``
-        alone (so every training seed and every resume sees the same split)."""
-        n_val = max(1, round(self.hparams.val_fraction * len(items)))
-        if n_val >= len(items):
-            raise DataError(f"data.val_fraction {self.hparams.val_fraction} of {len(items)} training images leaves "
-                            "none to train on")
-        val_idx = set(np.random.default_rng(self.hparams.val_seed).permutation(len(items))[:n_val].tolist())
-        return ([a for i, a in enumerate(items) if i not in val_idx], [a for i, a in enumerate(items) if i in val_idx])
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", None) and not hasattr(self, "train_ds"):
-            if self.hparams.val_fraction > 0:
-                items, _ = load_annotations(self.root, self.train_sets, self.classes, self.hparams.skip_bad_samples)
-                train_items, val_items = self.split_validation(items)
-                self.train_ds = self._dataset(self.train_sets, train=True, items=train_items)
-                self.val_ds = self._dataset(self.train_sets, train=False, items=val_items)
-            else:
-                self.train_ds = self._dataset(self.train_sets, train=True)
-                self.val_ds = self._dataset([self.val_set], train=False)
-        if stage in ("test", "validate", None) and not hasattr(self, "test_ds"):
-            self.test_ds = self._dataset([self.test_set], train=False)
-        if stage == "validate" and not hasattr(self, "val_ds"):  # (test needs no validation split)
-            if self.hparams.val_fraction > 0 or self.val_set != self.test_set:
-                self.setup("fit")
-            else:
-                self.val_ds = self.test_ds
-
-    def per_device_batch_size(self) -> int:
-        """``batch_size`` is the global batch: split evenly over all devices of all nodes."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.hparams.batch_size % world:
-            raise DataError(
-                f"data.batch_size {self.hparams.batch_size} is the global batch size and must divide evenly over "
-                f"{world} processes (devices x nodes); use a multiple of {world}")
-        return self.hparams.batch_size // world
-
-    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        """Training: ``TrainSampler`` (order and augmentation from the global seed and the epoch; global batches
-        shared out over the ranks). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
-        nw = self.hparams.num_workers
-        batch = self.per_device_batch_size()
-        if train:
-            sampler = TrainSampler(ds, batch_size=batch, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        else:
-            sampler = EvalSampler(ds)
-        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=nw, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ds, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ds, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_ds, train=False)
+    def load_items(self, which: str) -> list[Annotation]:
+        sets = {"train": self.train_sets, "val": [self.val_set], "test": [self.test_set]}[which]
+        return load_annotations(self.root, sets, self.classes, self.hparams.skip_bad_samples)[0]
