@@ -168,6 +168,8 @@ def main(args: list[str] | None = None) -> Path:
     if trainer.is_global_zero:
         final = model_stats(model.model, model.hparams.size)
         final["map50"] = float(results[0]["test/map50"])
+        if "test/coco_map" in results[0]:  # COCO mAP@[.5:.95] (the COCO rows' primary figure)
+            final["coco_map"] = float(results[0]["test/coco_map"])
         final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
                       if getattr(getattr(cb, "state", None), "dense_stats", None)), None)

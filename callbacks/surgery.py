@@ -139,7 +139,7 @@ def drop_branches(model: SSD, k: int) -> None:
     model.num_branches = k
     for head in (model.head.classification_head, model.head.regression_head):
         head.module_list = nn.ModuleList(list(head.module_list)[:k])
-    model.priors = default_boxes(model.size, k).to(model.priors.device)
+    model.priors = default_boxes(model.size, k, getattr(model, "prior_sizes", None)).to(model.priors.device)
 
 
 def surgery_line(record: dict, phases: int, dense: dict | None, macs: int, before: dict, after: dict) -> str:

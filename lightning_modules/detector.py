@@ -19,6 +19,9 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or Inf."""
 
 
+COCO_MAX_DETS = 100  # detections per image COCO's AP counts
+
+
 class SSDDetector(pl.LightningModule):
     """SSD300/SSD512 detector.
 
@@ -44,6 +47,8 @@ class SSDDetector(pl.LightningModule):
         coco_map: also log COCO-style mAP@[.5:.95], @.5, @.75 (torchmetrics, faster_coco_eval backend).
         channels_last: keep weights and activations in channels-last memory format (faster convolutions on
             tensor-core GPUs, with ``--trainer.precision bf16-mixed`` / ``16-mixed``); kept through surgeries.
+        prior_sizes: default-box sizes: VOC's (None), ``"coco300"`` / ``"coco512"`` (the original SSD's COCO
+            boxes), or ``{min_sizes: [...], max_sizes: [...]}`` in pixels, one per branch (e.g. small traffic signs).
     """
 
     def __init__(
@@ -72,11 +77,13 @@ class SSDDetector(pl.LightningModule):
         use_07_metric: bool = True,
         coco_map: bool = True,
         channels_last: bool = False,
+        prior_sizes: str | dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.classes = list(classes)
-        self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone, batch_norm)
+        self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone,
+                                    batch_norm, prior_sizes)
         if init_checkpoint:
             self.load_weights(init_checkpoint)
         self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio)
@@ -113,7 +120,7 @@ class SSDDetector(pl.LightningModule):
             hp = self.hparams
             device = self.model.priors.device
             self.model = build_ssd(hp.size, len(self.classes) + 1, arch["channels"], 1.0, arch["num_branches"],
-                                   False, hp.batch_norm).to(device)
+                                   False, hp.batch_norm, hp.get("prior_sizes")).to(device)
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
             self.apply_memory_format()
@@ -193,7 +200,7 @@ class SSDDetector(pl.LightningModule):
     @staticmethod
     def metric_inputs(dets: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]):
         """Detections and targets in each metric's convention: VOC (1-based inclusive pixels, difficult flagged)
-        and COCO (continuous pixels, difficult objects removed)."""
+        and COCO (continuous pixels, the 100 best detections per image, difficult objects as crowd regions)."""
         voc_preds, voc_targets, coco_preds, coco_targets = [], [], [], []
         for d, t in zip(dets, targets):
             h, w = t["orig_size"].tolist()
@@ -202,11 +209,13 @@ class SSDDetector(pl.LightningModule):
             voc_boxes = torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], dim=1)
             voc_preds.append({"boxes": voc_boxes, "scores": d["scores"], "labels": d["labels"]})
             voc_targets.append({"boxes": t["voc_boxes"], "labels": t["voc_labels"], "difficult": t["voc_difficult"]})
-            keep = ~t["voc_difficult"]
-            gt = t["voc_boxes"][keep].clone()
+            gt = t["voc_boxes"].clone()
             gt[:, :2] -= 1
-            coco_preds.append({"boxes": px, "scores": d["scores"], "labels": d["labels"]})
-            coco_targets.append({"boxes": gt, "labels": t["voc_labels"][keep]})
+            # COCO counts the 100 best detections per image (maxDets=100; decode sorts by score), and a difficult /
+            # crowd object is an ignore region, as COCO evaluation treats iscrowd
+            top = d["scores"].argsort(descending=True)[:COCO_MAX_DETS]
+            coco_preds.append({"boxes": px[top], "scores": d["scores"][top], "labels": d["labels"][top]})
+            coco_targets.append({"boxes": gt, "labels": t["voc_labels"], "iscrowd": t["voc_difficult"].long()})
         return voc_preds, voc_targets, coco_preds, coco_targets
 
     def _eval_step(self, batch, stage: str) -> None:

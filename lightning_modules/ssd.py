@@ -89,6 +89,37 @@ PRIORS = {
         aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)),
     ),
 }
+# Default-box sizes other than VOC's (PRIORS), by name: the original SSD's COCO models (Caffe prototxts; for SSD300
+# min sizes 21, 45, 99, 153, 207, 261 and max sizes 45 ... 315, i.e. smaller boxes for COCO's small objects).
+PRIOR_PRESETS = {
+    "coco300": ((21.0, 45.0, 99.0, 153.0, 207.0, 261.0), (45.0, 99.0, 153.0, 207.0, 261.0, 315.0)),
+    "coco512": ((20.48, 51.2, 133.12, 215.04, 296.96, 378.88, 460.8),
+                (51.2, 133.12, 215.04, 296.96, 378.88, 460.8, 542.72)),
+}
+
+
+def resolve_prior_sizes(size: int, prior_sizes: str | dict | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(min_sizes, max_sizes) in pixels, one per detection branch: VOC's (``None``), a preset of ``PRIOR_PRESETS``
+    (``"coco300"``, ``"coco512"``), or ``{"min_sizes": [...], "max_sizes": [...]}``."""
+    if prior_sizes is None:
+        return PRIORS[size].min_sizes, PRIORS[size].max_sizes
+    if isinstance(prior_sizes, str):
+        if prior_sizes not in PRIOR_PRESETS:
+            raise ValueError(f"prior_sizes {prior_sizes!r} is not a preset ({', '.join(PRIOR_PRESETS)}); or give "
+                             "{min_sizes: [...], max_sizes: [...]}")
+        mins, maxs = PRIOR_PRESETS[prior_sizes]
+    else:
+        mins, maxs = tuple(prior_sizes.get("min_sizes", ())), tuple(prior_sizes.get("max_sizes", ()))
+    mins, maxs = tuple(float(v) for v in mins), tuple(float(v) for v in maxs)
+    n = len(PRIORS[size].sources)
+    if len(mins) != n or len(maxs) != n:
+        raise ValueError(f"SSD{size} has {n} detection branches: prior_sizes needs {n} min_sizes and {n} max_sizes, "
+                         f"got {len(mins)} and {len(maxs)}")
+    if any(a <= 0 or b <= a for a, b in zip(mins, maxs)):
+        raise ValueError(f"prior_sizes: every min size must be > 0 and below its max size, got {mins} / {maxs}")
+    return mins, maxs
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The 13 VGG16 convolutions in torchvision's ``vgg16().features`` order.
@@ -102,7 +133,7 @@ def layer_specs(size: int) -> tuple[ConvSpec, ...]:
     return _VGG + (_EXTRAS_300 if size == 300 else _EXTRAS_512)
 
 
-def default_boxes(size: int, num_branches: int | None = None) -> Tensor:
+def default_boxes(size: int, num_branches: int | None = None, prior_sizes: str | dict | None = None) -> Tensor:
     """Default boxes as (cx, cy, w, h) in [0, 1], (8732, 4) for SSD300 and (24564, 4) for SSD512.
 
     torchvision's ``DefaultBoxGenerator`` does the geometry; it expresses min/max sizes as scales
@@ -110,7 +141,8 @@ def default_boxes(size: int, num_branches: int | None = None) -> Tensor:
     """
     spec = PRIORS[size]
     k = len(spec.sources) if num_branches is None else num_branches
-    scales = [m / size for m in spec.min_sizes[:k]] + [spec.max_sizes[k - 1] / size]
+    mins, maxs = resolve_prior_sizes(size, prior_sizes)
+    scales = [m / size for m in mins[:k]] + [maxs[k - 1] / size]
     gen = DefaultBoxGenerator([list(a) for a in spec.aspect_ratios[:k]], scales=scales, steps=list(spec.steps[:k]))
     grids = [[f, f] for f in spec.feature_maps[:k]]
     return gen._grid_default_boxes(grids, [size, size])
@@ -140,9 +172,10 @@ class SSD(nn.Module):
     """
 
     def __init__(self, size: int, num_classes: int, channels: dict[str, int], num_branches: int,
-                 batch_norm: bool = False):
+                 batch_norm: bool = False, prior_sizes: str | dict | None = None):
         super().__init__()
         self.size = size
+        self.prior_sizes = prior_sizes
         self.num_classes = num_classes
         self.num_branches = num_branches
         spec = PRIORS[size]
@@ -163,7 +196,7 @@ class SSD(nn.Module):
                 break
         self.l2norm = L2Norm(channels["conv4_3"])
         self.head = SSDHead([channels[n] for n in self.sources], num_anchors(size)[:num_branches], num_classes + 1)
-        self.register_buffer("priors", default_boxes(size, num_branches), persistent=False)
+        self.register_buffer("priors", default_boxes(size, num_branches, prior_sizes), persistent=False)
 
     @property
     def channels(self) -> dict[str, int]:
@@ -256,6 +289,7 @@ def build_ssd(
     num_branches: int | None = None,
     pretrained_backbone: bool = False,
     batch_norm: bool = False,
+    prior_sizes: str | dict | None = None,
 ) -> SSD:
     """Build SSD``size`` on VGG16.
 
@@ -263,7 +297,8 @@ def build_ssd(
     ``channels`` maps the papers' layer names to widths (the rest follow ``width_mult``);
     ``num_branches`` keeps only the first k detection branches (paper A's "pruned-kdet");
     ``batch_norm`` adds BatchNorm after every convolution (not in the original SSD; it lets small models
-    train from scratch quickly, as the CPU demo must, since ImageNet weights cannot be fetched there).
+    train from scratch quickly, as the CPU demo must, since ImageNet weights cannot be fetched there);
+    ``prior_sizes`` sets the default-box sizes (``resolve_prior_sizes``: VOC's by default, ``"coco300"`` ...).
     """
     n_src = len(PRIORS[size].sources) if size in PRIORS else 0
     if size not in PRIORS:
@@ -275,7 +310,8 @@ def build_ssd(
         raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
     if pretrained_backbone and batch_norm:
         raise ValueError("pretrained_backbone loads the plain VGG16 (no BatchNorm); use batch_norm=false with it")
-    model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k, batch_norm)
+    resolve_prior_sizes(size, prior_sizes)  # a bad setting fails here, naming what is wrong
+    model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k, batch_norm, prior_sizes)
     _init_weights(model)
     if pretrained_backbone:
         load_vgg16_imagenet(model)
@@ -316,6 +352,7 @@ def export_spec(model: SSD, classes: list[str], decode: dict | None = None) -> d
             "channels": model.channels,
             "num_branches": model.num_branches,
             "batch_norm": len(model.norms) > 0,
+            "prior_sizes": model.prior_sizes,
         },
         "classes": list(classes),
         "input": {
@@ -331,8 +368,8 @@ def export_spec(model: SSD, classes: list[str], decode: dict | None = None) -> d
             "format": "cx, cy, w, h normalised to [0, 1] (torchvision DefaultBoxGenerator)",
             "feature_maps": list(PRIORS[model.size].feature_maps[: model.num_branches]),
             "steps": list(PRIORS[model.size].steps[: model.num_branches]),
-            "min_sizes": list(PRIORS[model.size].min_sizes[: model.num_branches]),
-            "max_sizes": list(PRIORS[model.size].max_sizes[: model.num_branches]),
+            "min_sizes": list(resolve_prior_sizes(model.size, model.prior_sizes)[0][: model.num_branches]),
+            "max_sizes": list(resolve_prior_sizes(model.size, model.prior_sizes)[1][: model.num_branches]),
             "aspect_ratios": [list(a) for a in PRIORS[model.size].aspect_ratios[: model.num_branches]],
         },
         "decode": {
@@ -408,7 +445,7 @@ def load_exported(path) -> SSD:
     spec, weights_path = read_export_spec(path)
     arch = spec["architecture"]
     model = build_ssd(arch["size"], len(spec["classes"]) + 1, arch["channels"], 1.0, arch["num_branches"],
-                      False, arch.get("batch_norm", False))
+                      False, arch.get("batch_norm", False), arch.get("prior_sizes"))
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
