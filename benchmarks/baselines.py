@@ -19,8 +19,7 @@ import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback, ModelPruning
 
-from callbacks.surgery import L2NormPruner, prune_filters
-from lightning_modules.ssd import L2Norm
+from callbacks.surgery import prune_filters
 
 
 def l1norm_selection(model, channels: dict[str, int]) -> dict[str, list[int]]:
@@ -40,7 +39,7 @@ def _tp_pruner(model, size: int, ratio: float, round_to: int):
     return tp.pruner.MagnitudePruner(
         model, torch.zeros(1, 3, size, size, device=next(model.parameters()).device),
         importance=tp.importance.GroupMagnitudeImportance(p=1), global_pruning=True, pruning_ratio=ratio,
-        ignored_layers=ignored, round_to=round_to, customized_pruners={L2Norm: L2NormPruner()})
+        ignored_layers=ignored, round_to=round_to, customized_pruners=model.tp_pruners())
 
 
 def tp_global_selection(model, size: int, ratio: float, round_to: int = 8) -> dict[str, list[int]]:

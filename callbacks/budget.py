@@ -12,46 +12,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def head_consumers(model: nn.Module, name: str) -> list[nn.Conv2d]:
-    """The loc/conf head convolutions that read ``name``'s channels (none unless it is a detection source)."""
-    if name not in model.sources:
-        return []
-    k = list(model.sources).index(name)
-    return [model.head.classification_head.module_list[k], model.head.regression_head.module_list[k]]
-
-
-def consumers(model: nn.Module, name: str) -> list[nn.Conv2d]:
-    """Every convolution that reads ``name``'s output channels: the next trunk convolution and its heads."""
-    names = list(model.layers)
-    i = names.index(name)
-    return ([model.layers[names[i + 1]]] if i + 1 < len(names) else []) + head_consumers(model, name)
+from lightning_modules.contract import consumer_columns
 
 
 @torch.no_grad()
-def channel_macs(model: nn.Module, size: int) -> dict[str, float]:
-    """MACs that one output channel of each layer costs per image: producing it (H*W*C_in*k*k of its conv) plus
-    reading it (H'*W'*C_out'*k'*k' in each consumer)."""
+def channel_macs(model: nn.Module) -> dict[str, float]:
+    """MACs that one output channel of each layer costs per input: producing it (H*W*C_in*k*k of its conv) plus
+    reading it (H'*W'*C_out'*k'*k' in each convolution that consumes it; out_features * columns per channel in a
+    linear layer after a flatten)."""
     hw: dict[nn.Module, int] = {}
-    convs = [*model.layers.values(), *model.head.modules()]
     hooks = [m.register_forward_hook(lambda mod, i, o: hw.__setitem__(mod, o.shape[-1] * o.shape[-2]))
-             for m in convs if isinstance(m, nn.Conv2d)]
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+        model(model.example_input())
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
+    channels = model.channels
 
-    def read_cost(conv: nn.Conv2d) -> float:  # MACs per *input* channel of a consumer
-        return hw[conv] * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] / conv.groups
+    def read_cost(layer: nn.Module, producer: str) -> float:  # MACs per *input* channel of a consumer
+        if isinstance(layer, nn.Linear):
+            return layer.out_features * layer.in_features / channels[producer]
+        return hw[layer] * layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1] / layer.groups
 
     cost = {}
     for name, conv in model.layers.items():
         own = hw[conv] * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        cost[name] = float(own + sum(read_cost(c) for c in consumers(model, name)))
+        cost[name] = float(own + sum(read_cost(c, name) for c in model.consumers(name)))
     return cost
 
 
@@ -61,10 +51,10 @@ def consumer_weight(model: nn.Module, name: str) -> Tensor:
     conv and, for a source layer, its loc/conf heads) the L1 norm of column i, divided by that consumer's mean
     column norm; averaged over the consumers. 1 = an ordinary channel; ~0 = its readers ignore it (paper A's G_i,
     as a magnitude rather than a count of zeros)."""
-    readers = consumers(model, name)
+    readers = model.consumers(name)
     if not readers:
         return torch.ones(model.layers[name].out_channels, device=model.layers[name].weight.device)
-    cols = [c.weight.detach().abs().transpose(0, 1).flatten(1).sum(1) for c in readers]
+    cols = [consumer_columns(c, model.layers[name].out_channels).abs().sum(1) for c in readers]
     return sum(c / c.mean().clamp(min=1e-12) for c in cols) / len(cols)
 
 
@@ -80,13 +70,11 @@ def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, 
 
 
 def architecture_cost(model: nn.Module, widths: dict[str, int], measure: str) -> int:
-    """Parameters or MACs (one image) of ``model``'s architecture at ``widths``."""
-    from lightning_modules.ssd import build_ssd
-
-    arch = build_ssd(model.size, model.num_classes + 1, widths, 1.0, model.num_branches, False, bool(len(model.norms)))
+    """Parameters or MACs (one input) of ``model``'s architecture at ``widths`` (the contract's ``at_widths``)."""
+    arch = model.at_widths(widths)
     if measure == "params":
         return sum(p.numel() for p in arch.parameters())
     import torch_pruning as tp
 
-    macs, _ = tp.utils.count_ops_and_params(arch.eval(), torch.zeros(1, 3, model.size, model.size))
+    macs, _ = tp.utils.count_ops_and_params(arch.eval(), arch.example_input())
     return int(macs)

@@ -20,19 +20,27 @@ def model_size_mb(model: nn.Module) -> float:
     return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()) / 1e6
 
 
-def cpu_latency_ms(model: nn.Module, input_size: int, repeats: int = 10) -> float:
+def example_input(model: nn.Module, input_size: int | None = None, batch: int = 1) -> torch.Tensor:
+    """The network's own example input (pruning contract), or a ``batch x 3 x input_size x input_size`` image."""
+    ref = next(model.parameters())
+    if input_size is None:
+        return model.example_input(batch).to(ref.device)
+    return torch.zeros(batch, 3, input_size, input_size, device=ref.device)
+
+
+def cpu_latency_ms(model: nn.Module, input_size: int | None = None, repeats: int = 10) -> float:
     """Median wall time of one batch-1 forward pass on CPU, in milliseconds."""
     return paired_latency_ms({"model": model}, input_size, rounds=repeats)["model"]
 
 
-def model_stats(model: nn.Module, input_size: int, latency: bool = True) -> dict[str, float]:
-    """params, MACs (one image), fp32 size (MB) and CPU latency (ms, batch 1) of a detector."""
+def model_stats(model: nn.Module, input_size: int | None = None, latency: bool = True) -> dict[str, float]:
+    """params, MACs (one input), fp32 size (MB) and CPU latency (ms, batch 1) of a network (input: its own
+    ``example_input`` unless ``input_size`` is given)."""
     import torch_pruning as tp
 
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, input_size, input_size, device=device))
+    macs, params = tp.utils.count_ops_and_params(model, example_input(model, input_size))
     model.train(was_training)
     stats = {"params": int(params), "macs": int(macs), "size_mb": round(model_size_mb(model), 4)}
     if latency:
@@ -44,7 +52,7 @@ LATENCY_THREADS = 1  # CPU latency is timed on this many threads: comparable acr
 
 
 @torch.no_grad()
-def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int = 30,
+def paired_latency_ms(models: dict[str, nn.Module], input_size: int | None = None, rounds: int = 30,
                       budget_s: float = 20.0, threads: int | None = LATENCY_THREADS) -> dict[str, float]:
     """Median batch-1 CPU latency of several models measured together, interleaved round by round, so that a
     shared, noisy machine slows them alike (the ratio is what the report quotes), on ``threads`` intra-op threads
@@ -59,11 +67,12 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int
         torch.set_num_threads(before)
 
 
-def _paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: int, budget_s: float) -> dict[str, float]:
+def _paired_latency_ms(models: dict[str, nn.Module], input_size: int | None, rounds: int,
+                       budget_s: float) -> dict[str, float]:
     import copy
 
     ms = {k: copy.deepcopy(m).cpu().eval() for k, m in models.items()}
-    x = torch.randn(1, 3, input_size, input_size)
+    x = torch.randn_like(example_input(next(iter(ms.values())), input_size))
     t0 = time.perf_counter()
     for m in ms.values():
         m(x)
@@ -81,7 +90,7 @@ def _paired_latency_ms(models: dict[str, nn.Module], input_size: int, rounds: in
 
 
 @torch.no_grad()
-def paired_device_timing(models: dict[str, nn.Module], input_size: int, device: torch.device, batch: int = 32,
+def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, device: torch.device, batch: int = 32,
                          rounds: int = 20) -> dict[str, dict]:
     """On a GPU: each model's batch-1 latency (ms) and throughput (images/s at ``batch``), CUDA events after
     warm-up, the models interleaved round by round; medians. Network only (no decoding), fp32."""
@@ -90,7 +99,7 @@ def paired_device_timing(models: dict[str, nn.Module], input_size: int, device: 
     ms = {k: copy.deepcopy(m).to(device).eval() for k, m in models.items()}
     out: dict[str, dict] = {k: {} for k in ms}
     for b, key in ((1, "device_latency_ms"), (batch, "device_throughput")):
-        x = torch.randn(b, 3, input_size, input_size, device=device)
+        x = torch.randn_like(example_input(next(iter(ms.values())), input_size, b))
         for m in ms.values():
             for _ in range(3):
                 m(x)
@@ -112,42 +121,22 @@ def paired_device_timing(models: dict[str, nn.Module], input_size: int, device: 
 
 
 def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
-    """model_stats of the detector plus, if asked, its VOC07 mAP@0.5 on the data module's test split
-    (``map50_before_pruning``, with the epoch at whose end it was taken); also its
-    architecture (``channels``, ``num_branches``), so the final report can time a model of that shape again."""
-    stats = model_stats(pl_module.model, pl_module.hparams.size)
+    """model_stats of the network plus, if asked, its quality figure on the data module's test split
+    (``<quality>_before_pruning``, e.g. ``map50_before_pruning``, with the epoch at whose end it was taken); also its
+    architecture (``channels``, and ``num_branches`` for a detector), so the final report can time a model of that
+    shape again."""
+    stats = model_stats(pl_module.model)
     stats["channels"] = dict(pl_module.model.channels)
-    stats["num_branches"] = pl_module.model.num_branches
+    if hasattr(pl_module.model, "num_branches"):
+        stats["num_branches"] = pl_module.model.num_branches
     if with_map and trainer.datamodule is not None:
         # named for what it is: the model in the middle of training, not an equal-budget dense baseline
-        stats["map50_before_pruning"] = test_map50(trainer, pl_module)
-        stats["map50_before_pruning_epoch"] = trainer.current_epoch
+        dm = trainer.datamodule
+        if not hasattr(dm, "test_ds"):
+            dm.setup("test")
+        stats[f"{pl_module.quality}_before_pruning"] = pl_module.evaluate(dm.test_dataloader())
+        stats[f"{pl_module.quality}_before_pruning_epoch"] = trainer.current_epoch
     return stats
-
-
-@torch.no_grad()
-def test_map50(trainer, pl_module) -> float:
-    """Evaluate the current model on the test split (mAP@0.5 only; the COCO metric is left untouched)."""
-    from lightning_fabric.utilities.apply_func import move_data_to_device
-
-    dm = trainer.datamodule
-    if not hasattr(dm, "test_ds"):
-        dm.setup("test")
-    metric = pl_module.metrics["test_voc"]
-    metric.reset()
-    was_training = pl_module.training
-    pl_module.eval()
-    coco = pl_module.metrics.pop("test_coco") if "test_coco" in pl_module.metrics else None
-    try:
-        for batch in dm.test_dataloader():
-            pl_module._eval_step(move_data_to_device(batch, pl_module.device), "test")
-        value = float(metric.compute()["map"])
-    finally:
-        if coco is not None:
-            pl_module.metrics["test_coco"] = coco
-        metric.reset()
-        pl_module.train(was_training)
-    return value
 
 
 def compression(dense: dict, final: dict) -> dict[str, float]:

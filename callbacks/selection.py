@@ -8,9 +8,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from callbacks.budget import head_consumers
 from callbacks.state import Phase, find_state
-from lightning_modules.ssd import layer_specs
 
 
 def splevel(t: Tensor, dim: int) -> Tensor:
@@ -81,19 +79,27 @@ def select_filters(
     return selection
 
 
-def prunable_layers(phase: Phase, is_last_phase: bool) -> list[str]:
-    """A phase prunes its layers except conv1_1 (the input layer, never pruned) and its last layer, which is
-    the first layer of the next phase (phases share their boundary layer); the final phase prunes its last
-    layer too (F rule only: nothing follows it in the trunk)."""
-    layers = [n for n in phase.layers if n != "conv1_1"]
+def prunable_layers(phase: Phase, is_last_phase: bool, never_prune: tuple[str, ...] = ()) -> list[str]:
+    """A phase prunes its layers except those the network never prunes (``never_prune``, e.g. SSD's input layer
+    conv1_1) and its last layer, which is the first layer of the next phase (phases share their boundary layer); the
+    final phase prunes its last layer too (F rule only: nothing follows it in the trunk)."""
+    layers = [n for n in phase.layers if n not in never_prune]
     if not is_last_phase and layers and layers[-1] == phase.layers[-1]:
         layers = layers[:-1]
     return layers
 
 
-def trunk_successors(size: int, present: set[str]) -> dict[str, str | None]:
-    names = [s.name for s in layer_specs(size) if s.name in present]
+def trunk_successors(names: list[str] | tuple[str, ...], present: set[str]) -> dict[str, str | None]:
+    """The next prunable layer (in network order) after each layer still present."""
+    names = [n for n in names if n in present]
     return {a: b for a, b in zip(names, names[1:] + [None])}
+
+
+def _as_columns(consumer: torch.nn.Module, channels: int) -> Tensor:
+    """A consumer's weight shaped (out, channels, ...): a linear layer after a flatten reads channel i through
+    ``in_features / channels`` columns."""
+    w = consumer.weight.detach()
+    return w.view(w.shape[0], channels, -1) if isinstance(consumer, torch.nn.Linear) else w
 
 
 class FilterSelection(Callback):
@@ -109,6 +115,8 @@ class FilterSelection(Callback):
             definition: every layer that reads channel i): also the loc/conf head columns of a source layer
             (conv4_3, conv7, conv8_2, ...).
     """
+
+    pruning_stage = "FilterSelection"
 
     def __init__(self, s_F: float = 0.7, s_F_min: float = 0.3, s_G: float = 0.7, min_width: int = 8, round_to: int = 1,
                  g_over: str = "next_conv"):
@@ -140,10 +148,12 @@ class FilterSelection(Callback):
         for name, mask in (masks or {}).items():  # a masked channel (BatchNorm scale at 0) is a fully sparse F_i
             if mask.dim() == 1 and name in weights and mask.numel() == weights[name].shape[0]:
                 weights[name] = weights[name] * mask.to(weights[name]).view(-1, 1, 1, 1)
-        layers = prunable_layers(phase, is_last_phase)
-        nxt = trunk_successors(pl_module.hparams.size, set(model.layers))
+        layers = prunable_layers(phase, is_last_phase, model.never_prune)
+        nxt = trunk_successors(model.layer_names(), set(model.layers))
         extra = None
-        if self.g_over == "all_consumers":  # the next conv is G already; add the heads a source layer feeds
-            extra = {src: [h.weight.detach() for h in head_consumers(model, src)] for src in model.sources}
+        if self.g_over == "all_consumers":  # the next conv is G already; add every other reader (heads, a linear)
+            convs = set(model.layers.values())
+            extra = {n: [_as_columns(c, model.channels[n]) for c in model.consumers(n) if c not in convs]
+                     for n in model.layers}
         return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to,
                               extra)

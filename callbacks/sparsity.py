@@ -5,8 +5,6 @@ It declares the pruning schedule and owns the state the three pruning callbacks 
 
 from __future__ import annotations
 
-import itertools
-
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
@@ -16,7 +14,7 @@ from callbacks.budget import architecture_cost, channel_macs, consumer_weight, k
 from callbacks.report import measure_model
 from callbacks.selection import prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
-from lightning_modules.metrics import VOCMeanAveragePrecision
+from lightning_modules.contract import check_prunable
 
 
 def rms(w: Tensor) -> float:
@@ -91,6 +89,8 @@ class SparsityInduction(Callback):
     The dense model is then measured when the window starts, before any channel is shrunk.
     """
 
+    pruning_stage = "SparsityInduction"
+
     def __init__(
         self,
         schedule: list[Phase],
@@ -163,7 +163,9 @@ class SparsityInduction(Callback):
                                 "validation split is the test split: carve one out of the training data with "
                                 "--data.val_fraction 0.1 (or name one with --data.val_set)")
         # fast_dev_run forces a single epoch: a smoke test of the wiring, not of the schedule's length
-        validate_schedule(self.state.phases, pl_module.hparams.size, None if trainer.fast_dev_run else trainer.max_epochs)
+        check_prunable(pl_module)
+        validate_schedule(self.state.phases, pl_module.model.layer_names(),
+                          None if trainer.fast_dev_run else trainer.max_epochs)
         for p in self.state.phases:
             missing = [n for n in p.layers if n not in pl_module.model.layers]
             if missing:
@@ -186,7 +188,7 @@ class SparsityInduction(Callback):
         if self.sparsity_on == "weights":
             return [model.layers[n].weight for n in phase.layers]
         last = self.state.phase_index(phase) == len(self.state.phases) - 1
-        return [model.norms[n].weight for n in prunable_layers(phase, last) if n in model.norms]
+        return [model.norms[n].weight for n in prunable_layers(phase, last, model.never_prune) if n in model.norms]
 
     def l1_terms(self, pl_module, phase: Phase) -> list[tuple[Tensor, Tensor | None]]:
         """(tensor, which of its entries the L1 term acts on; None = all): ``l1_params``, or with
@@ -236,8 +238,9 @@ class SparsityInduction(Callback):
         """``l1_target="below_budget"``: the channels the threshold would remove now get the L1 term this epoch."""
         if self.state.dense_stats is None:  # the dense model, before any channel is shrunk
             self.state.dense_stats = measure_model(trainer, pl_module, with_map=self.state.measure_dense_map)
-            if "map50_before_pruning_epoch" in self.state.dense_stats:  # taken before this epoch: at the last one's end
-                self.state.dense_stats["map50_before_pruning_epoch"] = trainer.current_epoch - 1
+            key = f"{pl_module.quality}_before_pruning_epoch"
+            if key in self.state.dense_stats:  # taken before this epoch: at the last one's end
+                self.state.dense_stats[key] = trainer.current_epoch - 1
         scores = self._channel_scores(pl_module, index)
         tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
         self.state.l1_candidates = {n: ~m for n, m in masks_for_tau(scores, tau).items()}
@@ -312,13 +315,13 @@ class SparsityInduction(Callback):
         phase = self.state.phases[index]
         model = pl_module.model
         last = index == len(self.state.phases) - 1
-        gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last) if n in model.norms}
+        gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last, model.never_prune) if n in model.norms}
         if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
             gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
             gammas = {n: g / g.mean().clamp(min=1e-12) for n, g in gammas.items()}
         if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
-            cost = channel_macs(model, model.size)
+            cost = channel_macs(model)
             mean = sum(cost[n] for n in gammas) / len(gammas)
             gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
         return gammas
@@ -360,20 +363,9 @@ class SparsityInduction(Callback):
                 hi = mid
         return tau_for_sparsity(scores, hi)
 
-    @torch.no_grad()
     def _eval_map(self, trainer, pl_module) -> float:
-        loader = trainer.datamodule.val_dataloader()
-        metric = VOCMeanAveragePrecision(len(pl_module.classes), use_07_metric=pl_module.hparams.use_07_metric)
-        was_training = pl_module.training
-        pl_module.eval()
-        for images, targets in itertools.islice(loader, self.search_batches):
-            if not targets:
-                continue
-            dets = [{k: v.cpu() for k, v in d.items()} for d in pl_module.predict_batch(images.to(pl_module.device))]
-            preds, gts, _, _ = pl_module.metric_inputs(dets, targets)
-            metric.update(preds, gts)
-        pl_module.train(was_training)
-        return float(metric.compute()["map"])
+        """The module's quality figure (the pruning contract's ``evaluate``) on ``search_batches`` validation batches."""
+        return pl_module.evaluate(trainer.datamodule.val_dataloader(), self.search_batches)
 
     @torch.no_grad()
     def _search_tau(self, trainer, pl_module, scores: dict[str, Tensor], params: list[Tensor]) -> float:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_modules.ssd import layer_specs
 
 
 class ScheduleError(ValueError):
@@ -49,16 +48,17 @@ class Phase:
         return int(self.surgery_epoch) - 1
 
 
-def validate_schedule(phases: list[Phase], size: int, max_epochs: int | None) -> None:
-    """Fail at start-up, with a message saying what to change, on a schedule that cannot run."""
-    names = [s.name for s in layer_specs(size)]
+def validate_schedule(phases: list[Phase], names: list[str] | tuple[str, ...], max_epochs: int | None) -> None:
+    """Fail at start-up, with a message saying what to change, on a schedule that cannot run (``names``: the
+    network's layers in order, ``layer_names()`` of the pruning contract)."""
+    names = list(names)
     if not phases:
         raise ScheduleError("the pruning schedule is empty: give at least one phase")
     prev_end = 0
     for i, p in enumerate(phases):
         unknown = [n for n in p.layers if n not in names]
         if unknown:
-            raise ScheduleError(f"phase {i}: unknown layer(s) {unknown}; SSD{size} layers are: {', '.join(names)}")
+            raise ScheduleError(f"phase {i}: unknown layer(s) {unknown}; the model's layers are: {', '.join(names)}")
         order = [names.index(n) for n in p.layers]
         if order != sorted(order) or len(set(order)) != len(order):
             raise ScheduleError(f"phase {i}: layers must be distinct and in network order, got {p.layers}")
@@ -130,25 +130,23 @@ class PruningState:
 
 def find_state(trainer) -> PruningState:
     """The state owned by the trainer's ``SparsityInduction`` callback (which declares the schedule)."""
-    from callbacks.sparsity import SparsityInduction
-
     for cb in trainer.callbacks:
-        if isinstance(cb, SparsityInduction):
+        if isinstance(getattr(cb, "state", None), PruningState):
             return cb.state
     raise RuntimeError("FilterSelection and StructuredSurgery need a SparsityInduction callback, which declares "
                        "the pruning schedule; add it to trainer.callbacks before them")
 
 
-def callback_order_check(trainer) -> None:
-    from callbacks.selection import FilterSelection
-    from callbacks.sparsity import SparsityInduction
-    from callbacks.surgery import StructuredSurgery
+PRUNING_STAGES = ("SparsityInduction", "FilterSelection", "StructuredSurgery")  # each callback's ``pruning_stage``
 
-    kinds = [type(cb) for cb in trainer.callbacks if isinstance(cb, (SparsityInduction, FilterSelection, StructuredSurgery))]
-    expected = [k for k in (SparsityInduction, FilterSelection, StructuredSurgery) if k in kinds]
+
+def callback_order_check(trainer) -> None:
+    """The three pruning callbacks, once each, in stage order (each names its stage in ``pruning_stage``)."""
+    kinds = [cb.pruning_stage for cb in trainer.callbacks if getattr(cb, "pruning_stage", None) in PRUNING_STAGES]
+    expected = [k for k in PRUNING_STAGES if k in kinds]
     if kinds != expected or len(kinds) != len(set(kinds)):
         raise ScheduleError("pruning callbacks must appear once each, in the order SparsityInduction, FilterSelection, "
-                         f"StructuredSurgery; got {[k.__name__ for k in kinds]}")
+                            f"StructuredSurgery; got {kinds}")
 
 
 @torch.no_grad()

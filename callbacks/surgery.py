@@ -1,9 +1,11 @@
 """StructuredSurgery: paper A's stage 3 — physically remove the selected filters, then retrain.
 
-The channel surgery itself is Torch-Pruning's dependency graph: removing conv l's output channels also
-removes conv l+1's input channels, the BatchNorm channels, conv4_3's L2Norm scales and the loc/conf heads'
-input channels. Written here: a Torch-Pruning pruner for our ``L2Norm`` (a custom layer), and the transfer of
-the optimiser state (momentum) to the surviving weights, so training continues where it was.
+The channel surgery itself is Torch-Pruning's dependency graph: removing conv l's output channels also removes
+every consumer's input channels (the next conv, the BatchNorm channels, SSD's L2Norm scales and loc/conf heads, a
+classifier's first linear layer). Written here: the transfer of the optimiser state (momentum) to the surviving
+weights, so training continues where it was. What is model-specific (custom layers' pruners, which channels index
+each parameter, SSD's branch dropping) comes from the network through the pruning contract
+(``lightning_modules/contract.py``).
 """
 
 from __future__ import annotations
@@ -21,43 +23,7 @@ from torch import Tensor, nn
 from callbacks.report import measure_model
 from callbacks.distributed import check_ranks, rewrap_ddp
 from callbacks.state import find_state
-from lightning_modules.ssd import SSD, L2Norm
-
-
-class L2NormPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning handler for ``L2Norm``: its per-channel scale follows conv4_3's channels."""
-
-    TARGET_MODULES = L2Norm
-
-    def prune_out_channels(self, layer: L2Norm, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
-        layer.weight = nn.Parameter(layer.weight.data[keep].clone())
-        return layer
-
-    prune_in_channels = prune_out_channels
-
-    def get_out_channels(self, layer: L2Norm) -> int:
-        return layer.weight.shape[0]
-
-    get_in_channels = get_out_channels
-
-
-def _param_dims(model: SSD) -> dict[str, tuple[str | None, str | None]]:
-    """For each parameter: which layer's channels index its dim 0 and dim 1 (None: unaffected)."""
-    names = [s.name for s in model.specs]
-    prev = dict(zip(names[1:], names[:-1]))
-    dims: dict[str, tuple[str | None, str | None]] = {}
-    for n in names:
-        dims[f"layers.{n}.weight"] = (n, prev.get(n))
-        dims[f"layers.{n}.bias"] = (n, None)
-        dims[f"norms.{n}.weight"] = (n, None)
-        dims[f"norms.{n}.bias"] = (n, None)
-    dims["l2norm.weight"] = ("conv4_3", None)
-    for head in ("classification_head", "regression_head"):
-        for k, src in enumerate(model.sources):
-            dims[f"head.{head}.module_list.{k}.weight"] = (None, src)
-            dims[f"head.{head}.module_list.{k}.bias"] = (None, None)
-    return dims
+from lightning_modules.contract import PrunableNet
 
 
 def _index(t: Tensor, d0: Tensor | None, d1: Tensor | None) -> Tensor:
@@ -68,7 +34,7 @@ def _index(t: Tensor, d0: Tensor | None, d1: Tensor | None) -> Tensor:
     return t
 
 
-def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.optim.Optimizer | None = None) -> None:
+def prune_filters(model: PrunableNet, selection: dict[str, list[int]], optimizer: torch.optim.Optimizer | None = None) -> None:
     """Remove ``selection[layer]`` filters from ``model`` in place (Torch-Pruning), and carry the optimiser's
     per-parameter state (momentum, Adam moments) over to the surviving entries."""
     selection = {k: sorted(set(v)) for k, v in selection.items() if v}
@@ -82,7 +48,7 @@ def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.
             for name, idx in selection.items()}
     named = dict(model.named_parameters())
     old_names = {id(p): n for n, p in named.items()}
-    dims = _param_dims(model)
+    dims = model.param_dims()
     saved_state = {}
     if optimizer is not None:
         for group in optimizer.param_groups:
@@ -91,11 +57,9 @@ def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.
                     saved_state[old_names[id(p)]] = optimizer.state.pop(p)
     was_training = model.training
     model.eval()
-    ref = next(model.parameters())
-    example = torch.zeros(1, 3, model.size, model.size, device=ref.device, dtype=ref.dtype)
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                   customized_pruners={L2Norm: L2NormPruner()})
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=model.example_input(),
+                                                   customized_pruners=model.tp_pruners())
     with torch.no_grad():
         for name, idx in selection.items():
             group = dg.get_pruning_group(model.layers[name], tp.prune_conv_out_channels, idxs=idx)
@@ -119,27 +83,11 @@ def prune_filters(model: SSD, selection: dict[str, list[int]], optimizer: torch.
                                   for key, v in st.items()}
 
 
-@torch.no_grad()
-def drop_branches(model: SSD, k: int) -> None:
-    """Keep only the first k detection branches (paper A's "pruned-kdet"): later extra layers, their heads and
-    their default boxes go."""
-    if k >= len(model.sources):
-        return
-    from lightning_modules.ssd import default_boxes
-
-    last = model.sources[k - 1]
-    names = [s.name for s in model.specs]
-    cut = names.index(last) + 1
-    for n in names[cut:]:
-        del model.layers[n]
-        if n in model.norms:
-            del model.norms[n]
-    model.specs = model.specs[:cut]
-    model.sources = model.sources[:k]
-    model.num_branches = k
-    for head in (model.head.classification_head, model.head.regression_head):
-        head.module_list = nn.ModuleList(list(head.module_list)[:k])
-    model.priors = default_boxes(model.size, k, getattr(model, "prior_sizes", None)).to(model.priors.device)
+def drop_branches(model: PrunableNet, k: int) -> None:
+    """Keep only the first k detection branches (paper A's "pruned-kdet"), for networks that have branches."""
+    if not hasattr(model, "drop_branches"):
+        raise TypeError(f"{type(model).__name__} has no detection branches to drop (StructuredSurgery.num_branches)")
+    model.drop_branches(k)
 
 
 def surgery_line(record: dict, phases: int, dense: dict | None, macs: int, before: dict, after: dict) -> str:
@@ -169,6 +117,8 @@ class StructuredSurgery(Callback):
             phase's L1 window).
     """
 
+    pruning_stage = "StructuredSurgery"
+
     def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True, init_from: str = "current"):
         if init_from not in ("current", "l1"):
             raise ValueError(f"init_from must be 'current' or 'l1', got {init_from!r}")
@@ -183,7 +133,7 @@ class StructuredSurgery(Callback):
 
     @staticmethod
     @torch.no_grad()
-    def restore_l1_weights(model: SSD, layers: list[str], state) -> None:
+    def restore_l1_weights(model: PrunableNet, layers: list[str], state) -> None:
         """Paper A, stage 3: the smaller model starts from the *un-thresholded* L1-trained weights Θ_L1 of the kept
         filters (the threshold only decided which filters go)."""
         for name in layers:
@@ -200,13 +150,13 @@ class StructuredSurgery(Callback):
         self._surgeries(trainer, pl_module, state)
         self._log_curve(pl_module, state)
 
-    def _macs(self, model: SSD) -> int:
+    def _macs(self, model: PrunableNet) -> int:
         """MACs of the current architecture (counted once per architecture: the curve is logged every epoch)."""
-        key = (tuple(model.channels.items()), model.num_branches)
+        key = (tuple(model.channels.items()), getattr(model, "num_branches", None))
         if getattr(self, "_macs_key", None) != key:
             from callbacks.report import model_stats
 
-            self._macs_key, self._macs_value = key, model_stats(model, model.size, latency=False)["macs"]
+            self._macs_key, self._macs_value = key, model_stats(model, latency=False)["macs"]
         return self._macs_value
 
     def _log_curve(self, pl_module, state) -> None:
@@ -246,7 +196,8 @@ class StructuredSurgery(Callback):
                 state.masks.pop(name, None)
             # later masks (none by construction) would be stale; the architecture now travels in hparams
             pl_module.hparams["channels"] = pl_module.model.channels
-            pl_module.hparams["num_branches"] = pl_module.model.num_branches
+            if hasattr(pl_module.model, "num_branches"):
+                pl_module.hparams["num_branches"] = pl_module.model.num_branches
             record = {"phase": i, "epoch": trainer.current_epoch, "seconds": round(seconds, 4),
                       "removed": {k: len(v) for k, v in state.selection.items()},
                       "params": sum(p.numel() for p in pl_module.model.parameters()),

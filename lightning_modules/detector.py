@@ -126,7 +126,7 @@ class SSDDetector(pl.LightningModule):
             self.apply_memory_format()
 
     def _check_and_state(self, checkpoint: dict, source: str) -> dict:
-        from lightning_modules.export import model_state_dict
+        from lightning_modules.checkpoints import model_state_dict
         from lightning_modules.ssd import check_state_dict
 
         self._rebuild(checkpoint.get("architecture"))
@@ -141,7 +141,7 @@ class SSDDetector(pl.LightningModule):
 
     def load_weights(self, path: str) -> None:
         """Load detector weights from a checkpoint of this module (``weights_only=True``: no pickled code runs)."""
-        from lightning_modules.export import CheckpointError, read_checkpoint
+        from lightning_modules.checkpoints import CheckpointError, read_checkpoint
 
         if path == "REQUIRED":
             raise ValueError("this experiment starts from a trained SSD: pass --model.init_checkpoint <checkpoint path>")
@@ -191,6 +191,30 @@ class SSDDetector(pl.LightningModule):
         return losses["loss"]
 
     # ----------------------------------------------------------------- evaluation
+    quality = "map50"  # the pruning contract's quality figure: VOC07 mAP@0.5
+
+    @torch.no_grad()
+    def evaluate(self, loader, max_batches: int | None = None) -> float:
+        """VOC mAP@0.5 of the current model on ``loader`` (its first ``max_batches`` batches), in eval mode; the
+        module's own metrics are left untouched (the pruning contract's ``evaluate``)."""
+        import itertools
+
+        from lightning_fabric.utilities.apply_func import move_data_to_device
+
+        metric = VOCMeanAveragePrecision(len(self.classes), use_07_metric=self.hparams.use_07_metric).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            for images, targets in itertools.islice(loader, max_batches):
+                if not targets:
+                    continue
+                images, targets = move_data_to_device((images, targets), self.device)
+                voc_preds, voc_targets, _, _ = self.metric_inputs(self.predict_batch(images), targets)
+                metric.update(voc_preds, voc_targets)
+            return float(metric.compute()["map"])
+        finally:
+            self.train(was_training)
+
     def predict_batch(self, images: Tensor) -> list[dict[str, Tensor]]:
         """Detections with normalised xyxy boxes."""
         loc, conf = self(images)

@@ -152,6 +152,29 @@ def num_anchors(size: int) -> list[int]:
     return [2 + 2 * len(a) for a in PRIORS[size].aspect_ratios]
 
 
+def l2norm_pruner():
+    """Torch-Pruning handler for ``L2Norm`` (a layer its dependency graph does not know): its per-channel scale
+    follows conv4_3's channels."""
+    import torch_pruning as tp
+
+    class L2NormPruner(tp.pruner.function.BasePruningFunc):
+        TARGET_MODULES = L2Norm
+
+        def prune_out_channels(self, layer: L2Norm, idxs) -> nn.Module:
+            keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+            layer.weight = nn.Parameter(layer.weight.data[keep].clone())
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer: L2Norm) -> int:
+            return layer.weight.shape[0]
+
+        get_in_channels = get_out_channels
+
+    return L2NormPruner()
+
+
 class L2Norm(nn.Module):
     """Channel-wise L2 normalisation with a learned per-channel scale (ParseNet; SSD's conv4_3, scale 20)."""
 
@@ -202,6 +225,73 @@ class SSD(nn.Module):
     def channels(self) -> dict[str, int]:
         """Current width (output channels) of every named layer."""
         return {name: conv.out_channels for name, conv in self.layers.items()}
+
+    # ------------------------------------------------ the pruning contract (lightning_modules/contract.py)
+    never_prune = ("conv1_1",)  # the input layer: its filters see the image directly
+
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in layer_specs(self.size))
+
+    def head_consumers(self, name: str) -> list[nn.Conv2d]:
+        """The loc/conf head convolutions that read ``name``'s channels (none unless it is a detection source)."""
+        if name not in self.sources:
+            return []
+        k = list(self.sources).index(name)
+        return [self.head.classification_head.module_list[k], self.head.regression_head.module_list[k]]
+
+    def consumers(self, name: str) -> list[nn.Module]:
+        """The next trunk convolution, then the heads of a source layer (conv4_3's L2Norm only rescales)."""
+        names = list(self.layers)
+        i = names.index(name)
+        return ([self.layers[names[i + 1]]] if i + 1 < len(names) else []) + self.head_consumers(name)
+
+    def example_input(self, batch: int = 1) -> Tensor:
+        ref = next(self.parameters())
+        return torch.zeros(batch, 3, self.size, self.size, device=ref.device, dtype=ref.dtype)
+
+    def at_widths(self, widths: dict[str, int]) -> SSD:
+        return build_ssd(self.size, self.num_classes + 1, widths, 1.0, self.num_branches, False, bool(len(self.norms)),
+                         self.prior_sizes)
+
+    def param_dims(self) -> dict[str, tuple[str | None, str | None]]:
+        """For each parameter: which layer's channels index its dim 0 and dim 1 (None: unaffected)."""
+        names = [s.name for s in self.specs]
+        prev = dict(zip(names[1:], names[:-1]))
+        dims: dict[str, tuple[str | None, str | None]] = {}
+        for n in names:
+            dims[f"layers.{n}.weight"] = (n, prev.get(n))
+            dims[f"layers.{n}.bias"] = (n, None)
+            dims[f"norms.{n}.weight"] = (n, None)
+            dims[f"norms.{n}.bias"] = (n, None)
+        dims["l2norm.weight"] = ("conv4_3", None)
+        for head in ("classification_head", "regression_head"):
+            for k, src in enumerate(self.sources):
+                dims[f"head.{head}.module_list.{k}.weight"] = (None, src)
+                dims[f"head.{head}.module_list.{k}.bias"] = (None, None)
+        return dims
+
+    def tp_pruners(self) -> dict:
+        return {L2Norm: l2norm_pruner()}
+
+    @torch.no_grad()
+    def drop_branches(self, k: int) -> None:
+        """Keep only the first k detection branches (paper A's "pruned-kdet"): later extra layers, their heads and
+        their default boxes go."""
+        if k >= len(self.sources):
+            return
+        last = self.sources[k - 1]
+        names = [s.name for s in self.specs]
+        cut = names.index(last) + 1
+        for n in names[cut:]:
+            del self.layers[n]
+            if n in self.norms:
+                del self.norms[n]
+        self.specs = self.specs[:cut]
+        self.sources = self.sources[:k]
+        self.num_branches = k
+        for head in (self.head.classification_head, self.head.regression_head):
+            head.module_list = nn.ModuleList(list(head.module_list)[:k])
+        self.priors = default_boxes(self.size, k, self.prior_sizes).to(self.priors.device)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = []

@@ -7,7 +7,7 @@ from callbacks.selection import prunable_layers, select_filters, splevel
 from callbacks.sparsity import masks_for_tau, normalised_magnitudes, tau_for_sparsity
 from callbacks.state import Phase, PruningState, apply_masks, validate_schedule
 from callbacks.surgery import drop_branches, prune_filters
-from lightning_modules.ssd import build_ssd
+from lightning_modules.ssd import build_ssd, layer_specs
 
 SELECTION = {"conv1_2": [0, 3], "conv3_3": [7], "conv4_3": [1, 2, 5], "conv5_3": [0, 1], "conv6": [3, 9],
              "conv7": [0, 10, 20], "conv8_2": [4], "conv9_1": [2], "conv11_1": [0], "conv11_2": [3]}
@@ -124,7 +124,8 @@ def test_masks_hold_zero_under_momentum_and_weight_decay():
 
 def test_prunable_layers_share_boundaries():
     p1 = Phase(["conv1_1", "conv1_2", "conv4_3"], (0, 1))
-    assert prunable_layers(p1, is_last_phase=False) == ["conv1_2"]
+    assert prunable_layers(p1, is_last_phase=False, never_prune=("conv1_1",)) == ["conv1_2"]
+    assert prunable_layers(p1, is_last_phase=False) == ["conv1_1", "conv1_2"]
     assert prunable_layers(Phase(["conv8_2", "conv11_2"], (0, 1)), is_last_phase=True) == ["conv8_2", "conv11_2"]
 
 
@@ -137,7 +138,7 @@ def test_prunable_layers_share_boundaries():
 ])
 def test_bad_schedules_fail_clearly(phases, max_epochs, msg):
     with pytest.raises(ValueError, match=msg):
-        validate_schedule(phases, 300, max_epochs)
+        validate_schedule(phases, [s.name for s in layer_specs(300)], max_epochs)
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
@@ -257,7 +258,7 @@ def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
     cb.state.dense_stats = {"params": 1}  # measured already
     cb.on_train_epoch_start(trainer, det)
     cand = cb.state.l1_candidates
-    prunable = prunable_layers(cb.state.phases[0], True)
+    prunable = prunable_layers(cb.state.phases[0], True, det.model.never_prune)
     assert set(cand) == set(prunable)
     gammas = torch.cat([before[n][0] for n in prunable])
     chosen = torch.cat([cand[n] for n in prunable])
@@ -356,7 +357,7 @@ def test_channel_macs_account_for_every_convolution():
         h.remove()
     trunk = sum(macs[c] for c in m.layers.values())
     heads = sum(v for c, v in macs.items() if c not in set(m.layers.values()))
-    cost = channel_macs(m, 300)
+    cost = channel_macs(m)
     total = sum(cost[n] * m.layers[n].out_channels for n in m.layers)
     assert total == pytest.approx(2 * trunk - macs[m.layers["conv1_1"]] + heads, rel=1e-9)
     assert cost["conv1_2"] > 100 * cost["conv9_2"]  # high resolution costs more per channel
