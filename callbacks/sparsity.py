@@ -14,7 +14,7 @@ from callbacks.budget import architecture_cost, channel_macs, consumer_weight, k
 from callbacks.report import measure_model
 from callbacks.selection import prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
-from lightning_modules.contract import check_prunable
+from lightning_modules.contract import check_prunable, consumer_columns
 
 
 def rms(w: Tensor) -> float:
@@ -48,6 +48,21 @@ def masks_for_tau(norm: dict[str, Tensor], tau: float) -> dict[str, Tensor]:
     return {name: v > tau for name, v in norm.items()}
 
 
+@torch.no_grad()
+def group_l1(model, name: str) -> Tensor:
+    """Per channel of ``name``: the mean over the tensors its removal cuts (filter, bias, BatchNorm scale and shift,
+    its column in every consumer) of that slice's L1 norm (Torch-Pruning's group magnitude, p=1, mean reduction)."""
+    conv = model.layers[name]
+    c = conv.out_channels
+    parts = [conv.weight.detach().abs().flatten(1).sum(1)]
+    if conv.bias is not None:
+        parts.append(conv.bias.detach().abs())
+    if name in model.norms:
+        parts += [model.norms[name].weight.detach().abs(), model.norms[name].bias.detach().abs()]
+    parts += [consumer_columns(m, c).abs().sum(1) for m in model.consumers(name)]
+    return torch.stack([p.float() for p in parts]).mean(0)
+
+
 class SparsityInduction(Callback):
     """L1 sparsity training and the improved global threshold, per phase of ``schedule``.
 
@@ -74,7 +89,9 @@ class SparsityInduction(Callback):
     how strongly the consumers read the channel (``"gamma_g"``: paper A's G_i, as a magnitude over the next conv and
     the detection heads), optionally divided by its layer's mean score (``score_norm="layer_mean"``, as Torch-Pruning's
     mean normaliser: a layer whose scales L1 training shrank as a whole is not wiped out), divided by (the channel's
-    relative MAC cost) ** ``cost_exponent`` (0: cost-blind). How many
+    relative MAC cost) ** ``cost_exponent`` (0: cost-blind); or ``"group_l1"``, the mean L1 norm of everything the
+    channel's removal deletes (its filter, bias, BatchNorm scale and shift, and its columns in every consumer):
+    Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` (DepGraph, Fang et al. 2023), here as a channel score. How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
 
@@ -139,8 +156,8 @@ class SparsityInduction(Callback):
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
         self.cost_exponent = cost_exponent
-        if channel_score not in ("gamma", "gamma_g"):
-            raise ValueError(f"channel_score must be 'gamma' or 'gamma_g', got {channel_score!r}")
+        if channel_score not in ("gamma", "gamma_g", "group_l1"):
+            raise ValueError(f"channel_score must be 'gamma', 'gamma_g' or 'group_l1', got {channel_score!r}")
         self.channel_score = channel_score
         if score_norm not in ("none", "layer_mean"):
             raise ValueError(f"score_norm must be 'none' or 'layer_mean', got {score_norm!r}")
@@ -244,6 +261,7 @@ class SparsityInduction(Callback):
         scores = self._channel_scores(pl_module, index)
         tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
         self.state.l1_candidates = {n: ~m for n, m in masks_for_tau(scores, tau).items()}
+        self._candidate_tau = tau
         total = sum(m.numel() for m in self.state.l1_candidates.values())
         pl_module.log(f"prune/phase{index}/l1_candidates",
                       sum(int(m.sum()) for m in self.state.l1_candidates.values()) / max(total, 1))
@@ -296,9 +314,14 @@ class SparsityInduction(Callback):
         """``bn_scale``: one global tau on |gamma| over the filters the phase may remove (BatchNorm puts every layer
         on one scale, so no normalisation: Liu et al. 2017, "Network Slimming"); channels at or under tau are
         masked (gamma and beta held at 0, so the channel outputs 0 and its removal changes nothing)."""
-        scores = self._channel_scores(pl_module, index)
-        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
-        masks = masks_for_tau(scores, tau)
+        if self.l1_target == "below_budget" and self.state.l1_candidates:
+            # what was faded out is what goes (the candidates met the budget when they were chosen)
+            masks = {n: ~c.to(pl_module.model.norms[n].weight.device) for n, c in self.state.l1_candidates.items()}
+            tau = getattr(self, "_candidate_tau", float("nan"))
+        else:
+            scores = self._channel_scores(pl_module, index)
+            tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
+            masks = masks_for_tau(scores, tau)
         self.state.masks.update(masks)
         self.state.thresholds[index] = tau
         self.state.l1_candidates = {}
@@ -316,6 +339,8 @@ class SparsityInduction(Callback):
         model = pl_module.model
         last = index == len(self.state.phases) - 1
         gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last, model.never_prune) if n in model.norms}
+        if self.channel_score == "group_l1":
+            gammas = {n: group_l1(model, n) for n in gammas}
         if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
             gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
