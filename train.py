@@ -74,7 +74,8 @@ class SSDCLI(LightningCLI):
         (``--ckpt_path <run>/checkpoints/x.ckpt`` without ``--run_name``) continues in the checkpoint's run folder
         and W&B run; ``--ckpt_path auto`` resumes from the newest checkpoint of ``--run_name`` if there is one."""
         cfg = self.config
-        if cfg.data.init_args.get("classes") in ("auto", None):  # store the resolved list with the run (config.yaml)
+        if "classes" in cfg.data.init_args and cfg.data.init_args.get("classes") in ("auto", None):
+            # store the resolved list with the run (config.yaml)
             cfg.data.init_args.classes = list(cfg.model.init_args.classes)
         run_dir = os.environ.get("SSD_RUN_DIR")
         if not run_dir:
@@ -166,28 +167,30 @@ def main(args: list[str] | None = None) -> Path:
     ranks = check_ranks(model.model, "training")  # every rank ends with the same model (a collective)
     summary_path = run_dir / "summary.json"
     if trainer.is_global_zero:
-        final = model_stats(model.model, model.hparams.size)
-        final["map50"] = float(results[0]["test/map50"])
+        final = model_stats(model.model)
+        quality = getattr(model, "quality", "map50")  # map50 for detectors, top1 for classifiers
+        final[quality] = float(results[0][f"test/{quality}"])
+        if "test/top5" in results[0]:
+            final["top5"] = float(results[0]["test/top5"])
         if "test/coco_map" in results[0]:  # COCO mAP@[.5:.95] (the COCO rows' primary figure)
             final["coco_map"] = float(results[0]["test/coco_map"])
-        final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
+        if hasattr(model, "ap_per_class"):
+            final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
         dense = next((cb.state.dense_stats for cb in trainer.callbacks
                       if getattr(getattr(cb, "state", None), "dense_stats", None)), None)
         # no pruning: the architecture is the final one (its accuracy is final's, not a figure "before pruning")
-        dense = dict(dense) if dense else {k: v for k, v in final.items() if k not in ("map50", "ap50_per_class")}
+        dense = dict(dense) if dense else {k: v for k, v in final.items()
+                                           if k not in (quality, "top5", "coco_map", "ap50_per_class")}
         if "channels" in dense and dense is not final:
             # time the dense architecture and the final model together, interleaved: on a shared machine two
             # latencies taken hours apart are not comparable (weights do not change dense conv timing)
-            from lightning_modules.ssd import build_ssd
-
-            hp = model.hparams
-            dense_arch = build_ssd(hp.size, len(model.classes) + 1, dense.pop("channels"), 1.0,
-                                   dense.pop("num_branches"), False, hp.batch_norm)
-            lat = paired_latency_ms({"dense": dense_arch, "final": model.model}, hp.size)
+            branches = dense.pop("num_branches", None)  # a detector's branches before any were dropped
+            dense_arch = model.model.at_widths(dense.pop("channels"), **({"num_branches": branches} if branches else {}))
+            lat = paired_latency_ms({"dense": dense_arch, "final": model.model})
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
             device = next(model.model.parameters()).device
             if device.type == "cuda":  # on the device that trained, too: batch 1 and a throughput batch
-                timing = paired_device_timing({"dense": dense_arch, "final": model.model}, hp.size, device)
+                timing = paired_device_timing({"dense": dense_arch, "final": model.model}, None, device)
                 dense.update(timing["dense"])
                 final.update(timing["final"])
         final["latency_threads"] = LATENCY_THREADS
@@ -196,7 +199,10 @@ def main(args: list[str] | None = None) -> Path:
         if evaluate:
             export = {"evaluated": str(evaluate)}
         else:
-            export = export_detector(model, run_dir / "export", onnx=cli.config.export_onnx)
+            from lightning_modules.classifier import VGGClassifier, export_classifier
+
+            exporter = export_classifier if isinstance(model, VGGClassifier) else export_detector
+            export = exporter(model, run_dir / "export", onnx=cli.config.export_onnx)
         summary = {
             "run": meta,
             "dense": dense,

@@ -26,11 +26,16 @@ from callbacks.state import find_state
 from lightning_modules.contract import PrunableNet
 
 
-def _index(t: Tensor, d0: Tensor | None, d1: Tensor | None) -> Tensor:
+def _index(t: Tensor, d0: Tensor | None, d1: Tensor | None, width1: int | None = None) -> Tensor:
+    """``t`` with the kept entries of dim 0 and dim 1. ``width1``: the dim-1 layer's width before the surgery; a
+    dim 1 that is a multiple of it (a linear layer after a flatten: ``span`` columns per channel) keeps every
+    column of each kept channel."""
     if d0 is not None:
         t = t.index_select(0, d0.to(t.device))
     if d1 is not None and t.dim() > 1:
-        t = t.index_select(1, d1.to(t.device))
+        span = t.shape[1] // width1 if width1 else 1
+        cols = (d1[:, None] * span + torch.arange(span)).flatten() if span > 1 else d1
+        t = t.index_select(1, cols.to(t.device))
     return t
 
 
@@ -44,6 +49,7 @@ def prune_filters(model: PrunableNet, selection: dict[str, list[int]], optimizer
         n = model.layers[name].out_channels
         if len(idx) >= n:
             raise ValueError(f"cannot remove all {n} filters of {name}")
+    widths = dict(model.channels)
     keep = {name: torch.tensor(sorted(set(range(model.layers[name].out_channels)) - set(idx)))
             for name, idx in selection.items()}
     named = dict(model.named_parameters())
@@ -69,7 +75,7 @@ def prune_filters(model: PrunableNet, selection: dict[str, list[int]], optimizer
     for pname, p in new_named.items():  # verify every parameter has the shape our bookkeeping predicts
         old = named[pname]
         d0, d1 = dims.get(pname, (None, None))
-        expected = _index(old, keep.get(d0) if d0 else None, keep.get(d1) if d1 else None).shape
+        expected = _index(old, keep.get(d0) if d0 else None, keep.get(d1) if d1 else None, widths.get(d1)).shape
         if p.shape != expected:
             raise RuntimeError(f"surgery gave {pname} the shape {tuple(p.shape)}, expected {tuple(expected)}")
     if optimizer is not None:
@@ -79,7 +85,7 @@ def prune_filters(model: PrunableNet, selection: dict[str, list[int]], optimizer
             d0, d1 = dims.get(pname, (None, None))
             k0, k1 = (keep.get(d0) if d0 else None), (keep.get(d1) if d1 else None)
             p = new_named[pname]
-            optimizer.state[p] = {key: (_index(v, k0, k1) if isinstance(v, Tensor) and v.shape == named[pname].shape else v)
+            optimizer.state[p] = {key: (_index(v, k0, k1, widths.get(d1)) if isinstance(v, Tensor) and v.shape == named[pname].shape else v)
                                   for key, v in st.items()}
 
 

@@ -249,9 +249,11 @@ class SSD(nn.Module):
         ref = next(self.parameters())
         return torch.zeros(batch, 3, self.size, self.size, device=ref.device, dtype=ref.dtype)
 
-    def at_widths(self, widths: dict[str, int]) -> SSD:
-        return build_ssd(self.size, self.num_classes + 1, widths, 1.0, self.num_branches, False, bool(len(self.norms)),
-                         self.prior_sizes)
+    def at_widths(self, widths: dict[str, int], num_branches: int | None = None) -> SSD:
+        full = resolve_channels(self.size, None, 1.0)
+        widths = {n: widths.get(n, full[n]) for n in full}  # layers dropped with their branches: any width
+        return build_ssd(self.size, self.num_classes + 1, widths, 1.0, num_branches or self.num_branches, False,
+                         bool(len(self.norms)), self.prior_sizes)
 
     def param_dims(self) -> dict[str, tuple[str | None, str | None]]:
         """For each parameter: which layer's channels index its dim 0 and dim 1 (None: unaffected)."""

@@ -1,0 +1,176 @@
+"""The VGG16 classifier on the pruning contract, CIFAR-10 / GTSRB in torchvision's on-disk layouts, and a CPU run
+that ends compressed."""
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from callbacks.surgery import prune_filters
+from datamodules.classification import CIFAR10DataModule, GTSRBDataModule
+from datamodules.voc import DataError
+from lightning_modules.classifier import VGG16, build_vgg16
+from lightning_modules.contract import PrunableNet
+from tests.conftest import run_train
+
+
+def test_vgg16_size_and_contract():
+    import torch_pruning as tp
+
+    m = build_vgg16(10).eval()
+    macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, 3, 32, 32))
+    assert params == 14_991_946 and round(macs / 1e6, 1) == 314.3  # as the module docstring states
+    assert isinstance(m, PrunableNet) and m.layer_names()[0] == "conv1_1" and len(m.layer_names()) == 13
+    assert m.consumers("conv5_3") == [m.classifier[0]] and m.consumers("conv1_1") == [m.layers["conv1_2"]]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_surgery_through_the_flatten_is_exact(size):
+    """Removing zeroed filters (conv5_3 included: its columns in the first linear layer go, s*s per channel)
+    leaves the logits unchanged; the optimiser state follows."""
+    torch.manual_seed(0)
+    m = build_vgg16(5, width_mult=0.25, size=size).double().eval()
+    sel = {"conv1_1": [0, 3], "conv3_2": [5], "conv5_3": [1, 2, 7]}
+    with torch.no_grad():
+        for name, idx in sel.items():
+            m.layers[name].weight[idx] = 0
+            m.layers[name].bias[idx] = 0
+            m.norms[name].weight[idx] = 0
+            m.norms[name].bias[idx] = 0
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    for p in m.parameters():
+        opt.state[p]["momentum_buffer"] = torch.arange(p.numel(), dtype=p.dtype).view_as(p)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        before = m(x)
+    old_w = m.classifier[0].weight.detach().clone()
+    prune_filters(m, sel, opt)
+    with torch.no_grad():
+        after = m(x)
+    assert (before - after).abs().max() < 1e-8
+    span = (size // 32) ** 2
+    assert m.classifier[0].in_features == (128 - 3) * span
+    keep = [i for i in range(128) if i not in sel["conv5_3"]]
+    cols = torch.tensor([c * span + j for c in keep for j in range(span)])
+    assert torch.equal(m.classifier[0].weight, old_w[:, cols])
+    buf = opt.state[m.classifier[0].weight]["momentum_buffer"]
+    full = torch.arange(old_w.numel(), dtype=torch.float64).view_as(old_w)
+    assert torch.equal(buf, full[:, cols])
+
+
+def cifar_fixture(root: Path, per_batch: int = 24, test: int = 40) -> Path:
+    """cifar-10-batches-py with the real pickle format (small batches)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n, label):
+        labels = rng.integers(0, 10, n).tolist()
+        data = np.zeros((n, 3, 32, 32), np.uint8)
+        for i, lab in enumerate(labels):  # a learnable pattern: the class sets the colour of a square
+            data[i, lab % 3, 4 + lab:20 + lab, 4:20] = 200 + lab * 5
+        data += rng.integers(0, 30, data.shape, dtype=np.uint8)
+        return {"batch_label": label, "labels": labels, "data": data.reshape(n, -1), "filenames": [f"{i}.png" for i in range(n)]}
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch, f"training batch {i} of 5")))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(test, "testing batch 1 of 1")))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_cases_per_batch": per_batch}))
+    return root
+
+
+def test_cifar10_reads_the_pickles_splits_and_limits(tmp_path):
+    root = cifar_fixture(tmp_path / "c")
+    dm = CIFAR10DataModule(str(root), val_fraction=0.2, train_limit=50, batch_size=8, num_workers=0)
+    assert dm.classes[:2] == ("airplane", "automobile") and len(dm.classes) == 10
+    dm.setup("fit")
+    assert len(dm.val_ds) == 24 and len(dm.train_ds) == 50 and len(dm.test_ds) == 40
+    img, label = dm.train_ds[(0, 123)]  # (index, seed): augmented
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and 0 <= label < 10
+    assert torch.equal(dm.train_ds[(0, 123)][0], img)  # the same seed, the same augmentation
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.long
+    again = CIFAR10DataModule(str(root), val_fraction=0.2, train_limit=50, batch_size=8, num_workers=0)
+    again.setup("fit")
+    assert np.array_equal(again.train_ds.labels, dm.train_ds.labels)  # a fixed seeded order
+    with pytest.raises(DataError, match="cifar-10-batches-py not found"):
+        CIFAR10DataModule(str(tmp_path / "none"), batch_size=8).setup("fit")
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR batch file"):
+        CIFAR10DataModule(str(root), batch_size=8).setup("fit")
+
+
+def gtsrb_fixture(root: Path) -> Path:
+    """torchvision's GTSRB layout: Training/<class>/*.ppm (+ GT csv) and Final_Test/Images + GT-final_test.csv."""
+    base = root / "gtsrb"
+    rng = np.random.default_rng(0)
+    for cls in (0, 14, 42):
+        d = base / "GTSRB" / "Training" / f"{cls:05d}"
+        d.mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(d / f"00000_{i:05d}.ppm"), rng.integers(0, 255, (30 + i, 28, 3), dtype=np.uint8))
+    test = base / "GTSRB" / "Final_Test" / "Images"
+    test.mkdir(parents=True)
+    rows = []
+    for i, cls in enumerate((0, 14, 42, 14)):
+        name = f"{i:05d}.ppm"
+        cv2.imwrite(str(test / name), rng.integers(0, 255, (40, 44, 3), dtype=np.uint8))
+        rows.append([name, 44, 40, 1, 1, 40, 36, cls])
+    with open(base / "GT-final_test.csv", "w", newline="") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(["Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId"])
+        w.writerows(rows)
+    return root
+
+
+def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
+    root = gtsrb_fixture(tmp_path / "g")
+    dm = GTSRBDataModule(str(root), image_size=32, val_fraction=0.25, batch_size=4, num_workers=0)
+    assert len(dm.classes) == 43 and dm.classes[14] == "stop"
+    dm.setup("fit")
+    assert len(dm.train_ds) == 9 and len(dm.val_ds) == 3 and sorted(dm.test_ds.labels.tolist()) == [0, 14, 14, 42]
+    img, label = dm.train_ds[(0, 7)]
+    assert img.shape == (3, 32, 32) and label in (0, 14, 42)
+    plain = dm.train_ds[0][0]
+    assert torch.equal(img, plain)  # no flip, no crop: resize only
+    with pytest.raises(DataError, match="GTSRB training split not readable"):
+        GTSRBDataModule(str(tmp_path / "none"), batch_size=4).setup("fit")
+
+
+def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
+    """experiments/cifar10_vgg16.yaml shrunk to a CPU run: the three pruning callbacks on the classifier, top-1 in
+    summary.json, the same summary shape as the detector's, an ONNX export."""
+    root = cifar_fixture(tmp_path / "c")
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
+                {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"], "l1_epochs": [1, 2]},
+                {"layers": ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [2, 3]},
+                {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3"], "l1_epochs": [3, 4]}])
+    path = tmp_path / "cifar_small.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(path), "--trainer.max_epochs", "5", "--trainer.precision", "32", "--trainer.accelerator",
+            "cpu", "--trainer.logger", "false", "--trainer.check_val_every_n_epoch", "1", "--model.width_mult", "0.125",
+            "--model.lr", "0.05", "--data.root", str(root), "--data.batch_size", "16", "--data.num_workers", "0",
+            "--data.val_fraction", "0.2", "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "c"]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "c" / "summary.json").read_text())
+    assert {"dense", "final", "compression", "channels", "export"} <= set(s)
+    assert 0.0 <= s["final"]["top1"] <= 1.0 and "top5" in s["final"] and "map50" not in s["final"]
+    assert s["final"]["params"] < s["dense"]["params"] and s["compression"]["params_x"] > 1.5
+    assert "top1_before_pruning" in s["dense"] and s["run"]["task"] == "classification"
+    assert Path(s["export"]["onnx"]).is_file()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(s["export"]["onnx"])
+    out = sess.run(None, {"images": np.zeros((2, 3, 32, 32), np.float32)})[0]
+    assert out.shape == (2, 10)
