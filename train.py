@@ -153,7 +153,9 @@ def main(args: list[str] | None = None) -> Path:
             lg.experiment.config.update({"resolved_config": cli.config.as_dict(), **meta}, allow_val_change=True)
     evaluate = cli.config.evaluate
     if evaluate:
-        model = load_detector(evaluate)
+        from lightning_modules.classifier import VGGClassifier, load_classifier
+
+        model = (load_classifier if isinstance(model, VGGClassifier) else load_detector)(evaluate)
         if list(model.classes) != list(dm.classes):
             raise DataError(f"{evaluate} was trained on classes {list(model.classes)}, the data module has "
                             f"{list(dm.classes)}; pass --data.classes to match")
@@ -238,6 +240,21 @@ def main(args: list[str] | None = None) -> Path:
     return summary_path
 
 
+def _is_classifier(path: str) -> bool:
+    """Whether a checkpoint or export folder holds the VGG16 classifier (else the SSD detector)."""
+    import json
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if p.is_dir() or p.suffix in (".json", ".safetensors"):
+        spec = folder / "model.json"
+        return spec.is_file() and json.loads(spec.read_text()).get("format") == "vgg16-classifier/1"
+    from lightning_modules.checkpoints import read_checkpoint
+
+    hp = read_checkpoint(p, mmap=True).get("hyper_parameters") or {}
+    return "label_smoothing" in hp
+
+
 def tool_main(argv: list[str]) -> None:
     """``--export`` and ``--predict``: work on a saved model alone, no config needed."""
     import argparse
@@ -269,16 +286,25 @@ def tool_main(argv: list[str]) -> None:
             print(f"wrote: {p}")
         return
     if a.export:
-        det = load_detector(a.export)
         out = Path(a.out) if a.out else Path(a.export).resolve().parent / "export"
-        paths = export_detector(det, out, onnx=not a.no_onnx)
+        if _is_classifier(a.export):
+            from lightning_modules.classifier import export_classifier, load_classifier
+
+            paths = export_classifier(load_classifier(a.export), out, onnx=not a.no_onnx)
+        else:
+            paths = export_detector(load_detector(a.export), out, onnx=not a.no_onnx)
         for kind, path in paths.items():
             print(f"{kind}: {path}")
         return
     if not a.images:
         ap.error("--predict needs --images <folder>")
-    det = load_detector(a.predict).to(a.device)
     out = Path(a.out) if a.out else Path(str(Path(a.images).resolve()) + "_detections")
+    if _is_classifier(a.predict):
+        from lightning_modules.classifier import load_classifier, predict_folder_classes
+
+        print(f"predictions: {predict_folder_classes(load_classifier(a.predict).to(a.device), a.images, out)}")
+        return
+    det = load_detector(a.predict).to(a.device)
     print(f"detections: {predict_folder(det, a.images, out, a.score_threshold)}")
 
 

@@ -108,9 +108,10 @@ class VGG16(nn.Module):
 
 
 def build_vgg16(num_classes: int = 10, channels: dict[str, int] | None = None, width_mult: float = 1.0,
-                size: int = 32) -> VGG16:
+                size: int = 32, hidden: int | None = None) -> VGG16:
+    """VGG16 at ``width_mult`` (the hidden linear layer too, unless ``hidden`` is given), ``channels`` overriding."""
     return VGG16(num_classes, resolve_vgg_widths(channels, width_mult), size,
-                 hidden=max(8, int(round(512 * width_mult))))
+                 hidden=hidden or max(8, int(round(512 * width_mult))))
 
 
 class VGGClassifier(pl.LightningModule):
@@ -123,6 +124,7 @@ class VGGClassifier(pl.LightningModule):
         channels / width_mult: per-layer widths (a pruned model's) or a uniform scale for small runs (the hidden
             linear layer scales with it).
         label_smoothing: cross-entropy label smoothing (0: plain cross-entropy).
+        hidden: width of the hidden linear layer (default 512 x width_mult).
     """
 
     quality = "top1"  # the pruning contract's quality figure
@@ -130,13 +132,14 @@ class VGGClassifier(pl.LightningModule):
     def __init__(self, classes: list[str], size: int = 32, channels: dict[str, int] | None = None,
                  width_mult: float = 1.0, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, lr_milestones: list[float] = (0.5, 0.75), lr_gamma: float = 0.1,
-                 warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False):
+                 warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False,
+                 hidden: int | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.classes = list(classes)
         if len(self.classes) < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {self.classes}")
-        self.model = build_vgg16(len(self.classes), channels, width_mult, size)
+        self.model = build_vgg16(len(self.classes), channels, width_mult, size, hidden)
         self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255, persistent=False)
         k = min(5, len(self.classes))
@@ -205,7 +208,7 @@ class VGGClassifier(pl.LightningModule):
 
     # architecture in checkpoints (a pruned model's widths differ from the config's)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["architecture"] = {"channels": self.model.channels}
+        checkpoint["architecture"] = {"channels": self.model.channels, "hidden": self.model.hidden}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         arch = checkpoint.get("architecture")
@@ -274,3 +277,65 @@ def export_classifier(module: VGGClassifier, out_dir, onnx: bool = True) -> dict
                           opset_version=17, dynamo=False)
         paths["onnx"] = str(path)
     return paths
+
+
+def load_classifier(path) -> VGGClassifier:
+    """A ``VGGClassifier`` (eval mode, CPU) from a Lightning checkpoint or an export folder, at its saved widths."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from lightning_modules.checkpoints import CheckpointError, model_state_dict, read_checkpoint
+
+    p = Path(path)
+    accepted = set(inspect.signature(VGGClassifier.__init__).parameters) - {"self"}
+    if p.is_dir() or p.suffix in (".json", ".safetensors"):
+        from safetensors.torch import load_file
+
+        folder = p if p.is_dir() else p.parent
+        spec = json.loads((folder / "model.json").read_text())
+        if spec.get("format") != "vgg16-classifier/1":
+            raise CheckpointError(f"{folder / 'model.json'} is not a VGG16 classifier export")
+        arch = spec["architecture"]
+        module = VGGClassifier(spec["classes"], size=arch["size"], channels=arch["channels"], hidden=arch["hidden"])
+        module.model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    else:
+        ckpt = read_checkpoint(p)
+        hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k in accepted}
+        if "classes" not in hp:
+            raise CheckpointError(f"{p} has no VGGClassifier hyper-parameters")
+        arch = ckpt.get("architecture") or {}
+        hp["hidden"] = arch.get("hidden") or hp.get("hidden") or max(8, int(round(512 * hp.get("width_mult", 1.0))))
+        hp["channels"] = arch.get("channels") or hp.get("channels")
+        hp["width_mult"] = 1.0
+        module = VGGClassifier(**hp)
+        module.model.load_state_dict(model_state_dict(ckpt))
+    return module.eval()
+
+
+@torch.no_grad()
+def predict_folder_classes(module: VGGClassifier, images_dir, out_dir, batch_size: int = 64):
+    """Class and score for every image of ``images_dir`` (resized to the model's input), in ``predictions.json``."""
+    import json
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    from lightning_modules.export import IMAGE_SUFFIXES, _read_image
+
+    src, dst = Path(images_dir), Path(out_dir)
+    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES + (".ppm",)) if src.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no images in {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    size, results = module.model.size, {}
+    device = next(module.parameters()).device
+    for i in range(0, len(files), batch_size):
+        chunk = files[i:i + batch_size]
+        x = np.stack([cv2.resize(_read_image(f), (size, size), interpolation=cv2.INTER_AREA) for f in chunk])
+        preds = module.predict_batch(torch.from_numpy(x).permute(0, 3, 1, 2).to(device))
+        results.update({f.name: {**p, "score": round(p["score"], 4)} for f, p in zip(chunk, preds)})
+    out = dst / "predictions.json"
+    out.write_text(json.dumps({"classes": list(module.classes), "images": results}, indent=2) + "\n")
+    return out

@@ -174,3 +174,34 @@ def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
     sess = ort.InferenceSession(s["export"]["onnx"])
     out = sess.run(None, {"images": np.zeros((2, 3, 32, 32), np.float32)})[0]
     assert out.shape == (2, 10)
+
+
+def test_classifier_evaluate_export_and_predict_from_the_run(tmp_path):
+    """--evaluate from the export and from the checkpoint, --export of a checkpoint, --predict: class + score."""
+    root = cifar_fixture(tmp_path / "c")
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    cfg["trainer"]["callbacks"] = [cb for cb in cfg["trainer"]["callbacks"] if not cb["class_path"].startswith("callbacks.")]
+    (tmp_path / "dense.yaml").write_text(yaml.safe_dump(cfg))
+    base = ["--config", str(tmp_path / "dense.yaml"), "--trainer.precision", "32", "--trainer.accelerator", "cpu",
+            "--trainer.logger", "false", "--model.width_mult", "0.125", "--data.root", str(root), "--data.batch_size",
+            "16", "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "runs")]
+    proc = run_train(base + ["--trainer.max_epochs", "1", "--run_name", "t"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    for src in (str(tmp_path / "runs" / "t" / "export"), str(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt")):
+        ev = run_train(base + ["--evaluate", src, "--run_name", "ev"])
+        assert ev.returncode == 0, ev.stderr[-3000:]
+        e = json.loads((tmp_path / "runs" / "ev" / "summary.json").read_text())
+        assert e["final"]["top1"] == pytest.approx(s["final"]["top1"], abs=1e-6)
+    ex = run_train(["--export", str(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "ex")])
+    assert ex.returncode == 0, ex.stderr[-3000:]
+    assert (tmp_path / "ex" / "model.onnx").is_file()
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(imgs / f"{i}.png"), np.full((40, 50, 3), 60 * i, np.uint8))
+    pr = run_train(["--predict", str(tmp_path / "ex"), "--images", str(imgs), "--out", str(tmp_path / "pred")])
+    assert pr.returncode == 0, pr.stderr[-3000:]
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert sorted(preds["images"]) == ["0.png", "1.png", "2.png"]
+    assert all(p["class"] in preds["classes"] and 0 <= p["score"] <= 1 for p in preds["images"].values())
