@@ -22,10 +22,10 @@ def model_size_mb(model: nn.Module) -> float:
 
 def example_input(model: nn.Module, input_size: int | None = None, batch: int = 1) -> torch.Tensor:
     """The network's own example input (pruning contract), or a ``batch x 3 x input_size x input_size`` image."""
-    ref = next(model.parameters())
     if input_size is None:
-        return model.example_input(batch).to(ref.device)
-    return torch.zeros(batch, 3, input_size, input_size, device=ref.device)
+        return model.example_input(batch)
+    ref = next(model.parameters(), None)
+    return torch.zeros(batch, 3, input_size, input_size, device=ref.device if ref is not None else "cpu")
 
 
 def cpu_latency_ms(model: nn.Module, input_size: int | None = None, repeats: int = 10) -> float:

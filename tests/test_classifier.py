@@ -176,6 +176,7 @@ def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
     assert out.shape == (2, 10)
 
 
+@pytest.mark.slow  # a training and four tool runs (~1 min)
 def test_classifier_evaluate_export_and_predict_from_the_run(tmp_path):
     """--evaluate from the export and from the checkpoint, --export of a checkpoint, --predict: class + score."""
     root = cifar_fixture(tmp_path / "c")

@@ -117,6 +117,7 @@ def _variant(tmp_path: Path, name: str, *, pruning: bool = True, target: float |
     return cfg_path
 
 
+@pytest.mark.slow  # four trainings (~2.5 min)
 def test_compare_demo_dense_and_two_targets_end_to_end_with_wandb_keys(tmp_path):
     """Four real (tiny) runs: the demo (logged to an offline W&B run), its dense reference and two other targets;
     --compare puts them side by side and logs the pictures to W&B; the W&B keys are read back from the run files."""
