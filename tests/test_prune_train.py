@@ -9,7 +9,7 @@ import yaml
 from tests.conftest import ROOT, run_train
 
 
-def shrunken_demo(tmp_path: Path, max_epochs: int = 4, schedule=None, config: str = "experiments/demo.yaml") -> Path:
+def shrunken_demo(tmp_path: Path, max_epochs: int = 4, schedule=None, config: str = "experiments/demo_phases.yaml") -> Path:
     cfg = yaml.safe_load((ROOT / config).read_text())
     cfg["trainer"]["max_epochs"] = max_epochs
     cfg["trainer"]["limit_train_batches"] = 3
