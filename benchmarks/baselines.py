@@ -35,7 +35,12 @@ def l1norm_selection(model, channels: dict[str, int]) -> dict[str, list[int]]:
 
 
 def _tp_pruner(model, size: int, ratio: float, round_to: int):
-    ignored = [model.layers["conv1_1"], *model.head.modules()]
+    # what the pruning contract never cuts: the network's never_prune layers and every non-conv consumer (SSD's
+    # heads, a classifier's linear layers), whose *outputs* are the predictions
+    convs = set(model.layers.values())
+    ignored = [model.layers[n] for n in model.never_prune if n in model.layers]
+    ignored += [m for n in model.layers for m in model.consumers(n) if m not in convs]
+    ignored += [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return tp.pruner.MagnitudePruner(
         model, torch.zeros(1, 3, size, size, device=next(model.parameters()).device),
         importance=tp.importance.GroupMagnitudeImportance(p=1), global_pruning=True, pruning_ratio=ratio,
