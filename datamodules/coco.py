@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.voc import FIX_KINDS, Annotation, DataError, DetectionDataModule
+from datamodules.voc import Annotation, DataError, DetectionDataModule, clip_box, warn_repairs
 
 LAYOUT_HELP = ("Expected layout: <root>/annotations/instances_<split>.json and the images in <root>/<split>/ "
                "(e.g. train2017/, val2017/); --data.train_split / --data.val_split name the splits.")
@@ -118,15 +118,11 @@ def load_coco(root: Path, split: str, classes: tuple[str, ...], keep_empty: bool
             if not all(np.isfinite([x, y, bw, bh])):
                 fixes["nonfinite"] += 1
                 continue
-            x1, y1, x2, y2 = x + 1.0, y + 1.0, x + bw, y + bh
-            c = [min(max(x1, 1.0), w), min(max(y1, 1.0), h), min(max(x2, 1.0), w), min(max(y2, 1.0), h)]
-            if x2 < 1 or y2 < 1 or x1 > w or y1 > h:
-                fixes["outside"] += 1
-                continue
-            if c != [x1, y1, x2, y2]:
-                fixes["clipped"] += 1
-            if c[2] < c[0] or c[3] < c[1] or bw <= 0 or bh <= 0:
+            if bw <= 0 or bh <= 0:
                 fixes["empty"] += 1
+                continue
+            c = clip_box([x + 1.0, y + 1.0, x + bw, y + bh], w, h, fixes)
+            if c is None:
                 continue
             boxes.append(c)
             labels.append(label_of[cid])
@@ -135,11 +131,7 @@ def load_coco(root: Path, split: str, classes: tuple[str, ...], keep_empty: bool
             continue
         items.append(Annotation(str(im["id"]), image_path, w, h, np.asarray(boxes, np.float32).reshape(-1, 4),
                                 np.asarray(labels, np.int64), np.asarray(crowd, bool)))
-    if fixes:
-        import warnings
-
-        counts = "; ".join(f"{fixes[k]} {text}" for k, text in FIX_KINDS.items() if fixes[k])
-        warnings.warn(f"{path}: odd annotations repaired: {counts}", stacklevel=2)
+    warn_repairs(str(path), fixes)
     if not items:
         raise DataError(f"{path}: no usable images")
     return items

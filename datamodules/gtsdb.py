@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.voc import FIX_KINDS, Annotation, DataError, DetectionDataModule, image_header
+from datamodules.voc import Annotation, DataError, DetectionDataModule, clip_box, image_header, warn_repairs
 
 GTSRB_CLASSES = (
     "speed limit 20", "speed limit 30", "speed limit 50", "speed limit 60", "speed limit 70", "speed limit 80",
@@ -88,22 +88,14 @@ def load_gtsdb(root: Path, ids: tuple[int, int], super_categories: bool, classes
         for (l, t, r, b), cid in gt.get(name, []):
             if cid not in label_of:
                 continue
-            box = [l + 1, t + 1, r + 1, b + 1]
-            c = [min(max(box[0], 1), w), min(max(box[1], 1), h), min(max(box[2], 1), w), min(max(box[3], 1), h)]
-            if c != box:
-                fixes["clipped"] += 1
-            if c[2] < c[0] or c[3] < c[1]:
-                fixes["empty"] += 1
+            c = clip_box([l + 1, t + 1, r + 1, b + 1], w, h, fixes)
+            if c is None:
                 continue
             boxes.append(c)
             labels.append(label_of[cid])
         items.append(Annotation(name[:-4], path, w, h, np.asarray(boxes, np.float32).reshape(-1, 4),
                                 np.asarray(labels, np.int64), np.zeros(len(labels), bool), orientation))
-    if fixes:
-        import warnings
-
-        counts = "; ".join(f"{fixes[k]} {text}" for k, text in FIX_KINDS.items() if fixes[k])
-        warnings.warn(f"{folder / 'gt.txt'}: odd annotations repaired: {counts}", stacklevel=2)
+    warn_repairs(str(folder / "gt.txt"), fixes)
     if not items:
         raise DataError(f"no images {ids[0]:05d}.ppm .. {ids[1] - 1:05d}.ppm in {folder}. {LAYOUT_HELP}")
     return items

@@ -63,6 +63,29 @@ FIX_KINDS = {
 }
 
 
+def warn_repairs(where: str, fixes: Counter) -> None:
+    """One warning per data set that counts each kind of repair (``FIX_KINDS``)."""
+    if fixes:
+        counts = "; ".join(f"{fixes[k]} {text}" for k, text in FIX_KINDS.items() if fixes[k])
+        warnings.warn(f"{where}: odd annotations repaired: {counts}", stacklevel=3)
+
+
+def clip_box(box: list[float], w: int, h: int, fixes: Counter) -> list[float] | None:
+    """A 1-based inclusive box clipped to a ``w`` x ``h`` image (counted in ``fixes``), or None when nothing is
+    left of it (entirely outside, zero-area or inverted)."""
+    x1, y1, x2, y2 = box
+    if x2 < 1 or y2 < 1 or x1 > w or y1 > h:
+        fixes["outside"] += 1
+        return None
+    c = [min(max(x1, 1.0), w), min(max(y1, 1.0), h), min(max(x2, 1.0), w), min(max(y2, 1.0), h)]
+    if c != [x1, y1, x2, y2]:
+        fixes["clipped"] += 1
+    if c[2] < c[0] or c[3] < c[1]:
+        fixes["empty"] += 1
+        return None
+    return c
+
+
 @dataclass
 class Annotation:
     image_id: str
@@ -253,9 +276,7 @@ def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classe
                 if not skip_bad_samples or "unknown class" in str(err):
                     raise
                 skipped.append(str(err))
-    if fixes:
-        counts = "; ".join(f"{fixes[k]} {text}" for k, text in FIX_KINDS.items() if fixes[k])
-        warnings.warn(f"{root} {sets}: odd annotations repaired: {counts}", stacklevel=2)
+    warn_repairs(f"{root} {sets}", fixes)
     if skipped:
         warnings.warn(f"{len(skipped)} bad samples skipped (--data.skip_bad_samples true); first: {skipped[0]}",
                       stacklevel=2)

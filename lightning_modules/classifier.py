@@ -92,15 +92,10 @@ class VGG16(nn.Module):
         return VGG16(self.num_classes, widths, self.size, self.hidden)
 
     def param_dims(self) -> dict[str, tuple[str | None, str | None]]:
-        names = list(self.layers)
-        prev = dict(zip(names[1:], names[:-1]))
-        dims: dict[str, tuple[str | None, str | None]] = {}
-        for n in names:
-            dims[f"layers.{n}.weight"] = (n, prev.get(n))
-            dims[f"layers.{n}.bias"] = (n, None)
-            dims[f"norms.{n}.weight"] = (n, None)
-            dims[f"norms.{n}.bias"] = (n, None)
-        dims["classifier.0.weight"] = (None, names[-1])  # span columns per channel
+        from lightning_modules.contract import chain_param_dims
+
+        dims = chain_param_dims(list(self.layers))
+        dims["classifier.0.weight"] = (None, list(self.layers)[-1])  # span columns per channel
         return dims
 
     def tp_pruners(self) -> dict:

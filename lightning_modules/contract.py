@@ -71,6 +71,19 @@ def consumer_columns(consumer: nn.Module, channels: int) -> Tensor:
     return w.transpose(0, 1).flatten(1)
 
 
+def chain_param_dims(names: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """``param_dims`` of a chain of convolutions ``layers.<name>`` with BatchNorms ``norms.<name>``: each conv's
+    dim 0 is its own channels, dim 1 the previous layer's."""
+    prev = dict(zip(names[1:], names[:-1]))
+    dims: dict[str, tuple[str | None, str | None]] = {}
+    for n in names:
+        dims[f"layers.{n}.weight"] = (n, prev.get(n))
+        dims[f"layers.{n}.bias"] = (n, None)
+        dims[f"norms.{n}.weight"] = (n, None)
+        dims[f"norms.{n}.bias"] = (n, None)
+    return dims
+
+
 def check_prunable(pl_module) -> None:
     """A clear message when a LightningModule does not implement the contract."""
     missing = [k for k in ("model", "quality", "evaluate") if not hasattr(pl_module, k)]

@@ -257,14 +257,9 @@ class SSD(nn.Module):
 
     def param_dims(self) -> dict[str, tuple[str | None, str | None]]:
         """For each parameter: which layer's channels index its dim 0 and dim 1 (None: unaffected)."""
-        names = [s.name for s in self.specs]
-        prev = dict(zip(names[1:], names[:-1]))
-        dims: dict[str, tuple[str | None, str | None]] = {}
-        for n in names:
-            dims[f"layers.{n}.weight"] = (n, prev.get(n))
-            dims[f"layers.{n}.bias"] = (n, None)
-            dims[f"norms.{n}.weight"] = (n, None)
-            dims[f"norms.{n}.bias"] = (n, None)
+        from lightning_modules.contract import chain_param_dims
+
+        dims = chain_param_dims([s.name for s in self.specs])
         dims["l2norm.weight"] = ("conv4_3", None)
         for head in ("classification_head", "regression_head"):
             for k, src in enumerate(self.sources):

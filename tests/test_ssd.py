@@ -142,29 +142,6 @@ def test_decode_respects_top_k_and_threshold():
         assert (d["boxes"] >= 0).all() and (d["boxes"] <= 1).all()
 
 
-def _decode_per_image(loc, conf, priors, conf_threshold=0.01, nms_threshold=0.45, top_k=200, pre_nms_top_k=400):
-    """The decoder as it was before batching (one loop iteration per image): the reference for the batched one."""
-    from torchvision.ops import batched_nms
-
-    from lightning_modules.box_ops import BOX_CODER, priors_xyxy
-
-    anchors = priors_xyxy(priors)
-    probs = conf.float().softmax(dim=-1)[..., 1:]
-    num_classes = probs.shape[-1]
-    out = []
-    for loc_i, probs_i in zip(loc, probs):
-        boxes = BOX_CODER.decode_single(loc_i.float(), anchors).clamp(0.0, 1.0)
-        k = min(pre_nms_top_k, probs_i.shape[0])
-        scores, idx = probs_i.topk(k, dim=0)
-        labels = torch.arange(num_classes).expand(k, num_classes)
-        keep = scores > conf_threshold
-        scores, idx, labels = scores[keep], idx[keep], labels[keep]
-        cand = boxes[idx]
-        kept = batched_nms(cand, scores, labels, nms_threshold)[:top_k]
-        out.append({"boxes": cand[kept], "scores": scores[kept], "labels": labels[kept]})
-    return out
-
-
 def _canonical(d):
     order = sorted(range(len(d["scores"])), key=lambda i: (-float(d["scores"][i]), int(d["labels"][i]),
                                                           d["boxes"][i].tolist()))
@@ -176,6 +153,8 @@ def test_batched_decode_gives_the_per_image_detections(kind):
     """One pass over the batch (one batched_nms over every image and class) = the per-image loop, detection for
     detection: on random logits (thousands of candidates, the top_k cut active) and on logits shaped like a trained
     detector's (a few confident boxes per object, background elsewhere, an image with nothing)."""
+    from benchmarks.bench_gpu import decode_per_image  # the decoder as it was (a loop over images): the reference
+
     torch.manual_seed(0)
     m = build_ssd(300, 6, width_mult=0.0625)
     n, p, c = 5, m.priors.shape[0], 6
@@ -191,7 +170,7 @@ def test_batched_decode_gives_the_per_image_detections(kind):
                 conf[i, centre:centre + 40, cls] = 4.0 + torch.rand(40) * 4
     for top_k in (200, 7):
         got = decode(loc, conf, m.priors, top_k=top_k)
-        want = _decode_per_image(loc, conf, m.priors, top_k=top_k)
+        want = decode_per_image(loc, conf, m.priors, top_k=top_k)
         assert len(got) == len(want) == n
         for g, w in zip(got, want):
             assert len(g["scores"]) == len(w["scores"]) <= top_k
