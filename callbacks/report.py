@@ -176,9 +176,13 @@ def reference_drop(reference_dir: str | Path, final: dict, config: dict | None =
     if not ref_path.is_file():
         raise FileNotFoundError(f"--reference {reference_dir}: no summary.json there (give the dense run's folder)")
     ref = json.loads(ref_path.read_text())["final"]
-    reference = {"run": str(ref_path.parent), **{k: ref[k] for k in ("map50", "params", "macs", "size_mb", "latency_ms")
+    quality = [k for k in ("map50", "top1", "coco_map") if k in final and k in ref]  # the task's quality figures
+    if not quality:
+        raise ValueError(f"--reference {reference_dir}: its summary has no quality figure in common with this run "
+                         f"(this run: {sorted(final)}); is it a run of the same task?")
+    reference = {"run": str(ref_path.parent), **{k: ref[k] for k in (*quality, "params", "macs", "size_mb", "latency_ms")
                                                  if k in ref}}
-    drop = {"map50": round(ref["map50"] - final["map50"], 6)}
+    drop = {k: round(ref[k] - final[k], 6) for k in quality}
     for key in ("params", "macs", "size_mb", "latency_ms"):
         if ref.get(key) and final.get(key):
             drop[f"{key}_x"] = round(ref[key] / final[key], 4)
