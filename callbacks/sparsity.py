@@ -95,6 +95,10 @@ class SparsityInduction(Callback):
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
 
+    ``target_channels`` (``bn_scale`` only) gives the architecture instead of a budget: each named layer keeps that many
+    channels, its best-scored ones (e.g. paper A's Table 1 widths, or another tool's): the score then only decides
+    *which* channels of a layer go, not how many.
+
     ``l1_target="below_budget"`` (``bn_scale`` only) puts the L1 pressure only on the channels that would go if the
     threshold were taken now: at the start of each epoch of the L1 window the channels are ranked as above, those at
     or under the budget's tau become the candidates, and the proximal step shrinks *their* gamma and beta towards 0
@@ -126,6 +130,7 @@ class SparsityInduction(Callback):
         target_params_x: float | None = None,
         target_macs_x: float | None = None,
         l1_target: str = "all",
+        target_channels: dict[str, int] | None = None,
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -167,10 +172,16 @@ class SparsityInduction(Callback):
             raise ValueError(f"l1_target must be 'all' or 'below_budget', got {l1_target!r}")
         if l1_target == "below_budget" and sparsity_on != "bn_scale":
             raise ValueError("l1_target: below_budget ranks channels: it needs sparsity_on: bn_scale")
-        if l1_target == "below_budget" and threshold_mode == "max_map_drop" and not (target_params_x or target_macs_x):
+        if l1_target == "below_budget" and threshold_mode == "max_map_drop" and not (
+                target_params_x or target_macs_x or target_channels):
             raise ValueError("l1_target: below_budget needs to know how many channels go before the threshold: give "
-                             "target_params_x, target_macs_x or threshold_mode: target_sparsity")
+                             "target_params_x, target_macs_x, target_channels or threshold_mode: target_sparsity")
         self.l1_target = l1_target
+        if target_channels and sparsity_on != "bn_scale":
+            raise ValueError("target_channels picks channels: it needs sparsity_on: bn_scale")
+        if target_channels and (target_params_x or target_macs_x):
+            raise ValueError("give either target_channels (the widths) or a budget (target_params_x / target_macs_x)")
+        self.target_channels = dict(target_channels or {})
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -187,6 +198,11 @@ class SparsityInduction(Callback):
             missing = [n for n in p.layers if n not in pl_module.model.layers]
             if missing:
                 raise ScheduleError(f"schedule names layers the model does not have (dropped branches?): {missing}")
+        widths = pl_module.model.channels
+        bad = {n: w for n, w in self.target_channels.items() if n not in widths or not 1 <= int(w) <= widths[n]}
+        if bad:
+            raise ScheduleError(f"target_channels {bad}: each must name a layer of the model with 1 <= width <= its "
+                                f"current width ({widths})")
         if self.sparsity_on == "bn_scale" and not len(getattr(pl_module.model, "norms", {})):
             raise ScheduleError("sparsity_on: bn_scale induces sparsity on BatchNorm scales; the model has no "
                                 "BatchNorm (set --model.batch_norm true, or sparsity_on: weights)")
@@ -258,9 +274,8 @@ class SparsityInduction(Callback):
             key = f"{pl_module.quality}_before_pruning_epoch"
             if key in self.state.dense_stats:  # taken before this epoch: at the last one's end
                 self.state.dense_stats[key] = trainer.current_epoch - 1
-        scores = self._channel_scores(pl_module, index)
-        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
-        self.state.l1_candidates = {n: ~m for n, m in masks_for_tau(scores, tau).items()}
+        masks, tau = self._channel_masks(trainer, pl_module, index)
+        self.state.l1_candidates = {n: ~m for n, m in masks.items()}
         self._candidate_tau = tau
         total = sum(m.numel() for m in self.state.l1_candidates.values())
         pl_module.log(f"prune/phase{index}/l1_candidates",
@@ -319,9 +334,7 @@ class SparsityInduction(Callback):
             masks = {n: ~c.to(pl_module.model.norms[n].weight.device) for n, c in self.state.l1_candidates.items()}
             tau = getattr(self, "_candidate_tau", float("nan"))
         else:
-            scores = self._channel_scores(pl_module, index)
-            tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
-            masks = masks_for_tau(scores, tau)
+            masks, tau = self._channel_masks(trainer, pl_module, index)
         self.state.masks.update(masks)
         self.state.thresholds[index] = tau
         self.state.l1_candidates = {}
@@ -350,6 +363,19 @@ class SparsityInduction(Callback):
             mean = sum(cost[n] for n in gammas) / len(gammas)
             gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
         return gammas
+
+    def _channel_masks(self, trainer, pl_module, index: int) -> tuple[dict[str, Tensor], float]:
+        """Keep-masks of the phase's channels and the tau behind them (NaN for ``target_channels``: no tau)."""
+        scores = self._channel_scores(pl_module, index)
+        if self.target_channels:
+            masks = {}
+            for n, sc in scores.items():
+                keep = torch.zeros_like(sc, dtype=torch.bool)
+                keep[sc.argsort(descending=True, stable=True)[: int(self.target_channels.get(n, sc.numel()))]] = True
+                masks[n] = keep
+            return masks, float("nan")
+        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
+        return masks_for_tau(scores, tau), tau
 
     def _channel_tau(self, trainer, pl_module, index: int, scores: dict[str, Tensor]) -> float:
         phase = self.state.phases[index]

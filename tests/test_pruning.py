@@ -1,5 +1,7 @@
 """Pruning callbacks: exact surgery, selection rule, masks under SGD, schedule validation and checkpoint round trip."""
 
+import math
+
 import pytest
 import torch
 
@@ -271,6 +273,34 @@ def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
             assert torch.equal(t[~m], t0[~m])  # kept channels: untouched
             assert torch.allclose(t[m], t0[m].sign() * (t0[m].abs() - 0.02).clamp(min=0))
     assert cb.state_dict()["l1_candidates"].keys() == cand.keys()  # resumable mid-window
+
+
+def test_target_channels_keeps_the_best_scored_channels_of_each_layer():
+    """target_channels: each named layer keeps exactly that many channels, its highest |gamma|; others untouched."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], l1_lambda=2.0, l1_mode="proximal",
+                           sparsity_on="bn_scale", target_channels={"conv5_1": 8, "conv5_2": 24},
+                           l1_target="below_budget")
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    with torch.no_grad():
+        for n in layers:
+            det.model.norms[n].weight.uniform_(0.1, 1.0)
+    trainer = SimpleNamespace(current_epoch=0, optimizers=[torch.optim.SGD(det.parameters(), lr=0.01)],
+                              strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    cb.state.dense_stats = {"params": 1}
+    masks, tau = cb._channel_masks(trainer, det, 0)
+    assert math.isnan(tau) and {n: int(m.sum()) for n, m in masks.items()} == {"conv5_1": 8, "conv5_2": 24, "conv5_3": 64}
+    g = det.model.norms["conv5_1"].weight.detach()
+    assert g[masks["conv5_1"]].min() > g[~masks["conv5_1"]].max()
+    with pytest.raises(ValueError, match="either target_channels"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale",
+                          target_channels={"conv5_1": 8}, target_params_x=4.0)
 
 
 def test_g_over_all_consumers_counts_the_head_columns():
