@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.common import EvalHooks, NonFiniteLossError
+
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
                 "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512, "conv5_1": 512, "conv5_2": 512,
                 "conv5_3": 512}
@@ -109,7 +111,7 @@ def build_vgg16(num_classes: int = 10, channels: dict[str, int] | None = None, w
                  hidden=hidden or max(8, int(round(512 * width_mult))))
 
 
-class VGGClassifier(pl.LightningModule):
+class VGGClassifier(EvalHooks, pl.LightningModule):
     """VGG16 classifier (see the module docstring for the variant), the usual CIFAR recipe: SGD lr 0.1, momentum
     0.9, weight decay 5e-4, lr x0.1 at 50 % and 75 % of the epochs (``lr_milestones`` as fractions), batch 64-128.
 
@@ -151,8 +153,6 @@ class VGGClassifier(pl.LightningModule):
         images, labels = batch
         loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
         if not torch.isfinite(loss):
-            from lightning_modules.detector import NonFiniteLossError
-
             raise NonFiniteLossError(f"training loss became {loss.item()} at global step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -167,18 +167,6 @@ class VGGClassifier(pl.LightningModule):
         for t in (1, 5):
             self.log(f"{stage}/top{t}", self.metrics[f"{stage}_top{t}"].compute(), prog_bar=t == 1)
             self.metrics[f"{stage}_top{t}"].reset()
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     @torch.no_grad()
     def evaluate(self, loader, max_batches: int | None = None) -> float:

@@ -11,18 +11,15 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode
+from lightning_modules.common import EvalHooks, NonFiniteLossError  # noqa: F401 (NonFiniteLossError: public here)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the training loss becomes NaN or Inf."""
 
 
 COCO_MAX_DETS = 100  # detections per image COCO's AP counts
 
 
-class SSDDetector(pl.LightningModule):
+class SSDDetector(EvalHooks, pl.LightningModule):
     """SSD300/SSD512 detector.
 
     Args:
@@ -270,18 +267,6 @@ class SSDDetector(pl.LightningModule):
             self.metrics[f"{stage}_coco"].reset()
             for key in ("map", "map_50", "map_75"):
                 self.log(f"{stage}/coco_{key}", coco[key])
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     # ----------------------------------------------------------------- optimisation
     def lr_factor(self, it: int) -> float:
