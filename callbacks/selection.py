@@ -9,6 +9,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from callbacks.state import Phase, find_state
+from lightning_modules.contract import consumer_columns
 
 
 def splevel(t: Tensor, dim: int) -> Tensor:
@@ -95,13 +96,6 @@ def trunk_successors(names: list[str] | tuple[str, ...], present: set[str]) -> d
     return {a: b for a, b in zip(names, names[1:] + [None])}
 
 
-def _as_columns(consumer: torch.nn.Module, channels: int) -> Tensor:
-    """A consumer's weight shaped (out, channels, ...): a linear layer after a flatten reads channel i through
-    ``in_features / channels`` columns."""
-    w = consumer.weight.detach()
-    return w.view(w.shape[0], channels, -1) if isinstance(consumer, torch.nn.Linear) else w
-
-
 class FilterSelection(Callback):
     """Selects the filters to remove at each phase's surgery boundary (paper A, stage 2).
 
@@ -153,7 +147,8 @@ class FilterSelection(Callback):
         extra = None
         if self.g_over == "all_consumers":  # the next conv is G already; add every other reader (heads, a linear)
             convs = set(model.layers.values())
-            extra = {n: [_as_columns(c, model.channels[n]) for c in model.consumers(n) if c not in convs]
+            # consumer_columns: (channel, its weights); transposed, as select_filters reads a conv weight's columns
+            extra = {n: [consumer_columns(c, model.channels[n]).T for c in model.consumers(n) if c not in convs]
                      for n in model.layers}
         return select_filters(weights, layers, nxt, self.s_F, self.s_F_min, self.s_G, self.min_width, self.round_to,
                               extra)

@@ -76,7 +76,7 @@ def coco_categories(root: Path, split: str) -> list[tuple[int, str]]:
 def load_coco(root: Path, split: str, classes: tuple[str, ...], keep_empty: bool = True) -> list[Annotation]:
     """Every image of ``split`` as an ``Annotation`` (VOC box convention, labels indexing ``classes``)."""
     coco, path = read_coco(root, split)
-    cats = dict(coco_categories(root, split))
+    cats = {int(c["id"]): str(c["name"]) for c in coco.dataset["categories"]}  # from the JSON just read
     unknown = [c for c in classes if c not in cats.values()]
     if unknown:
         raise DataError(f"--data.classes names {unknown}, which {path} does not have; its categories: "
