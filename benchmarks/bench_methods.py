@@ -20,7 +20,8 @@ the data set::
         --data.synthetic null --data.root ../shared/data/facemask --data.train_sets "[[2007, trainval]]" \\
         --data.test_set "[2007, test]" --data.classes auto
 
-Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU).
+Detectors and classifiers alike: the quality column is the module's own figure (``map50`` or ``top1`` in
+``summary.json``). Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU).
 The table gives medians over seeds and the spread (min-max) of mAP and drop.
 """
 
@@ -97,15 +98,25 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
             state = _callback_state(out / f"{name}-s{seed}", "OneShotFilterPruning")
             runs[name]["reached"] = (state or {}).get("reached")
     if "modelpruning" in args.methods:
-        from lightning_modules.export import load_detector
-
-        dense_model = load_detector(out / f"dense-s{seed}" / "export").model
+        dense_model = load_exported_net(out / f"dense-s{seed}" / "export")
         conv_weights = sum(m.weight.numel() for m in dense_model.modules() if isinstance(m, torch.nn.Conv2d))
         amount = round((ours["dense"]["params"] - ours["final"]["params"]) / conv_weights, 4)
         cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": amount, "prune_epoch": args.prune_epoch}}
         runs["modelpruning"] = _run(out, f"modelpruning-s{seed}", _config(base, out, "modelpruning", [cb], False), seed,
                                     train_args, ref)
     return runs
+
+
+def load_exported_net(folder: Path) -> torch.nn.Module:
+    """The network of an export folder, detector or classifier (by its model.json ``format``)."""
+    spec = json.loads((folder / "model.json").read_text())
+    if str(spec.get("format", "")).startswith("vgg16-classifier"):
+        from lightning_modules.classifier import load_classifier
+
+        return load_classifier(folder).model
+    from lightning_modules.export import load_detector
+
+    return load_detector(folder).model
 
 
 def _spread(values: list[float]) -> str:
@@ -131,22 +142,22 @@ def main() -> None:
     per_seed = {seed: run_seed(args, out, seed, train_args) for seed in seeds}
 
     from callbacks.report import paired_latency_ms
-    from lightning_modules.export import load_detector
 
     first = per_seed[seeds[0]]
-    models = {k: load_detector(Path(s["export"]["json"]).parent).model for k, s in first.items()}
+    quality = "top1" if "top1" in first["dense"]["final"] else "map50"  # the module's own quality figure
+    models = {k: load_exported_net(Path(s["export"]["json"]).parent) for k, s in first.items()}
     size = next(iter(models.values())).size
     lat = paired_latency_ms(models, size, rounds=30, budget_s=120)
     methods = [m for m in METHODS if m in first]
     results = {}
     print(f"{len(seeds)} seed(s) {seeds}; config {args.config}; train.py args: {' '.join(train_args) or '(none)'}\n")
-    print(row("method", "mAP@0.5 median (range)", "drop vs dense, points", "params", "size x", "MMACs", "MACs x",
+    print(row("method", f"{'top-1' if quality == 'top1' else 'mAP@0.5'} median (range)", "drop vs dense, points", "params", "size x", "MMACs", "MACs x",
               "CPU latency ms (seed 0)", "speed-up", "note"))
     print(row(*["---"] * 10))
     for m in methods:
         runs = [per_seed[s][m] for s in seeds]
-        maps = [r["final"]["map50"] for r in runs]
-        drops = [100 * r["drop"]["map50"] for r in runs if "drop" in r]
+        maps = [r["final"][quality] for r in runs]
+        drops = [100 * r["drop"][quality] for r in runs if "drop" in r]
         params = statistics.median(r["final"]["params"] for r in runs)
         macs = statistics.median(r["final"]["macs"] for r in runs)
         dense_p = first["dense"]["final"]["params"]
@@ -156,7 +167,7 @@ def main() -> None:
         if reached:
             note = "; ".join(f"{x['measure']} {x['got']:,} of {x['target']:,}" + ("" if x["within"] else " (NOT within 3 %)")
                              for x in reached[:1])
-        results[m] = {"map50": maps, "drop_points": drops, "params": params, "macs": macs, "latency_ms": lat[m],
+        results[m] = {quality: maps, "drop_points": drops, "params": params, "macs": macs, "latency_ms": lat[m],
                       "reached": reached}
         print(row(m, _spread(maps), _spread(drops) if drops else "-", f"{int(params):,}", f"{dense_p / params:.2f}",
                   f"{macs / 1e6:.0f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}", f"{lat['dense'] / lat[m]:.2f}x", note))

@@ -4,6 +4,8 @@ that ends compressed."""
 import csv
 import json
 import pickle
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -206,3 +208,29 @@ def test_classifier_evaluate_export_and_predict_from_the_run(tmp_path):
     preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert sorted(preds["images"]) == ["0.png", "1.png", "2.png"]
     assert all(p["class"] in preds["classes"] and 0 <= p["score"] <= 1 for p in preds["images"].values())
+
+
+def test_facemask_crops_are_a_gtsrb_layout_the_datamodule_reads(tmp_path):
+    """benchmarks/facemask_crops.py (the classification stand-in measured in benchmarks/README.md): every box of a
+    VOC-format set becomes a crop in torchvision's GTSRB layout, training crops from trainval, test crops from test."""
+    from benchmarks.facemask_crops import FACEMASK_CLASSES, crop_box, write_crops
+    from tests.voc_fixture import tiny_voc
+
+    voc = tiny_voc(tmp_path / "voc", classes=FACEMASK_CLASSES, n=8)
+    counts = write_crops(voc, tmp_path / "crops", min_side=1)
+    anns = {which: [ET.parse(p) for p in sorted((voc / "VOCdevkit" / "VOC2007" / "Annotations").glob("*.xml"))
+                    if (p.stem in (voc / "VOCdevkit/VOC2007/ImageSets/Main" / f"{which}.txt").read_text().split())]
+            for which in ("trainval", "test")}
+    for which, split in (("train", "trainval"), ("test", "test")):
+        names = [o.findtext("name") for t in anns[split] for o in t.iter("object")]
+        assert sum(counts[which].values()) == len(names) and counts[which] == Counter(names)
+    dm = GTSRBDataModule(str(tmp_path / "crops"), batch_size=4, val_fraction=0.0, num_workers=0)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_ds) == sum(counts["train"].values()) and len(dm.test_ds) == sum(counts["test"].values())
+    labels = {int(dm.test_ds[i][1]) for i in range(len(dm.test_ds))}
+    assert labels <= {0, 1, 2}
+    img = np.arange(100 * 80 * 3, dtype=np.uint8).reshape(100, 80, 3)
+    crop = crop_box(img, np.array([11, 21, 30, 60], np.float32), margin=0.1)  # 20 x 40 box, 2 / 4 px margins
+    assert crop.shape[:2] == (48, 24)
+    assert crop_box(img, np.array([1, 1, 80, 100], np.float32), margin=0.5).shape[:2] == (100, 80)  # clipped
