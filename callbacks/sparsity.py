@@ -91,7 +91,11 @@ class SparsityInduction(Callback):
     mean normaliser: a layer whose scales L1 training shrank as a whole is not wiped out), divided by (the channel's
     relative MAC cost) ** ``cost_exponent`` (0: cost-blind); or ``"group_l1"``, the mean L1 norm of everything the
     channel's removal deletes (its filter, bias, BatchNorm scale and shift, and its columns in every consumer):
-    Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` (DepGraph, Fang et al. 2023), here as a channel score. How many
+    Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` (DepGraph, Fang et al. 2023), here as a channel score; or
+    ``"taylor"``, the first-order Taylor estimate of the loss change when the channel's BatchNorm output is removed,
+    (gamma * dL/dgamma + beta * dL/dbeta) ** 2 per step, averaged over the steps of the last epoch (Molchanov et al.
+    2019, "Importance Estimation for Neural Network Pruning", the criterion on BatchNorm gates): a loss-based score,
+    comparable across layers without normalisation, that sees which channels the data set needs. How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
 
@@ -161,8 +165,10 @@ class SparsityInduction(Callback):
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
         self.cost_exponent = cost_exponent
-        if channel_score not in ("gamma", "gamma_g", "group_l1"):
-            raise ValueError(f"channel_score must be 'gamma', 'gamma_g' or 'group_l1', got {channel_score!r}")
+        if channel_score not in ("gamma", "gamma_g", "group_l1", "taylor"):
+            raise ValueError(f"channel_score must be 'gamma', 'gamma_g', 'group_l1' or 'taylor', got {channel_score!r}")
+        if channel_score == "taylor" and sparsity_on != "bn_scale":
+            raise ValueError("channel_score: taylor scores BatchNorm gates: it needs sparsity_on: bn_scale")
         self.channel_score = channel_score
         if score_norm not in ("none", "layer_mean"):
             raise ValueError(f"score_norm must be 'none' or 'layer_mean', got {score_norm!r}")
@@ -203,6 +209,9 @@ class SparsityInduction(Callback):
         if bad:
             raise ScheduleError(f"target_channels {bad}: each must name a layer of the model with 1 <= width <= its "
                                 f"current width ({widths})")
+        if self.channel_score == "taylor" and min(p.l1_epochs[0] for p in self.state.phases) < 1:
+            raise ScheduleError("channel_score: taylor averages the gradients of the epoch before a channel is scored: "
+                                "start the first L1 window at epoch 1 or later")
         if self.sparsity_on == "bn_scale" and not len(getattr(pl_module.model, "norms", {})):
             raise ScheduleError("sparsity_on: bn_scale induces sparsity on BatchNorm scales; the model has no "
                                 "BatchNorm (set --model.batch_norm true, or sparsity_on: weights)")
@@ -233,6 +242,8 @@ class SparsityInduction(Callback):
                 for t in (norms[n].weight, norms[n].bias) if t.shape == m.shape]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.channel_score == "taylor":
+            self._accumulate_taylor(pl_module)
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
             return
@@ -240,6 +251,21 @@ class SparsityInduction(Callback):
             for w, m in self.l1_terms(pl_module, phase):
                 if w.grad is not None:
                     w.grad.add_(torch.sign(w) if m is None else torch.sign(w) * m, alpha=self.l1_lambda)
+
+    @torch.no_grad()
+    def _accumulate_taylor(self, pl_module) -> None:
+        """Add this step's (gamma g_gamma + beta g_beta) ** 2 of every prunable channel (the raw gradients: this hook
+        runs before clipping and before a gradient-side L1 term is added)."""
+        norms, st = pl_module.model.norms, self.state
+        for name in {n for p in st.phases for n in p.layers if n in norms}:
+            bn = norms[name]
+            if bn.weight.grad is None:
+                continue
+            t = bn.weight.grad * bn.weight + (bn.bias.grad * bn.bias if bn.bias is not None and bn.bias.grad is not None else 0)
+            t = t.detach().float().pow(2)
+            prev = st.taylor.get(name)
+            st.taylor[name] = t if prev is None or prev.shape != t.shape else prev.to(t.device) + t
+        st.taylor_steps += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         phase = self.state.active_l1_phase(trainer.current_epoch)
@@ -265,6 +291,7 @@ class SparsityInduction(Callback):
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if self.l1_target == "below_budget" and phase is not None:
             self.choose_candidates(trainer, pl_module, self.state.phase_index(phase))
+        self.state.taylor, self.state.taylor_steps = {}, 0  # each epoch's scores come from its own steps
 
     @torch.no_grad()
     def choose_candidates(self, trainer, pl_module, index: int) -> None:
@@ -354,6 +381,8 @@ class SparsityInduction(Callback):
         gammas = {n: model.norms[n].weight.detach().abs() for n in prunable_layers(phase, last, model.never_prune) if n in model.norms}
         if self.channel_score == "group_l1":
             gammas = {n: group_l1(model, n) for n in gammas}
+        if self.channel_score == "taylor":
+            gammas = {n: self._taylor_score(n, g) for n, g in gammas.items()}
         if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
             gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
@@ -363,6 +392,13 @@ class SparsityInduction(Callback):
             mean = sum(cost[n] for n in gammas) / len(gammas)
             gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
         return gammas
+
+    def _taylor_score(self, name: str, gamma: Tensor) -> Tensor:
+        acc = self.state.taylor.get(name)
+        if acc is None or acc.shape != gamma.shape or not self.state.taylor_steps:
+            raise ScheduleError(f"channel_score taylor: no gradients of {name} were summed since the last epoch began "
+                                "(the score needs an epoch of training steps before it is read)")
+        return acc.to(gamma.device) / self.state.taylor_steps
 
     def _channel_masks(self, trainer, pl_module, index: int) -> tuple[dict[str, Tensor], float]:
         """Keep-masks of the phase's channels and the tau behind them (NaN for ``target_channels``: no tau)."""

@@ -95,6 +95,8 @@ class PruningState:
     l1_weights: dict[str, Tensor] = field(default_factory=dict)  # layer -> Θ_L1, un-thresholded (if a surgery wants it)
     keep_l1_weights: bool = False  # set by StructuredSurgery(init_from="l1")
     l1_candidates: dict[str, Tensor] = field(default_factory=dict)  # layer -> channels under L1 (l1_target below_budget)
+    taylor: dict[str, Tensor] = field(default_factory=dict)  # layer -> sum over steps of (gamma g_gamma + beta g_beta)^2
+    taylor_steps: int = 0  # the steps summed in ``taylor`` (since the last epoch start)
 
     def active_l1_phase(self, epoch: int) -> Phase | None:
         for p in self.phases:
@@ -115,6 +117,8 @@ class PruningState:
             "l1_rms": {int(k): dict(v) for k, v in self.l1_rms.items()},
             "l1_weights": {k: v.cpu() for k, v in self.l1_weights.items()},
             "l1_candidates": {k: v.cpu() for k, v in self.l1_candidates.items()},
+            "taylor": {k: v.cpu() for k, v in self.taylor.items()},
+            "taylor_steps": self.taylor_steps,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -126,6 +130,8 @@ class PruningState:
         self.l1_rms = {int(k): dict(v) for k, v in sd.get("l1_rms", {}).items()}
         self.l1_weights = dict(sd.get("l1_weights", {}))
         self.l1_candidates = {k: v.bool() for k, v in sd.get("l1_candidates", {}).items()}
+        self.taylor = dict(sd.get("taylor", {}))
+        self.taylor_steps = int(sd.get("taylor_steps", 0))
 
 
 def find_state(trainer) -> PruningState:

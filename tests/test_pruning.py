@@ -7,7 +7,7 @@ import torch
 
 from callbacks.selection import prunable_layers, select_filters, splevel
 from callbacks.sparsity import masks_for_tau, normalised_magnitudes, tau_for_sparsity
-from callbacks.state import Phase, PruningState, apply_masks, validate_schedule
+from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, validate_schedule
 from callbacks.surgery import drop_branches, prune_filters
 from lightning_modules.ssd import build_ssd, layer_specs
 
@@ -450,3 +450,46 @@ def test_max_map_drop_search_on_channels():
     for n in prunable:  # the masks, and only they, zero gamma and beta
         bn = det.model.norms[n]
         assert torch.equal(bn.weight == 0, ~cb.state.masks[n]) and (bn.bias[~cb.state.masks[n]] == 0).all()
+
+
+def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoch():
+    """channel_score taylor: (gamma dL/dgamma + beta dL/dbeta) ** 2 summed over the raw gradients of each step,
+    averaged over the last epoch's steps, read when the L1 window chooses its candidates; then reset."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], l1_lambda=2.0, l1_mode="proximal",
+                           sparsity_on="bn_scale", target_sparsity=0.5, l1_target="below_budget",
+                           channel_score="taylor")
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    norms = det.model.norms
+    opt = torch.optim.SGD(det.model.parameters(), lr=0.0)
+    trainer = SimpleNamespace(current_epoch=0, optimizers=[opt], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    expected = {n: torch.zeros_like(norms[n].weight) for n in layers}
+    for step in range(3):
+        opt.zero_grad()
+        det.model(torch.randn(2, 3, 300, 300))[0].pow(2).mean().mul(step + 1).backward()
+        for n in layers:
+            bn = norms[n]
+            expected[n] += (bn.weight.grad * bn.weight + bn.bias.grad * bn.bias).detach().pow(2)
+        cb.on_before_optimizer_step(trainer, det, opt)
+    prunable = prunable_layers(cb.state.phases[0], True, det.model.never_prune)
+    scores = cb._channel_scores(det, 0)
+    for n in prunable:
+        assert torch.allclose(scores[n], expected[n] / 3)
+    assert cb.state_dict()["taylor_steps"] == 3  # resumable: the epoch's sums are in the checkpoint
+    trainer.current_epoch = 1
+    cb.state.dense_stats = {"params": 1}
+    cb.on_train_epoch_start(trainer, det)
+    chosen = torch.cat([cb.state.l1_candidates[n] for n in prunable])
+    flat = torch.cat([expected[n] for n in prunable])
+    assert flat[chosen].max() <= flat[~chosen].min()  # the smallest estimated loss changes are the candidates
+    assert cb.state.taylor == {} and cb.state.taylor_steps == 0
+    with pytest.raises(ScheduleError, match="no gradients"):
+        cb._channel_scores(det, 0)
+    with pytest.raises(ValueError, match="needs sparsity_on: bn_scale"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor")
