@@ -96,8 +96,9 @@ class SparsityInduction(Callback):
     (gamma * dL/dgamma + beta * dL/dbeta) ** 2 per step, averaged over the steps of the last epoch (Molchanov et al.
     2019, "Importance Estimation for Neural Network Pruning", the criterion on BatchNorm gates): a loss-based score,
     comparable across layers without normalisation, that sees which channels the data set needs. How many
-    go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` /
-    ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``).
+    go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` and/or
+    ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``; with both,
+    the fewest channels go that meet both: a size budget and a speed budget at once).
 
     ``target_channels`` (``bn_scale`` only) gives the architecture instead of a budget: each named layer keeps that many
     channels, its best-scored ones (e.g. paper A's Table 1 widths, or another tool's): the score then only decides
@@ -159,8 +160,6 @@ class SparsityInduction(Callback):
         self.sparsity_on = sparsity_on
         if (target_params_x or target_macs_x or cost_exponent) and sparsity_on != "bn_scale":
             raise ValueError("cost_exponent, target_params_x and target_macs_x work on channels: sparsity_on: bn_scale")
-        if target_params_x and target_macs_x:
-            raise ValueError("give one budget: target_params_x or target_macs_x")
         for k, v in {"target_params_x": target_params_x, "target_macs_x": target_macs_x}.items():
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
@@ -425,26 +424,29 @@ class SparsityInduction(Callback):
     @torch.no_grad()
     def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:
         """The smallest channel sparsity whose pruned architecture (widths as FilterSelection keeps them) meets the
-        budget: dense params / ``target_params_x`` or dense MACs / ``target_macs_x`` (binary search)."""
+        budget(s): dense params / ``target_params_x`` and/or dense MACs / ``target_macs_x`` (binary search)."""
         from callbacks.selection import FilterSelection
 
-        measure, x = ("params", self.target_params_x) if self.target_params_x else ("macs", self.target_macs_x)
-        budget = self.state.dense_stats[measure] / x
+        budgets = {m: (self.state.dense_stats[m] / x, x) for m, x in
+                   (("params", self.target_params_x), ("macs", self.target_macs_x)) if x}
         sel = next((cb for cb in trainer.callbacks if isinstance(cb, FilterSelection)), None)
         min_width, round_to = (sel.min_width, sel.round_to) if sel else (1, 1)
         model = pl_module.model
 
-        def cost_at(sparsity: float) -> int:
-            masks = masks_for_tau(scores, tau_for_sparsity(scores, sparsity))
-            return architecture_cost(model, kept_widths(model, masks, min_width, round_to), measure)
+        def over_budget(sparsity: float) -> dict[str, int]:
+            """The measures whose budget the architecture at ``sparsity`` exceeds, with their cost."""
+            widths = kept_widths(model, masks_for_tau(scores, tau_for_sparsity(scores, sparsity)), min_width, round_to)
+            cost = {m: architecture_cost(model, widths, m) for m in budgets}
+            return {m: c for m, c in cost.items() if c > budgets[m][0]}
 
         lo, hi = 0.0, 0.99
-        if cost_at(hi) > budget:
-            raise ScheduleError(f"the {measure} budget {budget:,.0f} (dense / {x}) cannot be met by removing channels "
-                                f"of this phase's layers (at 99 % of them: {cost_at(hi):,}); lower the target")
+        if over := over_budget(hi):
+            m, c = next(iter(over.items()))
+            raise ScheduleError(f"the {m} budget {budgets[m][0]:,.0f} (dense / {budgets[m][1]}) cannot be met by "
+                                f"removing channels of this phase's layers (at 99 % of them: {c:,}); lower the target")
         for _ in range(steps):
             mid = (lo + hi) / 2
-            if cost_at(mid) > budget:
+            if over_budget(mid):
                 lo = mid
             else:
                 hi = mid

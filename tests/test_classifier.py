@@ -234,3 +234,64 @@ def test_facemask_crops_are_a_gtsrb_layout_the_datamodule_reads(tmp_path):
     crop = crop_box(img, np.array([11, 21, 30, 60], np.float32), margin=0.1)  # 20 x 40 box, 2 / 4 px margins
     assert crop.shape[:2] == (48, 24)
     assert crop_box(img, np.array([1, 1, 80, 100], np.float32), margin=0.5).shape[:2] == (100, 80)  # clipped
+
+
+def _pruned_classifier_config(tmp_path: Path) -> Path:
+    """experiments/cifar10_vgg16.yaml with three short phases (surgeries at the ends of epochs 0, 1 and 2)."""
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.6, l1_lambda=1e-3, schedule=[
+                {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"], "l1_epochs": [0, 1]},
+                {"layers": ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [1, 2]},
+                {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3"], "l1_epochs": [2, 3]}])
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["save_top_k"] = -1  # every epoch's checkpoint
+    cfg["trainer"].update(max_epochs=4, precision="32", accelerator="cpu", logger=False, check_val_every_n_epoch=1,
+                          default_root_dir=str(tmp_path / "runs"))
+    cfg["model"]["init_args"].update(width_mult=0.125, lr=0.05)
+    cfg["data"]["init_args"].update(root=str(cifar_fixture(tmp_path / "c")), batch_size=16, num_workers=0,
+                                    val_fraction=0.2)
+    path = tmp_path / "cifar_pruned.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow  # three short classifier fits (~1 min)
+def test_classifier_resume_after_a_surgery_matches_uninterrupted(tmp_path):
+    """Resume of a pruned classifier from the checkpoint after its first surgery: same widths, bit-identical weights
+    and optimiser state at the end (the pruning state, the data order and the augmentation travel with it)."""
+    cfg = _pruned_classifier_config(tmp_path)
+    full = run_train(["--config", str(cfg), "--run_name", "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = next((tmp_path / "runs/full/checkpoints").glob("epoch=1-*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert len(next(v for k, v in state["callbacks"].items() if "SparsityInduction" in k)["surgeries"]) == 2
+    res = run_train(["--config", str(cfg), "--run_name", "resumed", "--ckpt_path", str(ckpt)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    s1, s2 = (json.loads((tmp_path / f"runs/{r}/summary.json").read_text()) for r in ("full", "resumed"))
+    assert s2["channels"] == s1["channels"] and s2["final"]["top1"] == s1["final"]["top1"]
+    a, b = (torch.load(tmp_path / f"runs/{r}/checkpoints/last.ckpt", weights_only=True) for r in ("full", "resumed"))
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+@pytest.mark.slow  # a 1-process and a 2-process fit (~1 min)
+def test_classifier_ddp_prunes_alike_on_every_rank(tmp_path):
+    """DDP on CPU (2 processes): the three surgeries happen on both ranks with the same widths, and the test top-1
+    counts every test image once (it equals a 1-process evaluation of the final weights)."""
+    cfg = _pruned_classifier_config(tmp_path)
+    two = run_train(["--config", str(cfg), "--run_name", "two", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                    env={"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    s2 = json.loads((tmp_path / "runs/two/summary.json").read_text())
+    assert s2["world_size"] == 2 and s2["ranks_consistent"] is True
+    st = next(v for k, v in torch.load(tmp_path / "runs/two/checkpoints/last.ckpt", weights_only=True)["callbacks"].items()
+              if "SparsityInduction" in k)
+    assert len(st["surgeries"]) == 3 and all(r["world_size"] == 2 and r["ranks_consistent"] for r in st["surgeries"])
+    assert s2["final"]["params"] < s2["dense"]["params"]
+    ev = run_train(["--config", str(cfg), "--run_name", "eval", "--evaluate", str(tmp_path / "runs/two/checkpoints/last.ckpt")])
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    s_ev = json.loads((tmp_path / "runs/eval/summary.json").read_text())
+    assert s_ev["world_size"] == 1 and s_ev["final"]["top1"] == s2["final"]["top1"]

@@ -493,3 +493,40 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
         cb._channel_scores(det, 0)
     with pytest.raises(ValueError, match="needs sparsity_on: bn_scale"):
         SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor")
+
+
+def test_params_and_macs_budgets_together_meet_both():
+    """target_params_x and target_macs_x at once: the architecture the selection keeps meets both budgets, with no
+    fewer channels removed than either budget alone asks for."""
+    from types import SimpleNamespace
+
+    from callbacks.budget import architecture_cost, kept_widths
+    from callbacks.selection import FilterSelection
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    model = det.model
+    with torch.no_grad():
+        for bn in model.norms.values():
+            bn.weight.uniform_(0.1, 1.0)
+    layers = [n for n in model.layer_names() if n in model.norms]
+    sel = FilterSelection(s_F=1.0, s_F_min=1.0, s_G=1.0, min_width=8, round_to=8)
+    trainer = SimpleNamespace(current_epoch=0, callbacks=[sel], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    dense = {"params": sum(p.numel() for p in model.parameters()),
+             "macs": architecture_cost(model, model.channels, "macs")}
+    removed, cost = {}, {}
+    for name, kw in {"params": {"target_params_x": 4.0}, "macs": {"target_macs_x": 3.0},
+                     "both": {"target_params_x": 4.0, "target_macs_x": 3.0}}.items():
+        cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", **kw)
+        cb.state.dense_stats = dict(dense)
+        masks, _ = cb._channel_masks(trainer, det, 0)
+        removed[name] = sum(int((~m).sum()) for m in masks.values())
+        widths = kept_widths(model, masks, 8, 8)
+        cost[name] = {m: architecture_cost(model, widths, m) for m in ("params", "macs")}
+    assert cost["params"]["params"] <= dense["params"] / 4 and cost["macs"]["macs"] <= dense["macs"] / 3
+    assert cost["both"]["params"] <= dense["params"] / 4 and cost["both"]["macs"] <= dense["macs"] / 3
+    # each budget is met from some sparsity on, so both are met from the larger of the two (the binding one)
+    assert removed["both"] == max(removed["params"], removed["macs"])
+    assert removed["params"] != removed["macs"]  # the two budgets do bind at different points here
