@@ -193,8 +193,8 @@ class StructuredSurgery(Callback):
             if i == len(state.phases) - 1 and self.num_branches:
                 drop_branches(pl_module.model, self.num_branches)
             seconds = time.perf_counter() - t0
-            if hasattr(pl_module, "apply_memory_format"):
-                pl_module.apply_memory_format()  # new tensors come out contiguous; keep channels-last if asked
+            if hasattr(pl_module, "architecture_changed"):  # the contract's optional hook: memory format, recompile
+                pl_module.architecture_changed()
             # every rank must now hold the same model; then DDP is rebuilt around the new parameters
             ranks = check_ranks(pl_module.model, f"the surgery of phase {i}")
             rewrap_ddp(trainer)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import EvalHooks, NonFiniteLossError
+from lightning_modules.common import EvalHooks, NetRunner, NonFiniteLossError, check_compile
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
                 "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512, "conv5_1": 512, "conv5_2": 512,
@@ -111,7 +111,7 @@ def build_vgg16(num_classes: int = 10, channels: dict[str, int] | None = None, w
                  hidden=hidden or max(8, int(round(512 * width_mult))))
 
 
-class VGGClassifier(EvalHooks, pl.LightningModule):
+class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
     """VGG16 classifier (see the module docstring for the variant), the usual CIFAR recipe: SGD lr 0.1, momentum
     0.9, weight decay 5e-4, lr x0.1 at 50 % and 75 % of the epochs (``lr_milestones`` as fractions), batch 64-128.
 
@@ -122,6 +122,9 @@ class VGGClassifier(EvalHooks, pl.LightningModule):
             linear layer scales with it).
         label_smoothing: cross-entropy label smoothing (0: plain cross-entropy).
         hidden: width of the hidden linear layer (default 512 x width_mult).
+        channels_last: channels-last weights and activations (tensor-core GPUs with bf16); kept through surgeries.
+        compile: run the network through ``torch.compile`` (true or a mode, e.g. ``reduce-overhead``); compiled
+            afresh after every surgery.
     """
 
     quality = "top1"  # the pruning contract's quality figure
@@ -130,8 +133,9 @@ class VGGClassifier(EvalHooks, pl.LightningModule):
                  width_mult: float = 1.0, optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, lr_milestones: list[float] = (0.5, 0.75), lr_gamma: float = 0.1,
                  warmup_epochs: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = False,
-                 hidden: int | None = None):
+                 hidden: int | None = None, compile: bool | str = False):
         super().__init__()
+        check_compile(compile)
         self.save_hyperparameters()
         self.classes = list(classes)
         if len(self.classes) < 2:
@@ -143,11 +147,15 @@ class VGGClassifier(EvalHooks, pl.LightningModule):
         self.metrics = nn.ModuleDict({f"{s}_top{t}": MulticlassAccuracy(len(self.classes), top_k=t if t == 1 else k)
                                       for s in ("val", "test") for t in (1, 5)})
 
+    def setup(self, stage: str) -> None:
+        self.architecture_changed()
+
     def preprocess(self, images: Tensor) -> Tensor:
-        return (images.float() - self.mean) / self.std
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.get("channels_last") else x
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(self.preprocess(images))
+        return self.net()(self.preprocess(images))
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
@@ -199,6 +207,7 @@ class VGGClassifier(EvalHooks, pl.LightningModule):
             device = next(self.model.parameters()).device
             self.model = self.model.at_widths(arch["channels"]).to(device)
             self.hparams["channels"] = arch["channels"]
+            self.architecture_changed()
 
     def lr_factor(self, epoch_float: float) -> float:
         hp = self.hparams

@@ -22,7 +22,9 @@ in ``self.model`` implementing ``PrunableNet`` and implements ``PrunableModule``
 * ``tp_pruners()`` — Torch-Pruning pruners for custom layers the dependency graph must cut too.
 
 ``PrunableModule`` (the LightningModule): ``model`` (a ``PrunableNet``), ``quality`` (the name of its quality
-figure: ``"map50"`` for detectors, ``"top1"`` for classifiers) and ``evaluate(loader, max_batches)`` returning it.
+figure: ``"map50"`` for detectors, ``"top1"`` for classifiers) and ``evaluate(loader, max_batches)`` returning it;
+optionally ``architecture_changed()``, which the surgery calls after it changed the widths (both modules use it to
+keep channels-last and to compile the network afresh: ``lightning_modules.common.NetRunner``).
 """
 
 from __future__ import annotations

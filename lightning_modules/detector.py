@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode
-from lightning_modules.common import EvalHooks, NonFiniteLossError  # noqa: F401 (NonFiniteLossError: public here)
+from lightning_modules.common import EvalHooks, NetRunner, NonFiniteLossError, check_compile  # noqa: F401 (NonFiniteLossError: public here)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -19,7 +19,7 @@ from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 COCO_MAX_DETS = 100  # detections per image COCO's AP counts
 
 
-class SSDDetector(EvalHooks, pl.LightningModule):
+class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
     """SSD300/SSD512 detector.
 
     Args:
@@ -44,6 +44,8 @@ class SSDDetector(EvalHooks, pl.LightningModule):
         coco_map: also log COCO-style mAP@[.5:.95], @.5, @.75 (torchmetrics, faster_coco_eval backend).
         channels_last: keep weights and activations in channels-last memory format (faster convolutions on
             tensor-core GPUs, with ``--trainer.precision bf16-mixed`` / ``16-mixed``); kept through surgeries.
+        compile: run the network through ``torch.compile`` (true, or a mode: ``reduce-overhead`` adds CUDA graphs,
+            ``max-autotune``); compiled afresh after every surgery. Decoding and the loss stay eager.
         prior_sizes: default-box sizes: VOC's (None), ``"coco300"`` / ``"coco512"`` (the original SSD's COCO
             boxes), or ``{min_sizes: [...], max_sizes: [...]}`` in pixels, one per branch (e.g. small traffic signs).
     """
@@ -75,8 +77,10 @@ class SSDDetector(EvalHooks, pl.LightningModule):
         coco_map: bool = True,
         channels_last: bool = False,
         prior_sizes: str | dict | None = None,
+        compile: bool | str = False,
     ):
         super().__init__()
+        check_compile(compile)
         self.save_hyperparameters()
         self.classes = list(classes)
         self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone,
@@ -95,12 +99,8 @@ class SSDDetector(EvalHooks, pl.LightningModule):
                 self.metrics[f"{stage}_coco"] = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
 
     # ----------------------------------------------------------------- memory format
-    def apply_memory_format(self) -> None:
-        if self.hparams.get("channels_last"):
-            self.model.to(memory_format=torch.channels_last)
-
     def setup(self, stage: str) -> None:
-        self.apply_memory_format()
+        self.architecture_changed()
 
     # ----------------------------------------------------------------- architecture in checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -120,7 +120,7 @@ class SSDDetector(EvalHooks, pl.LightningModule):
                                    False, hp.batch_norm, hp.get("prior_sizes")).to(device)
             self.hparams["channels"] = arch["channels"]
             self.hparams["num_branches"] = arch["num_branches"]
-            self.apply_memory_format()
+            self.architecture_changed()
 
     def _check_and_state(self, checkpoint: dict, source: str) -> dict:
         from lightning_modules.checkpoints import model_state_dict
@@ -155,7 +155,7 @@ class SSDDetector(EvalHooks, pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.get("channels_last") else x
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model(self.preprocess(images))
+        return self.net()(self.preprocess(images))
 
     @staticmethod
     def _mean_over_ranks(num_pos: Tensor) -> Tensor:

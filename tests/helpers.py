@@ -100,3 +100,29 @@ def read_wandb_run(run_dir) -> dict:
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     return out
+
+
+class AssertCompiledMatchesEager(Callback):
+    """At every epoch start: the module runs a compiled network (``--model.compile``) wrapping exactly the current
+    ``pl_module.model`` (compiled afresh after a surgery), whose output equals the eager network's; records the
+    widths it saw in ``SSD_COMPILE_LOG`` (one line per epoch), so a test can see the surgeries happened."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import os
+
+        from torch._dynamo.eval_frame import OptimizedModule
+
+        net = pl_module.net()
+        assert isinstance(net, OptimizedModule) and net._orig_mod is pl_module.model, type(net)
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                x = pl_module.model.example_input(2).to(pl_module.device)
+                for a, b in zip(net(x), pl_module.model(x)):
+                    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+        finally:
+            pl_module.train(was)
+        if os.environ.get("SSD_COMPILE_LOG"):
+            with open(os.environ["SSD_COMPILE_LOG"], "a") as f:
+                f.write(f"{sum(pl_module.model.channels.values())}\n")

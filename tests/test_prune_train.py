@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -131,3 +132,24 @@ def test_bad_schedule_fails_at_start_up(tmp_path):
     cfg = shrunken_demo(tmp_path, schedule=[{"layers": ["conv5_1", "conv_oops"], "l1_epochs": [0, 1]}])
     proc = run_train(["--config", str(cfg)])
     assert proc.returncode != 0 and "unknown layer(s) ['conv_oops']" in proc.stderr
+
+
+@pytest.mark.slow  # torch.compile on CPU: a few compilations (~2-4 min)
+def test_compiled_training_recompiles_after_each_surgery(tmp_path):
+    """--model.compile true: the fit runs the compiled network, every surgery recompiles it at the new widths (the
+    compiled output matches the eager one at every epoch start), and the checkpoint keeps the plain keys."""
+    cfg = shrunken_demo(tmp_path, max_epochs=3, schedule=[
+        {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"], "l1_epochs": [0, 1]}])
+    raw = yaml.safe_load(cfg.read_text())
+    raw["trainer"]["callbacks"].insert(0, {"class_path": "tests.helpers.AssertCompiledMatchesEager"})
+    cfg.write_text(yaml.safe_dump(raw))
+    log = tmp_path / "compile.log"
+    proc = run_train(["--config", str(cfg), "--run_name", "c", "--model.compile", "true"],
+                     env={"SSD_COMPILE_LOG": str(log)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    widths = [int(x) for x in log.read_text().split()]
+    assert len(widths) == 3 and widths[0] > widths[1] == widths[2]  # epoch 1 and 2 ran the pruned network
+    s = json.loads((tmp_path / "runs/c/summary.json").read_text())
+    assert s["final"]["params"] < s["dense"]["params"]
+    ckpt = torch.load(tmp_path / "runs/c/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert not any("_orig_mod" in k or "compiled" in k for k in ckpt["state_dict"])
