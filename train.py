@@ -7,8 +7,10 @@ Every key of the config can be overridden on the command line.
 Other modes:
   --ckpt_path CKPT             resume training from a checkpoint (pruned or not, mid-schedule included)
   --evaluate CKPT|EXPORT_DIR   with --config: test that model on the data module's test split, no training
+                               (--model.compile applies to it)
   --export CKPT [--out DIR]    export a checkpoint (no config needed)
-  --predict CKPT|EXPORT_DIR --images DIR [--out DIR] [--score_threshold S]   detections drawn + detections.json
+  --predict CKPT|EXPORT_DIR --images DIR [--out DIR] [--score_threshold S] [--device D] [--compile [MODE]]
+                               detections drawn + detections.json (classifiers: class + score per image)
   --compare RUN [RUN ...] [--out DIR] [--wandb_project P]   runs side by side: compare.md + Pareto/width PNGs
 """
 
@@ -30,6 +32,7 @@ from callbacks.report import (LATENCY_THREADS, compression, model_stats, paired_
                               reference_drop, write_summary)
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError, data_classes
+from lightning_modules.common import COMPILE_MODES
 from lightning_modules.detector import NonFiniteLossError
 from lightning_modules.export import AtomicCheckpointIO, CheckpointError, export_detector, load_detector, predict_folder
 from lightning_modules.ssd import WeightsMismatchError
@@ -155,7 +158,9 @@ def main(args: list[str] | None = None) -> Path:
     if evaluate:
         from lightning_modules.classifier import VGGClassifier, load_classifier
 
+        compile_mode = model.hparams.get("compile")  # --model.compile applies to the evaluated model too
         model = (load_classifier if isinstance(model, VGGClassifier) else load_detector)(evaluate)
+        model.hparams["compile"] = compile_mode
         if list(model.classes) != list(dm.classes):
             raise DataError(f"{evaluate} was trained on classes {list(model.classes)}, the data module has "
                             f"{list(dm.classes)}; pass --data.classes to match")
@@ -271,6 +276,9 @@ def tool_main(argv: list[str]) -> None:
     ap.add_argument("--score_threshold", type=float, default=0.3, help="--predict: draw and list detections >= this")
     ap.add_argument("--no_onnx", action="store_true", help="--export: skip model.onnx")
     ap.add_argument("--device", default="cpu", help="--predict: torch device (cpu, cuda, cuda:1 ...)")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                    help="--predict: run the network through torch.compile (reduce-overhead: CUDA graphs, for small "
+                         "batches on a GPU)")
     a = ap.parse_args(argv)
     if a.compare:
         from callbacks.compare import compare, log_compare_to_wandb
@@ -302,9 +310,14 @@ def tool_main(argv: list[str]) -> None:
     if _is_classifier(a.predict):
         from lightning_modules.classifier import load_classifier, predict_folder_classes
 
-        print(f"predictions: {predict_folder_classes(load_classifier(a.predict).to(a.device), a.images, out)}")
+        clf = load_classifier(a.predict).to(a.device)
+        clf.hparams["compile"] = a.compile
+        clf.architecture_changed()
+        print(f"predictions: {predict_folder_classes(clf, a.images, out)}")
         return
     det = load_detector(a.predict).to(a.device)
+    det.hparams["compile"] = a.compile
+    det.architecture_changed()
     print(f"detections: {predict_folder(det, a.images, out, a.score_threshold)}")
 
 

@@ -153,3 +153,18 @@ def test_compiled_training_recompiles_after_each_surgery(tmp_path):
     assert s["final"]["params"] < s["dense"]["params"]
     ckpt = torch.load(tmp_path / "runs/c/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert not any("_orig_mod" in k or "compiled" in k for k in ckpt["state_dict"])
+    # --predict --compile: the same detections as the eager network
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for f in sorted((tmp_path / "syn" / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:2]:
+        (images / f.name).write_bytes(f.read_bytes())
+    got = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        p = run_train(["--predict", str(tmp_path / "runs/c/export"), "--images", str(images), "--out",
+                       str(tmp_path / name), "--score_threshold", "0.0", *extra])
+        assert p.returncode == 0, p.stderr[-3000:]
+        got[name] = json.loads((tmp_path / name / "detections.json").read_text())["images"]
+    assert got["eager"].keys() == got["compiled"].keys()
+    for k, dets in got["eager"].items():  # the 20 best scores (deeper down, near-ties may swap or cross 0.01)
+        top = lambda ds: sorted((d["score"] for d in ds), reverse=True)[:20]  # noqa: E731
+        assert len(dets) > 0 and top(got["compiled"][k]) == pytest.approx(top(dets), abs=1e-4)
