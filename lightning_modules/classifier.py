@@ -144,7 +144,10 @@ class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
         self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255, persistent=False)
         k = min(5, len(self.classes))
-        self.metrics = nn.ModuleDict({f"{s}_top{t}": MulticlassAccuracy(len(self.classes), top_k=t if t == 1 else k)
+        # average="micro": the fraction of images classified right (torchmetrics' default, "macro", is the mean
+        # per-class recall, which differs on imbalanced test sets)
+        self.metrics = nn.ModuleDict({f"{s}_top{t}": MulticlassAccuracy(len(self.classes), top_k=t if t == 1 else k,
+                                                                        average="micro")
                                       for s in ("val", "test") for t in (1, 5)})
 
     def setup(self, stage: str) -> None:
@@ -181,7 +184,7 @@ class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
         """Top-1 accuracy of the current model on ``loader`` (its first ``max_batches`` batches), in eval mode."""
         import itertools
 
-        metric = MulticlassAccuracy(len(self.classes), top_k=1).to(self.device)
+        metric = MulticlassAccuracy(len(self.classes), top_k=1, average="micro").to(self.device)
         was_training = self.training
         self.eval()
         try:

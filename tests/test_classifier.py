@@ -295,3 +295,15 @@ def test_classifier_ddp_prunes_alike_on_every_rank(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     s_ev = json.loads((tmp_path / "runs/eval/summary.json").read_text())
     assert s_ev["world_size"] == 1 and s_ev["final"]["top1"] == s2["final"]["top1"]
+
+
+def test_top1_is_the_fraction_of_images_right_on_an_imbalanced_set():
+    """top-1 counts images (micro average), not the mean per-class recall (torchmetrics' default "macro")."""
+    from lightning_modules.classifier import VGGClassifier
+
+    m = VGGClassifier(["a", "b", "c"], width_mult=0.125)
+    m.forward = lambda images: torch.tensor([[5.0, 0.0, 0.0]]).expand(images.shape[0], 3)  # always "a"
+    images, labels = torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.tensor([0] * 8 + [1] * 2)
+    assert m.evaluate([(images[:6], labels[:6]), (images[6:], labels[6:])]) == pytest.approx(0.8)  # macro: 0.5
+    m._eval_step((images, labels), "test")
+    assert float(m.metrics["test_top1"].compute()) == pytest.approx(0.8)
