@@ -4,6 +4,13 @@ our decode + NMS, batched vs the old per-image loop.
 
     python -m benchmarks.bench_gpu                      # on the GPU if there is one: batch 1 and 32
     python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
+    python -m benchmarks.bench_gpu --only widths [--compile]             # kept widths rounded to 1/8/16/32/64
+
+The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
+rounded *up* to multiples of 8, 16, 32 and 64, each timed against the dense network in the fastest mode (bf16 +
+channels-last on a GPU, fp32 on a CPU), at batch 1 and the throughput batch; ``speed-up / MACs reduction`` near 1
+means the device turns the saved MACs into time. ``--compile`` adds the same networks under ``torch.compile``
+(``reduce-overhead``, i.e. CUDA graphs, on a GPU: batch-1 launch overhead removed).
 
 Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
 Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
@@ -83,12 +90,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch (batch 1 is always timed)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--classes", type=int, default=21, help="with background (VOC: 21)")
-    ap.add_argument("--only", choices=("decode", "networks"), help="run one of the two tables")
+    ap.add_argument("--only", choices=("decode", "networks", "widths"), help="run one of the tables")
+    ap.add_argument("--compile", action="store_true", help="widths table: also time the compiled networks")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; batch 1 and {args.batch}; medians of {args.repeats}\n")
+
+    if args.only == "widths":
+        return widths_table(args, dev)
 
     # --- decode + NMS alone: batched vs per-image loop
     m = build_ssd(300, args.classes).to(dev).eval()
@@ -150,6 +161,51 @@ def main() -> None:
         t_net, t_full = timed(tv_net, dev, args.repeats), timed(tv_full, dev, args.repeats)
         print(row("torchvision ssd300_vgg16", "fp32", b, f"{b / t_net:.1f}", f"{b / t_full:.1f}",
                   f"{1 - t_net / t_full:.0%}"))
+
+
+def rounded_widths(widths: dict[str, int], dense: dict[str, int], multiple: int) -> dict[str, int]:
+    """Each kept width rounded up to a multiple of ``multiple`` (at most the dense width)."""
+    return {n: min(dense[n], -(-w // multiple) * multiple) for n, w in widths.items()}
+
+
+def widths_table(args, dev: torch.device) -> None:
+    import torch_pruning as tp
+
+    from lightning_modules.ssd import resolve_channels
+
+    dense_w = resolve_channels(300, None, 1.0)
+    fast = dev.type == "cuda"  # bf16 + channels-last on a GPU (tensor cores); fp32 on a CPU
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
+    nets = {"dense": build_ssd(300, args.classes)}
+    for k in (1, 8, 16, 32, 64):
+        nets[f"pruned-6det, round_to {k}"] = build_ssd(300, args.classes, channels=rounded_widths(P6DET, dense_w, k))
+    print(row("network", "compiled", "MMACs", "MACs reduction", "batch", "img/s", "speed-up", "speed-up / MACs reduction"))
+    print(row(*["---"] * 8))
+    macs = {}
+    for label, net in nets.items():
+        net.eval()
+        macs[label], _ = tp.utils.count_ops_and_params(net, torch.zeros(1, 3, 300, 300))
+    for compiled in (False, True) if args.compile else (False,):
+        for b in (1, args.batch):
+            x = torch.rand(b, 3, 300, 300, device=dev)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            rate = {}
+            for label, net in nets.items():
+                net = net.to(dev)
+                if fast:
+                    net = net.to(memory_format=torch.channels_last)
+                run = torch.compile(net, mode="reduce-overhead" if fast else None) if compiled else net
+
+                def fwd():
+                    with torch.no_grad(), ctx():
+                        return run(x)
+
+                rate[label] = b / timed(fwd, dev, args.repeats, warmup=3 if compiled else 2)
+                red = macs["dense"] / macs[label]
+                speed = rate[label] / rate["dense"]
+                print(row(label, "yes" if compiled else "no", f"{macs[label] / 1e6:.0f}", f"{red:.2f}x", b,
+                          f"{rate[label]:.1f}", f"{speed:.2f}x", f"{speed / red:.2f}"))
 
 
 if __name__ == "__main__":

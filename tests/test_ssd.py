@@ -178,3 +178,12 @@ def test_batched_decode_gives_the_per_image_detections(kind):
                 assert torch.equal(a, b)
     if kind == "peaked":
         assert len(decode(loc, conf, m.priors)[-1]["scores"]) == 0
+
+
+def test_bench_gpu_width_rounding_goes_up_to_the_multiple_and_stops_at_dense():
+    from benchmarks.bench_gpu import rounded_widths
+
+    dense = {"a": 64, "b": 100, "c": 512}
+    assert rounded_widths({"a": 56, "b": 97, "c": 1}, dense, 32) == {"a": 64, "b": 100, "c": 32}
+    assert rounded_widths({"a": 56, "b": 97, "c": 1}, dense, 1) == {"a": 56, "b": 97, "c": 1}
+    assert rounded_widths({"a": 57, "b": 16, "c": 500}, dense, 8) == {"a": 64, "b": 16, "c": 504}
