@@ -98,7 +98,9 @@ class SparsityInduction(Callback):
     comparable across layers without normalisation, that sees which channels the data set needs. How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` and/or
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``; with both,
-    the fewest channels go that meet both: a size budget and a speed budget at once).
+    the fewest channels go that meet both: a size budget and a speed budget at once), or an absolute one,
+    ``target_params`` / ``target_macs`` (a deployment limit; e.g. paper A's "200x" of the full VGG16 is 75,000
+    parameters, which a ``width_mult`` 0.25 run then meets at about 12.6x).
 
     ``target_channels`` (``bn_scale`` only) gives the architecture instead of a budget: each named layer keeps that many
     channels, its best-scored ones (e.g. paper A's Table 1 widths, or another tool's): the score then only decides
@@ -134,6 +136,8 @@ class SparsityInduction(Callback):
         score_norm: str = "none",
         target_params_x: float | None = None,
         target_macs_x: float | None = None,
+        target_params: int | None = None,
+        target_macs: int | None = None,
         l1_target: str = "all",
         target_channels: dict[str, int] | None = None,
     ):
@@ -158,8 +162,16 @@ class SparsityInduction(Callback):
         if sparsity_on not in ("weights", "bn_scale"):
             raise ValueError(f"sparsity_on must be 'weights' or 'bn_scale', got {sparsity_on!r}")
         self.sparsity_on = sparsity_on
-        if (target_params_x or target_macs_x or cost_exponent) and sparsity_on != "bn_scale":
-            raise ValueError("cost_exponent, target_params_x and target_macs_x work on channels: sparsity_on: bn_scale")
+        if target_params and target_params_x or target_macs and target_macs_x:
+            raise ValueError("give a budget either as a ratio (target_params_x / target_macs_x) or as a count "
+                             "(target_params / target_macs), not both")
+        for k, v in {"target_params": target_params, "target_macs": target_macs}.items():
+            if v is not None and v <= 0:
+                raise ValueError(f"{k} is a count and must be > 0, got {v}")
+        self.target_params, self.target_macs = target_params, target_macs
+        budget = bool(target_params_x or target_macs_x or target_params or target_macs)
+        if (budget or cost_exponent) and sparsity_on != "bn_scale":
+            raise ValueError("cost_exponent, target_params(_x) and target_macs(_x) work on channels: sparsity_on: bn_scale")
         for k, v in {"target_params_x": target_params_x, "target_macs_x": target_macs_x}.items():
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
@@ -177,15 +189,15 @@ class SparsityInduction(Callback):
             raise ValueError(f"l1_target must be 'all' or 'below_budget', got {l1_target!r}")
         if l1_target == "below_budget" and sparsity_on != "bn_scale":
             raise ValueError("l1_target: below_budget ranks channels: it needs sparsity_on: bn_scale")
-        if l1_target == "below_budget" and threshold_mode == "max_map_drop" and not (
-                target_params_x or target_macs_x or target_channels):
+        if l1_target == "below_budget" and threshold_mode == "max_map_drop" and not (budget or target_channels):
             raise ValueError("l1_target: below_budget needs to know how many channels go before the threshold: give "
-                             "target_params_x, target_macs_x, target_channels or threshold_mode: target_sparsity")
+                             "a budget (target_params(_x), target_macs(_x)), target_channels or threshold_mode: "
+                             "target_sparsity")
         self.l1_target = l1_target
         if target_channels and sparsity_on != "bn_scale":
             raise ValueError("target_channels picks channels: it needs sparsity_on: bn_scale")
-        if target_channels and (target_params_x or target_macs_x):
-            raise ValueError("give either target_channels (the widths) or a budget (target_params_x / target_macs_x)")
+        if target_channels and budget:
+            raise ValueError("give either target_channels (the widths) or a budget (target_params(_x) / target_macs(_x))")
         self.target_channels = dict(target_channels or {})
 
     # ------------------------------------------------------------------ lifecycle
@@ -414,7 +426,7 @@ class SparsityInduction(Callback):
 
     def _channel_tau(self, trainer, pl_module, index: int, scores: dict[str, Tensor]) -> float:
         phase = self.state.phases[index]
-        if self.target_params_x or self.target_macs_x:
+        if self.target_params_x or self.target_macs_x or self.target_params or self.target_macs:
             return self._tau_for_budget(trainer, pl_module, scores)
         if self.threshold_mode == "target_sparsity":
             return tau_for_sparsity(scores, self.target_sparsity if phase.target_sparsity is None else phase.target_sparsity)
@@ -424,11 +436,14 @@ class SparsityInduction(Callback):
     @torch.no_grad()
     def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:
         """The smallest channel sparsity whose pruned architecture (widths as FilterSelection keeps them) meets the
-        budget(s): dense params / ``target_params_x`` and/or dense MACs / ``target_macs_x`` (binary search)."""
+        budget(s): dense params / ``target_params_x`` (or ``target_params``) and/or dense MACs / ``target_macs_x`` (or
+        ``target_macs``) (binary search)."""
         from callbacks.selection import FilterSelection
 
-        budgets = {m: (self.state.dense_stats[m] / x, x) for m, x in
+        budgets = {m: (self.state.dense_stats[m] / x, f"dense / {x}") for m, x in
                    (("params", self.target_params_x), ("macs", self.target_macs_x)) if x}
+        budgets.update({m: (float(n), "given") for m, n in (("params", self.target_params), ("macs", self.target_macs))
+                        if n})
         sel = next((cb for cb in trainer.callbacks if isinstance(cb, FilterSelection)), None)
         min_width, round_to = (sel.min_width, sel.round_to) if sel else (1, 1)
         model = pl_module.model
@@ -442,7 +457,7 @@ class SparsityInduction(Callback):
         lo, hi = 0.0, 0.99
         if over := over_budget(hi):
             m, c = next(iter(over.items()))
-            raise ScheduleError(f"the {m} budget {budgets[m][0]:,.0f} (dense / {budgets[m][1]}) cannot be met by "
+            raise ScheduleError(f"the {m} budget {budgets[m][0]:,.0f} ({budgets[m][1]}) cannot be met by "
                                 f"removing channels of this phase's layers (at 99 % of them: {c:,}); lower the target")
         for _ in range(steps):
             mid = (lo + hi) / 2

@@ -497,7 +497,7 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
 
 def test_params_and_macs_budgets_together_meet_both():
     """target_params_x and target_macs_x at once: the architecture the selection keeps meets both budgets, with no
-    fewer channels removed than either budget alone asks for."""
+    fewer channels removed than either budget alone asks for; target_params / target_macs give them as counts."""
     from types import SimpleNamespace
 
     from callbacks.budget import architecture_cost, kept_widths
@@ -518,7 +518,8 @@ def test_params_and_macs_budgets_together_meet_both():
              "macs": architecture_cost(model, model.channels, "macs")}
     removed, cost = {}, {}
     for name, kw in {"params": {"target_params_x": 4.0}, "macs": {"target_macs_x": 3.0},
-                     "both": {"target_params_x": 4.0, "target_macs_x": 3.0}}.items():
+                     "both": {"target_params_x": 4.0, "target_macs_x": 3.0},
+                     "counts": {"target_params": dense["params"] / 4.0, "target_macs": dense["macs"] / 3.0}}.items():
         cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", **kw)
         cb.state.dense_stats = dict(dense)
         masks, _ = cb._channel_masks(trainer, det, 0)
@@ -530,3 +531,7 @@ def test_params_and_macs_budgets_together_meet_both():
     # each budget is met from some sparsity on, so both are met from the larger of the two (the binding one)
     assert removed["both"] == max(removed["params"], removed["macs"])
     assert removed["params"] != removed["macs"]  # the two budgets do bind at different points here
+    assert removed["counts"] == removed["both"]  # the same budgets given as counts (deployment limits)
+    with pytest.raises(ValueError, match="either as a ratio"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
+                          target_params=1000)
