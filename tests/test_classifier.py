@@ -147,10 +147,10 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
 
 
 def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
-    """experiments/cifar10_vgg16.yaml shrunk to a CPU run: the three pruning callbacks on the classifier, top-1 in
-    summary.json, the same summary shape as the detector's, an ONNX export."""
+    """experiments/cifar10_vgg16_paper.yaml shrunk to a CPU run: the three pruning callbacks on the classifier, top-1
+    in summary.json, the same summary shape as the detector's, an ONNX export."""
     root = cifar_fixture(tmp_path / "c")
-    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("SparsityInduction"):
             cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
@@ -176,6 +176,27 @@ def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
     sess = ort.InferenceSession(s["export"]["onnx"])
     out = sess.run(None, {"images": np.zeros((2, 3, 32, 32), np.float32)})[0]
     assert out.shape == (2, 10)
+
+
+def test_default_classifier_config_meets_its_parameter_budget(tmp_path):
+    """experiments/cifar10_vgg16.yaml (the default method: Taylor-scored targeted fade to an absolute parameter
+    budget) shrunk to a CPU run: the final model has at most target_params parameters."""
+    root = cifar_fixture(tmp_path / "c")
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    sp = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("SparsityInduction"))["init_args"]
+    assert sp["channel_score"] == "taylor" and sp["target_params"] == 120000
+    sp["target_params"] = 60000
+    sp["schedule"][0]["l1_epochs"] = [1, 3]
+    path = tmp_path / "cifar_default.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(path), "--trainer.max_epochs", "4", "--trainer.precision", "32", "--trainer.accelerator",
+            "cpu", "--trainer.logger", "false", "--model.width_mult", "0.125", "--model.lr", "0.05", "--data.root",
+            str(root), "--data.batch_size", "16", "--data.num_workers", "0", "--data.val_fraction", "0.2",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "d"]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())
+    assert 0.85 * 60000 <= s["final"]["params"] <= 60000 < s["dense"]["params"]
 
 
 @pytest.mark.slow  # a training and four tool runs (~1 min)
@@ -237,8 +258,8 @@ def test_facemask_crops_are_a_gtsrb_layout_the_datamodule_reads(tmp_path):
 
 
 def _pruned_classifier_config(tmp_path: Path) -> Path:
-    """experiments/cifar10_vgg16.yaml with three short phases (surgeries at the ends of epochs 0, 1 and 2)."""
-    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
+    """experiments/cifar10_vgg16_paper.yaml with three short phases (surgeries at the ends of epochs 0, 1 and 2)."""
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("SparsityInduction"):
             cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.6, l1_lambda=1e-3, schedule=[
