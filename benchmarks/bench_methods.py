@@ -170,7 +170,7 @@ def main() -> None:
         results[m] = {quality: maps, "drop_points": drops, "params": params, "macs": macs, "latency_ms": lat[m],
                       "reached": reached}
         print(row(m, _spread(maps), _spread(drops) if drops else "-", f"{int(params):,}", f"{dense_p / params:.2f}",
-                  f"{macs / 1e6:.0f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}", f"{lat['dense'] / lat[m]:.2f}x", note))
+                  f"{macs / 1e6:.0f}" if macs >= 1e8 else f"{macs / 1e6:.2f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}" if lat[m] >= 10 else f"{lat[m]:.2f}", f"{lat['dense'] / lat[m]:.2f}x", note))
     (out / "methods.json").write_text(json.dumps({"seeds": seeds, "train_args": train_args, "results": results}, indent=2))
 
 
