@@ -262,7 +262,7 @@ def _pruned_classifier_config(tmp_path: Path) -> Path:
     cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("SparsityInduction"):
-            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.6, l1_lambda=1e-3, schedule=[
+            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
                 {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"], "l1_epochs": [0, 1]},
                 {"layers": ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [1, 2]},
                 {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3"], "l1_epochs": [2, 3]}])
@@ -292,6 +292,7 @@ def test_classifier_resume_after_a_surgery_matches_uninterrupted(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     s1, s2 = (json.loads((tmp_path / f"runs/{r}/summary.json").read_text()) for r in ("full", "resumed"))
     assert s2["channels"] == s1["channels"] and s2["final"]["top1"] == s1["final"]["top1"]
+    assert s1["final"]["params"] < s1["dense"]["params"]  # the surgeries did cut
     a, b = (torch.load(tmp_path / f"runs/{r}/checkpoints/last.ckpt", weights_only=True) for r in ("full", "resumed"))
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
     for k, v in a["state_dict"].items():
