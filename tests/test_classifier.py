@@ -179,12 +179,12 @@ def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
 
 
 def test_default_classifier_config_meets_its_parameter_budget(tmp_path):
-    """experiments/cifar10_vgg16.yaml (the default method: Taylor-scored targeted fade to an absolute parameter
-    budget) shrunk to a CPU run: the final model has at most target_params parameters."""
+    """experiments/cifar10_vgg16.yaml (the default method: the targeted fade to an absolute parameter budget) shrunk
+    to a CPU run: the final model has at most target_params parameters."""
     root = cifar_fixture(tmp_path / "c")
     cfg = yaml.safe_load(Path("experiments/cifar10_vgg16.yaml").read_text())
     sp = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("SparsityInduction"))["init_args"]
-    assert sp["channel_score"] == "taylor" and sp["target_params"] == 120000
+    assert sp["l1_target"] == "below_budget" and sp["target_params"] == 120000
     sp["target_params"] = 60000
     sp["schedule"][0]["l1_epochs"] = [1, 3]
     path = tmp_path / "cifar_default.yaml"
