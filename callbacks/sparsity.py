@@ -94,8 +94,10 @@ class SparsityInduction(Callback):
     Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` (DepGraph, Fang et al. 2023), here as a channel score; or
     ``"taylor"``, the first-order Taylor estimate of the loss change when the channel's BatchNorm output is removed,
     (gamma * dL/dgamma + beta * dL/dbeta) ** 2 per step, averaged over the steps of the last epoch (Molchanov et al.
-    2019, "Importance Estimation for Neural Network Pruning", the criterion on BatchNorm gates): a loss-based score,
-    comparable across layers without normalisation, that sees which channels the data set needs. How many
+    2019, "Importance Estimation for Neural Network Pruning", the criterion on BatchNorm gates): a loss-based score
+    that sees which channels the data set needs; its raw values differ by orders of magnitude between layers, so use
+    it with ``score_norm="layer_mean"`` (benchmarks/README.md: raw, a MACs budget left one layer wide and the rest at
+    ``min_width``). How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` and/or
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``; with both,
     the fewest channels go that meet both: a size budget and a speed budget at once), or an absolute one,
@@ -364,8 +366,9 @@ class SparsityInduction(Callback):
 
     @torch.no_grad()
     def _threshold_channels(self, trainer, pl_module, index: int) -> float:
-        """``bn_scale``: one global tau on |gamma| over the filters the phase may remove (BatchNorm puts every layer
-        on one scale, so no normalisation: Liu et al. 2017, "Network Slimming"); channels at or under tau are
+        """``bn_scale``: one global tau on the channel scores (``_channel_scores``: |gamma| as in Liu et al. 2017,
+        "Network Slimming", or another ``channel_score``, optionally normalised) over the filters the phase may
+        remove, or exactly the faded-out candidates (``l1_target="below_budget"``); channels at or under tau are
         masked (gamma and beta held at 0, so the channel outputs 0 and its removal changes nothing)."""
         if self.l1_target == "below_budget" and self.state.l1_candidates:
             # what was faded out is what goes (the candidates met the budget when they were chosen)

@@ -146,17 +146,23 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
         GTSRBDataModule(str(tmp_path / "none"), batch_size=4).setup("fit")
 
 
+def paper_config_in_three_short_phases(first_epoch: int) -> dict:
+    """experiments/cifar10_vgg16_paper.yaml with its 3 phases one epoch each from ``first_epoch`` on, 80 % sparsity."""
+    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
+    blocks = [["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"],
+              ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], ["conv4_3", "conv5_1", "conv5_2", "conv5_3"]]
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("SparsityInduction"):
+            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
+                {"layers": layers, "l1_epochs": [first_epoch + i, first_epoch + i + 1]} for i, layers in enumerate(blocks)])
+    return cfg
+
+
 def test_cifar10_config_runs_on_cpu_and_ends_compressed(tmp_path):
     """experiments/cifar10_vgg16_paper.yaml shrunk to a CPU run: the three pruning callbacks on the classifier, top-1
     in summary.json, the same summary shape as the detector's, an ONNX export."""
     root = cifar_fixture(tmp_path / "c")
-    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("SparsityInduction"):
-            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
-                {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"], "l1_epochs": [1, 2]},
-                {"layers": ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [2, 3]},
-                {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3"], "l1_epochs": [3, 4]}])
+    cfg = paper_config_in_three_short_phases(first_epoch=1)
     path = tmp_path / "cifar_small.yaml"
     path.write_text(yaml.safe_dump(cfg))
     args = ["--config", str(path), "--trainer.max_epochs", "5", "--trainer.precision", "32", "--trainer.accelerator",
@@ -259,13 +265,8 @@ def test_facemask_crops_are_a_gtsrb_layout_the_datamodule_reads(tmp_path):
 
 def _pruned_classifier_config(tmp_path: Path) -> Path:
     """experiments/cifar10_vgg16_paper.yaml with three short phases (surgeries at the ends of epochs 0, 1 and 2)."""
-    cfg = yaml.safe_load(Path("experiments/cifar10_vgg16_paper.yaml").read_text())
+    cfg = paper_config_in_three_short_phases(first_epoch=0)
     for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("SparsityInduction"):
-            cb["init_args"].update(threshold_mode="target_sparsity", target_sparsity=0.8, l1_lambda=1e-3, schedule=[
-                {"layers": ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3"], "l1_epochs": [0, 1]},
-                {"layers": ["conv3_3", "conv4_1", "conv4_2", "conv4_3"], "l1_epochs": [1, 2]},
-                {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3"], "l1_epochs": [2, 3]}])
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["save_top_k"] = -1  # every epoch's checkpoint
     cfg["trainer"].update(max_epochs=4, precision="32", accelerator="cpu", logger=False, check_val_every_n_epoch=1,
