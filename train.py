@@ -307,18 +307,16 @@ def tool_main(argv: list[str]) -> None:
     if not a.images:
         ap.error("--predict needs --images <folder>")
     out = Path(a.out) if a.out else Path(str(Path(a.images).resolve()) + "_detections")
-    if _is_classifier(a.predict):
-        from lightning_modules.classifier import load_classifier, predict_folder_classes
+    from lightning_modules.classifier import load_classifier, predict_folder_classes
 
-        clf = load_classifier(a.predict).to(a.device)
-        clf.hparams["compile"] = a.compile
-        clf.architecture_changed()
-        print(f"predictions: {predict_folder_classes(clf, a.images, out)}")
-        return
-    det = load_detector(a.predict).to(a.device)
-    det.hparams["compile"] = a.compile
-    det.architecture_changed()
-    print(f"detections: {predict_folder(det, a.images, out, a.score_threshold)}")
+    classifier = _is_classifier(a.predict)
+    model = (load_classifier if classifier else load_detector)(a.predict).to(a.device)
+    model.hparams["compile"] = a.compile
+    model.architecture_changed()  # compiles the network when --compile is given
+    if classifier:
+        print(f"predictions: {predict_folder_classes(model, a.images, out)}")
+    else:
+        print(f"detections: {predict_folder(model, a.images, out, a.score_threshold)}")
 
 
 if __name__ == "__main__":
