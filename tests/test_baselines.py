@@ -89,3 +89,25 @@ def test_tp_ratio_search_reaches_a_macs_target():
     assert abs(got - target) < 0.05 * target
     prune_filters(model, tp_global_selection(model, 300, ratio))
     assert _count(model, 300, "macs") == got
+
+
+def test_scratch_baseline_scales_every_width_to_the_target_params(tmp_path):
+    from benchmarks.bench_methods import uniform_widths
+    from lightning_modules.classifier import VGGClassifier, export_classifier
+    from lightning_modules.ssd import build_ssd, save_exported
+
+    dense = build_ssd(300, 4, width_mult=0.125, batch_norm=True)
+    save_exported(dense, tmp_path / "det", ["a", "b", "c"])
+    args, got = uniform_widths(tmp_path / "det", 120_000)
+    assert args[0] == "--model.channels" and abs(got - 120_000) < 0.03 * 120_000
+    channels = json.loads(args[1])
+    assert sum(p.numel() for p in build_ssd(300, 4, channels, batch_norm=True).parameters()) == got
+    ratios = [channels[k] / w for k, w in dense.channels.items() if w >= 32]  # one factor, up to rounding
+    assert max(ratios) - min(ratios) < 0.05 and 0.3 < ratios[0] < 0.7
+
+    clf = VGGClassifier(["x", "y"], size=32, width_mult=0.25)
+    export_classifier(clf, tmp_path / "clf", onnx=False)
+    args, got = uniform_widths(tmp_path / "clf", 50_000)
+    assert args[2:] == ["--model.hidden", args[3]] and abs(got - 50_000) < 0.03 * 50_000
+    small = VGGClassifier(["x", "y"], size=32, channels=json.loads(args[1]), hidden=int(args[3]))
+    assert sum(p.numel() for p in small.model.parameters()) == got
