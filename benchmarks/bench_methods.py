@@ -24,7 +24,8 @@ the data set::
         --data.test_set "[2007, test]" --data.classes auto
 
 Detectors and classifiers alike: the quality column is the module's own figure (``map50`` or ``top1`` in
-``summary.json``). Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU).
+``summary.json``). Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU,
+1 thread), in PyTorch eager and, from the exported ``model.onnx``, in ONNX Runtime (the deployment path).
 The table gives medians over seeds and the spread (min-max) of mAP and drop.
 """
 
@@ -189,19 +190,22 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed = {seed: run_seed(args, out, seed, train_args) for seed in seeds}
 
-    from callbacks.report import paired_latency_ms
+    from callbacks.report import paired_latency_ms, paired_onnx_latency_ms
 
     first = per_seed[seeds[0]]
     quality = "top1" if "top1" in first["dense"]["final"] else "map50"  # the module's own quality figure
     models = {k: load_exported_net(Path(s["export"]["json"]).parent) for k, s in first.items()}
     size = next(iter(models.values())).size
     lat = paired_latency_ms(models, size, rounds=30, budget_s=120)
+    onnx_files = {k: Path(s["export"]["json"]).parent / "model.onnx" for k, s in first.items()}
+    ort_lat = (paired_onnx_latency_ms({k: str(p) for k, p in onnx_files.items()}, rounds=30, budget_s=120)
+               if all(p.is_file() for p in onnx_files.values()) else None)
     methods = [m for m in METHODS if m in first]
     results = {}
     print(f"{len(seeds)} seed(s) {seeds}; config {args.config}; train.py args: {' '.join(train_args) or '(none)'}\n")
     print(row("method", f"{'top-1' if quality == 'top1' else 'mAP@0.5'} median (range)", "drop vs dense, points", "params", "size x", "MMACs", "MACs x",
-              "CPU latency ms (seed 0)", "speed-up", "note"))
-    print(row(*["---"] * 10))
+              "CPU latency ms (seed 0)", "speed-up", "ONNX Runtime ms (speed-up)", "note"))
+    print(row(*["---"] * 11))
     for m in methods:
         runs = [per_seed[s][m] for s in seeds]
         maps = [r["final"][quality] for r in runs]
@@ -216,10 +220,12 @@ def main() -> None:
         if reached:
             note = "; ".join(f"{x['measure']} {x['got']:,} of {x['target']:,}" + ("" if x["within"] else " (NOT within 3 %)")
                              for x in reached[:1])
+        ort_ms = ort_lat[m] if ort_lat else None
         results[m] = {quality: maps, "drop_points": drops, "params": params, "macs": macs, "latency_ms": lat[m],
-                      "reached": reached}
+                      "onnxruntime_ms": ort_ms, "reached": reached}
         print(row(m, _spread(maps), _spread(drops) if drops else "-", f"{int(params):,}", f"{dense_p / params:.2f}",
-                  f"{macs / 1e6:.0f}" if macs >= 1e8 else f"{macs / 1e6:.2f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}" if lat[m] >= 10 else f"{lat[m]:.2f}", f"{lat['dense'] / lat[m]:.2f}x", note))
+                  f"{macs / 1e6:.0f}" if macs >= 1e8 else f"{macs / 1e6:.2f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}" if lat[m] >= 10 else f"{lat[m]:.2f}", f"{lat['dense'] / lat[m]:.2f}x",
+                  f"{ort_ms:.2f} ({ort_lat['dense'] / ort_ms:.2f}x)" if ort_ms else "-", note))
     (out / "methods.json").write_text(json.dumps({"seeds": seeds, "train_args": train_args, "results": results}, indent=2))
 
 

@@ -89,6 +89,35 @@ def _paired_latency_ms(models: dict[str, nn.Module], input_size: int | None, rou
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
+def paired_onnx_latency_ms(paths: dict[str, str], rounds: int = 30, budget_s: float = 20.0,
+                           threads: int = LATENCY_THREADS or 1) -> dict[str, float]:
+    """As ``paired_latency_ms``, for exported ``model.onnx`` files run by ONNX Runtime's CPU provider (BatchNorm
+    folded, graph optimisations on, ``threads`` intra-op threads): the deployment path, where the per-operator
+    overhead of PyTorch eager does not hide what the pruning saved."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    first = next(iter(sessions.values())).get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in first.shape]
+    x = {first.name: np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)}
+    t0 = time.perf_counter()
+    for s in sessions.values():
+        s.run(None, x)
+    one_round = time.perf_counter() - t0
+    rounds = max(5, min(rounds, int(budget_s / max(one_round, 1e-6))))
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, x)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 @torch.no_grad()
 def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, device: torch.device, batch: int = 32,
                          rounds: int = 20) -> dict[str, dict]:

@@ -183,3 +183,15 @@ def test_cpu_latency_is_timed_on_a_fixed_thread_count_and_restores_it():
         assert set(lat) == {"probe", "ssd"} and lat["ssd"] > lat["probe"] > 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_onnx_runtime_latency_times_exported_models_together(tmp_path):
+    from callbacks.report import paired_onnx_latency_ms
+    from lightning_modules.export import export_onnx
+    from lightning_modules.ssd import build_ssd
+
+    big = export_onnx(build_ssd(300, 3, width_mult=0.125, batch_norm=True).eval(), tmp_path / "big.onnx")
+    small = export_onnx(build_ssd(300, 3, {"conv4_3": 8, "conv5_1": 8, "conv5_2": 8, "conv5_3": 8, "conv6": 8, "conv7": 8},
+                                  width_mult=0.125, batch_norm=True).eval(), tmp_path / "small.onnx")
+    lat = paired_onnx_latency_ms({"big": big, "small": small}, rounds=5, budget_s=5)
+    assert set(lat) == {"big", "small"} and lat["big"] > lat["small"] > 0
