@@ -226,6 +226,14 @@ def main() -> None:
         print(row(m, _spread(maps), _spread(drops) if drops else "-", f"{int(params):,}", f"{dense_p / params:.2f}",
                   f"{macs / 1e6:.0f}" if macs >= 1e8 else f"{macs / 1e6:.2f}", f"{dense_m / macs:.2f}", f"{lat[m]:.1f}" if lat[m] >= 10 else f"{lat[m]:.2f}", f"{lat['dense'] / lat[m]:.2f}x",
                   f"{ort_ms:.2f} ({ort_lat['dense'] / ort_ms:.2f}x)" if ort_ms else "-", note))
+    if "tp_params" in methods:  # seed-paired: the same seed's data order and initialisation on both sides
+        print(f"\nPaired with Torch-Pruning at equal params, same seed ({', '.join(map(str, seeds))}), points:")
+        for m in methods:
+            if m in ("dense", "tp_params"):
+                continue
+            diffs = [100 * (per_seed[s][m]["final"][quality] - per_seed[s]["tp_params"]["final"][quality]) for s in seeds]
+            results[m]["vs_tp_params_points"] = diffs
+            print(f"  {m}: median {statistics.median(diffs):+.1f} (" + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
     (out / "methods.json").write_text(json.dumps({"seeds": seeds, "train_args": train_args, "results": results}, indent=2))
 
 
