@@ -26,7 +26,8 @@ the data set::
 Detectors and classifiers alike: the quality column is the module's own figure (``map50`` or ``top1`` in
 ``summary.json``). Latencies: the final models of the first seed, timed together in this process, interleaved, medians (batch 1, CPU,
 1 thread), in PyTorch eager and, from the exported ``model.onnx``, in ONNX Runtime (the deployment path).
-The table gives medians over seeds and the spread (min-max) of mAP and drop.
+The table gives medians over seeds, the spread (min-max) and the mean of mAP and drop, and each method's seed-paired
+difference to Torch-Pruning at equal parameters.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ def uniform_widths(dense_export: Path, target_params: int) -> tuple[list[str], i
 
 def _spread(values: list[float]) -> str:
     med = statistics.median(values)
-    return f"{med:.3f}" if len(values) == 1 else f"{med:.3f} ({min(values):.3f}-{max(values):.3f})"
+    if len(values) == 1:
+        return f"{med:.3f}"
+    return f"{med:.3f} ({min(values):.3f}-{max(values):.3f}; mean {statistics.fmean(values):.3f})"
 
 
 def main() -> None:
