@@ -28,8 +28,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
 from callbacks.distributed import RanksInconsistentError, check_ranks
-from callbacks.report import (LATENCY_THREADS, compression, model_stats, paired_device_timing, paired_latency_ms,
-                              reference_drop, write_summary)
+from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, compression, model_stats, paired_device_timing,
+                              paired_latency_ms, reference_drop, write_summary)
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError, data_classes
 from lightning_modules.common import COMPILE_MODES
@@ -200,7 +200,7 @@ def main(args: list[str] | None = None) -> Path:
                 timing = paired_device_timing({"dense": dense_arch, "final": model.model}, None, device)
                 dense.update(timing["dense"])
                 final.update(timing["final"])
-        final["latency_threads"] = LATENCY_THREADS
+        final["latency_threads"], final["latency_form"] = LATENCY_THREADS, LATENCY_FORM
         dense_channels = dense.pop("channels", None) or dict(model.model.channels)
         dense.pop("num_branches", None)
         if evaluate:
@@ -308,11 +308,13 @@ def tool_main(argv: list[str]) -> None:
         ap.error("--predict needs --images <folder>")
     out = Path(a.out) if a.out else Path(str(Path(a.images).resolve()) + "_detections")
     from lightning_modules.classifier import load_classifier, predict_folder_classes
+    from lightning_modules.common import fold_batchnorm
 
     classifier = _is_classifier(a.predict)
     model = (load_classifier if classifier else load_detector)(a.predict).to(a.device)
-    model.hparams["compile"] = a.compile
-    model.architecture_changed()  # compiles the network when --compile is given
+    fold_batchnorm(model.model)  # the inference form: BatchNorm folded into the convolutions, channels-last
+    model.hparams["compile"], model.hparams["channels_last"] = a.compile, True
+    model.architecture_changed()  # channels-last weights; compiles the network when --compile is given
     if classifier:
         print(f"predictions: {predict_folder_classes(model, a.images, out)}")
     else:

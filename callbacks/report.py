@@ -1,7 +1,8 @@
 """Model size / cost measurements for the compression report and ``summary.json``.
 
 MACs and parameter counts come from Torch-Pruning's ``count_ops_and_params``; latency is measured here
-(median of repeated batch-1 forward passes on the CPU of the machine that ran).
+(median of repeated batch-1 forward passes on the CPU of the machine that ran, of the network's inference form:
+BatchNorm folded into the convolutions, channels-last; ``LATENCY_FORM``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def model_stats(model: nn.Module, input_size: int | None = None, latency: bool =
     return stats
 
 
+LATENCY_FORM = "batch 1, BatchNorm folded, channels-last"  # what latency_ms times (summary.json names it)
 LATENCY_THREADS = 1  # CPU latency is timed on this many threads: comparable across machines and data-loader load
 
 
@@ -56,7 +58,7 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int | None = Non
                       budget_s: float = 20.0, threads: int | None = LATENCY_THREADS) -> dict[str, float]:
     """Median batch-1 CPU latency of several models measured together, interleaved round by round, so that a
     shared, noisy machine slows them alike (the ratio is what the report quotes), on ``threads`` intra-op threads
-    (None: torch's current setting). Big models get fewer rounds (at least 5) so the timing stays within about
+    (None: torch's current setting), each in its inference form (``deploy_copy``: BatchNorm folded, channels-last). Big models get fewer rounds (at least 5) so the timing stays within about
     ``budget_s``."""
     before = torch.get_num_threads()
     if threads:
@@ -69,10 +71,10 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int | None = Non
 
 def _paired_latency_ms(models: dict[str, nn.Module], input_size: int | None, rounds: int,
                        budget_s: float) -> dict[str, float]:
-    import copy
+    from lightning_modules.common import deploy_copy
 
-    ms = {k: copy.deepcopy(m).cpu().eval() for k, m in models.items()}
-    x = torch.randn_like(example_input(next(iter(ms.values())), input_size))
+    ms = {k: deploy_copy(m).cpu() for k, m in models.items()}  # the inference form: BatchNorm folded, channels-last
+    x = torch.randn_like(example_input(next(iter(ms.values())), input_size)).contiguous(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     for m in ms.values():
         m(x)

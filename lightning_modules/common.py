@@ -61,3 +61,33 @@ class NetRunner:
     def architecture_changed(self) -> None:
         self.apply_memory_format()
         self.compile_net()
+
+
+def fold_batchnorm(net):
+    """In place, for inference: every ``BatchNorm2d`` of ``net.norms`` folded into the convolution of the same name
+    in ``net.layers`` (its running statistics and affine parameters become the conv's weight scale and bias, through
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``) and replaced by ``Identity``. Exact up to float rounding; what ONNX
+    export does by constant folding. A network without ``layers`` / ``norms`` is returned unchanged. Returns ``net``."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    norms, layers = getattr(net, "norms", None), getattr(net, "layers", None)
+    if not isinstance(norms, nn.ModuleDict) or not isinstance(layers, nn.ModuleDict):
+        return net
+    for name, bn in list(norms.items()):
+        if isinstance(bn, nn.BatchNorm2d) and isinstance(layers[name] if name in layers else None, nn.Conv2d):
+            layers[name] = fuse_conv_bn_eval(layers[name].eval(), bn.eval())
+            norms[name] = nn.Identity()
+    return net
+
+
+def deploy_copy(net):
+    """The inference form of a network, as deployed and as timed: an eval-mode copy with BatchNorm folded into the
+    convolutions and weights in channels-last memory format (feed it channels-last inputs). On a CPU this is about
+    1.6x faster than the training form at batch 1: NCHW max pooling and unfolded BatchNorm on the wide early feature
+    maps cost more than the convolutions (benchmarks/README.md, "Where a pruned model's CPU time goes")."""
+    import copy
+
+    import torch
+
+    return fold_batchnorm(copy.deepcopy(net).eval()).to(memory_format=torch.channels_last)

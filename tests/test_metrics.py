@@ -195,3 +195,31 @@ def test_onnx_runtime_latency_times_exported_models_together(tmp_path):
                                   width_mult=0.125, batch_norm=True).eval(), tmp_path / "small.onnx")
     lat = paired_onnx_latency_ms({"big": big, "small": small}, rounds=5, budget_s=5)
     assert set(lat) == {"big", "small"} and lat["big"] > lat["small"] > 0
+
+
+def test_inference_form_folds_batchnorm_exactly_and_leaves_the_network_alone():
+    import torch
+
+    from lightning_modules.classifier import build_vgg16
+    from lightning_modules.common import deploy_copy
+    from lightning_modules.ssd import build_ssd
+
+    torch.manual_seed(0)
+    for net, size in ((build_ssd(300, 4, {"conv7": 24}, width_mult=0.125, batch_norm=True), 300),
+                      (build_vgg16(5, None, 0.125, 32), 32)):
+        with torch.no_grad():  # trained-like statistics and affine parameters, so the folding is exercised
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-1, 1)
+                    m.running_var.uniform_(0.5, 2)
+                    m.weight.uniform_(0.2, 2)
+                    m.bias.uniform_(-0.5, 0.5)
+        net.eval()
+        x = torch.rand(2, 3, size, size)
+        fast = deploy_copy(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == len(net.norms)  # original kept
+        with torch.no_grad():
+            ref, got = net(x), fast(x.contiguous(memory_format=torch.channels_last))
+        for r, g in zip(ref if isinstance(ref, tuple) else (ref,), got if isinstance(got, tuple) else (got,)):
+            assert torch.allclose(r, g, rtol=1e-4, atol=1e-4 * r.abs().max().item())
