@@ -307,13 +307,13 @@ def count_class_names(root: str | Path, sets: list[tuple[int | str, str]]) -> tu
     return counts, spellings
 
 
-def resolve_classes(classes: list[str] | tuple[str, ...] | str, root: str | Path,
+def resolve_classes(classes: list[str | int] | tuple[str, ...] | str, root: str | Path,
                     sets: list[tuple[int | str, str]]) -> list[str]:
     """``classes`` as given, or for ``"auto"`` every class name of the training annotations, most frequent first
     (ties by name). The list and its counts are printed; names that differ only in case or whitespace are reported
     (``'Dog'`` and ``'dog'`` stay two classes, ``'dog '`` and ``'dog'`` are one: surrounding whitespace is ignored)."""
-    if not isinstance(classes, str):
-        return list(classes)
+    if not isinstance(classes, str):  # numeric names (``[1, 2]`` in YAML) are the strings of the XML <name>
+        return [str(c) for c in classes]
     if classes != "auto":
         raise DataError(f"data.classes must be a list of class names or 'auto', got {classes!r}")
     counts, spellings = count_class_names(root, [tuple(s) for s in sets])
@@ -564,7 +564,7 @@ class VOCDataModule(DetectionDataModule):
         root: str = "data/VOC",
         train_sets: list[tuple[int, str]] = ((2007, "trainval"), (2012, "trainval")),
         test_set: tuple[int, str] = (2007, "test"),
-        classes: list[str] | str = VOC_CLASSES,
+        classes: list[str | int] | str = VOC_CLASSES,
         val_fraction: float = 0.0,
         val_seed: int = 0,
         val_set: tuple[int, str] | None = None,

@@ -90,6 +90,23 @@ def test_unknown_class_lists_names(tmp_path):
         VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
 
 
+def test_numeric_class_names_written_unquoted_in_yaml_match_the_xml(tmp_path):
+    from datamodules.voc import data_classes
+
+    write_voc(tmp_path, 2007, {"trainval": ["a"], "test": ["a"]}, {"a": (100, 80, [("2", (10, 12, 50, 60), False)])})
+    dm = VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "test"), classes=[1, 2],
+                       batch_size=1, num_workers=0, synthetic=None)
+    assert dm.classes == ("1", "2")
+    dm.setup("fit")
+    assert dm.train_ds.items[0].labels.tolist() == [1]
+
+    class Data:  # what train.py links to the model's classes
+        class_path = "datamodules.voc.VOCDataModule"
+        init_args = {"root": str(tmp_path), "train_sets": [(2007, "trainval")], "classes": [1, 2]}
+
+    assert data_classes(Data) == ["1", "2"]
+
+
 def test_degenerate_boxes_clipped_or_dropped_never_nan(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [
         ("cat", (50, 10, 40, 60), False),     # x2 <= x1: dropped
