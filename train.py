@@ -139,11 +139,10 @@ def main(args: list[str] | None = None) -> Path:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         args=args,
     )
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    if not _has_atomic_io(trainer):  # a config that sets its own plugins: keep checkpoint writes atomic anyway
+    if not _has_atomic_io(trainer):  # set here, not as a trainer default: the saved config.yaml stays re-usable
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     run_dir = Path(trainer.default_root_dir)
     for cb in trainer.callbacks:

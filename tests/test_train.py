@@ -51,6 +51,16 @@ def test_demo_fast_dev_run_writes_summary(tmp_path):
     assert proc.returncode == 2 and "no summary.json there" in proc.stderr
 
 
+def test_a_runs_saved_config_runs_again_as_it_is(tmp_path):
+    limits = ("--trainer.max_epochs", "6", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+              "--trainer.limit_test_batches", "1")
+    path, _ = _summary(run_train(_demo_args(tmp_path, *limits, "--run_name", "first")))
+    saved = path.parent / "config.yaml"
+    assert "Unable to serialize" not in saved.read_text()  # nothing in it that cannot be parsed back
+    again, _ = _summary(run_train(["--config", str(saved), "--trainer.fast_dev_run", "true", "--run_name", "again"]))
+    assert again.parent.name == "again"
+
+
 def test_reference_budget_differences():
     from callbacks.report import config_differences
 
