@@ -70,6 +70,28 @@ def test_coco_ids_crowd_and_images_without_objects(tmp_path):
     assert COCODataModule.model_classes({"root": str(tmp_path / "coco")}) == ["person", "car", "dog"]
 
 
+def test_coco_annotation_file_is_parsed_once_for_the_class_link_and_the_setup(tmp_path, monkeypatch):
+    from datamodules import coco
+
+    calls = []
+    real = coco.read_coco
+    monkeypatch.setattr(coco, "read_coco", lambda root, split: calls.append(split) or real(root, split))
+    root = coco_fixture(tmp_path / "coco")
+    classes = COCODataModule.model_classes({"root": str(root)})  # what train.py does while parsing the command line
+    dm = COCODataModule(str(root), classes=classes, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    assert calls.count("train2017") == 1 and len(dm.train_ds.items) == 3
+    # a file changed on disk between the class link and the setup is read again, not served stale
+    path = root / "annotations/instances_train2017.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "categories": data["categories"] + [{"id": 90, "name": "toothbrush"}]}))
+    assert COCODataModule.model_classes({"root": str(root)})[-1] == "toothbrush" and calls.count("train2017") == 2
+    data["annotations"] = data["annotations"][:1]
+    path.write_text(json.dumps(data))
+    items = coco.load_coco(root, "train2017", tuple(classes))
+    assert calls.count("train2017") == 3 and sum(len(a.labels) for a in items) == 1
+
+
 def test_coco_bad_input_names_the_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         COCODataModule(str(tmp_path / "nowhere"))
