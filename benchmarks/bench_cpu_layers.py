@@ -130,6 +130,10 @@ def main() -> None:
                 (n.layers[nm].in_channels, n.layers[nm].out_channels) ==
                 (nets[ref].layers[nm].in_channels, nets[ref].layers[nm].out_channels)]
         fixed = sum(per[ref][nm] for nm in same)
+        if not same:
+            print(f"{k}: no layer at its dense widths; measured {fast[ref] / fast[k]:.2f}x at "
+                  f"{tot[ref] / tot[k]:.2f}x fewer MACs")
+            continue
         print(f"{k}: layers at their dense widths ({', '.join(same) or 'none'}) take {fixed:.2f} of the dense "
               f"model's {dense_sum:.2f} ms ({100 * fixed / dense_sum:.0f} %): the speed-up cannot exceed "
               f"{dense_sum / fixed:.2f}x however much the rest is cut; measured {fast[ref] / fast[k]:.2f}x at "

@@ -236,14 +236,18 @@ def test_cpu_layer_benchmark_times_every_layer_and_bounds_the_speed_up(tmp_path,
     dense = build_ssd(300, 3, width_mult=0.0625, batch_norm=True).eval()
     pruned = build_ssd(300, 3, {"conv4_3": 8, "conv5_3": 8, "conv6": 16, "conv7": 16}, width_mult=0.0625,
                        batch_norm=True).eval()
-    for name, net in (("dense", dense), ("pruned", pruned)):
+    narrow = build_ssd(300, 3, width_mult=0.03, batch_norm=True).eval()  # every width changed
+    for name, net in (("dense", dense), ("pruned", pruned), ("narrow", narrow)):
         save_exported(net, tmp_path / name, ["a", "b"])
         export_onnx(net, tmp_path / name / "model.onnx")
     monkeypatch.setattr(sys, "argv", ["bench_cpu_layers", f"dense={tmp_path / 'dense'}", f"pruned={tmp_path / 'pruned'}",
+                                      f"narrow={tmp_path / 'narrow'}",
                                       "--rounds", "3", "--json", str(tmp_path / "out.json")])
     bench_cpu_layers.main()
     out = json.loads((tmp_path / "out.json").read_text())
     assert set(out["layer_ms"]["pruned"]) == set(dense.layers) and all(v > 0 for v in out["layer_ms"]["dense"].values())
     assert out["inference_form_ms"]["dense"] > 0 and out["onnxruntime_ms"]["pruned"] > 0
     assert out["layer_macs"]["pruned"]["conv7"] < out["layer_macs"]["dense"]["conv7"]
-    assert "pruned: layers at their dense widths (conv1_1, conv1_2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pruned: layers at their dense widths (conv1_1, conv1_2" in printed
+    assert "narrow: no layer at its dense widths" in printed
