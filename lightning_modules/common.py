@@ -84,7 +84,7 @@ def fold_batchnorm(net):
 def deploy_copy(net):
     """The inference form of a network, as deployed and as timed: an eval-mode copy with BatchNorm folded into the
     convolutions and weights in channels-last memory format (feed it channels-last inputs). On a CPU this is about
-    1.6x faster than the training form at batch 1: NCHW max pooling and unfolded BatchNorm on the wide early feature
+    1.7-2x faster than the training form at batch 1: NCHW max pooling and unfolded BatchNorm on the wide early feature
     maps cost more than the convolutions (benchmarks/README.md, "Where a pruned model's CPU time goes")."""
     import copy
 
