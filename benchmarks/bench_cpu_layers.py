@@ -49,7 +49,7 @@ def layer_times_ms(nets: dict[str, torch.nn.Module], x: torch.Tensor, rounds: in
     """Per network, per layer: median ms from the layer's conv start to the next conv's start (the last layer: to
     the end of the forward pass, heads included)."""
     samples: dict[str, dict[str, list[float]]] = {k: {n: [] for n in net.layers} for k, net in nets.items()}
-    for key, net in nets.items():
+    for net in nets.values():
         marks: list[tuple[str, float]] = []
         net._bench_marks = marks
         for name, conv in net.layers.items():
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     from benchmarks.bench_methods import load_exported_net
-    from callbacks.report import model_stats, paired_onnx_latency_ms
+    from callbacks.report import interleaved_ms, model_stats, paired_onnx_latency_ms
     from lightning_modules.common import deploy_copy
 
     torch.set_num_threads(args.threads)
@@ -89,8 +89,9 @@ def main() -> None:
     # 1. the whole network: training form (NCHW, BatchNorm as its own op) and inference form, all interleaved
     deployed = {k: deploy_copy(n) for k, n in nets.items()}
     xl = x.contiguous(memory_format=torch.channels_last)
-    both = _interleaved({**{(k, "train"): (n, x) for k, n in nets.items()},
-                         **{(k, "infer"): (n, xl) for k, n in deployed.items()}}, args.rounds)
+    with torch.no_grad():
+        both = interleaved_ms({**{(k, "train"): (lambda n=n: n(x)) for k, n in nets.items()},
+                               **{(k, "infer"): (lambda n=n: n(xl)) for k, n in deployed.items()}}, args.rounds)
     eager = {k: both[(k, "train")] for k in nets}
     fast = {k: both[(k, "infer")] for k in nets}
     onnx = {k: Path(f) / "model.onnx" for k, f in folders.items()}
@@ -142,20 +143,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "training_form_ms": eager,
                                                "inference_form_ms": fast, "onnxruntime_ms": ort, "layer_ms": per,
                                                "layer_macs": macs}, indent=1))
-
-
-def _interleaved(runs: dict, rounds: int) -> dict:
-    """Median ms of ``net(x)`` for every ``key: (net, x)``, all timed round by round, interleaved."""
-    times: dict = {k: [] for k in runs}
-    with torch.no_grad():
-        for net, x in runs.values():
-            net(x)
-        for _ in range(rounds):
-            for k, (net, x) in runs.items():
-                t0 = time.perf_counter()
-                net(x)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -69,26 +69,33 @@ def paired_latency_ms(models: dict[str, nn.Module], input_size: int | None = Non
         torch.set_num_threads(before)
 
 
+def interleaved_ms(calls: dict, rounds: int = 30, budget_s: float | None = None) -> dict:
+    """Median wall time in ms of each ``calls[key]()``, all timed round by round, interleaved, after two warm-up
+    rounds; with ``budget_s``, slow calls get fewer rounds (at least 5) so the timing stays within about that."""
+    t0 = time.perf_counter()
+    for call in calls.values():
+        call()
+    one_round = time.perf_counter() - t0
+    for call in calls.values():
+        call()
+    if budget_s is not None:
+        rounds = max(5, min(rounds, int(budget_s / max(one_round, 1e-6))))
+    times: dict = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+
 def _paired_latency_ms(models: dict[str, nn.Module], input_size: int | None, rounds: int,
                        budget_s: float) -> dict[str, float]:
     from lightning_modules.common import deploy_copy
 
     ms = {k: deploy_copy(m).cpu() for k, m in models.items()}  # the inference form: BatchNorm folded, channels-last
     x = torch.randn_like(example_input(next(iter(ms.values())), input_size)).contiguous(memory_format=torch.channels_last)
-    t0 = time.perf_counter()
-    for m in ms.values():
-        m(x)
-    one_round = time.perf_counter() - t0
-    for m in ms.values():
-        m(x)
-    rounds = max(5, min(rounds, int(budget_s / max(one_round, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in ms}
-    for _ in range(rounds):
-        for k, m in ms.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return interleaved_ms({k: (lambda m=m: m(x)) for k, m in ms.items()}, rounds, budget_s)
 
 
 def paired_onnx_latency_ms(paths: dict[str, str], rounds: int = 30, budget_s: float = 20.0,
@@ -106,18 +113,7 @@ def paired_onnx_latency_ms(paths: dict[str, str], rounds: int = 30, budget_s: fl
     first = next(iter(sessions.values())).get_inputs()[0]
     shape = [1 if not isinstance(d, int) else d for d in first.shape]
     x = {first.name: np.random.default_rng(0).uniform(0, 255, shape).astype(np.float32)}
-    t0 = time.perf_counter()
-    for s in sessions.values():
-        s.run(None, x)
-    one_round = time.perf_counter() - t0
-    rounds = max(5, min(rounds, int(budget_s / max(one_round, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return interleaved_ms({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()}, rounds, budget_s)
 
 
 @torch.no_grad()
