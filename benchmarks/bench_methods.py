@@ -13,6 +13,9 @@ Rows (``--methods``, any subset, in this order):
 * ``scratch`` — no pruning at all: the dense config with every width scaled by one factor, searched so that the
   network has ours' final parameter count, trained from scratch for the same epochs (Liu et al. 2019, "Rethinking
   the value of network pruning": the baseline any pruning method must beat to be worth its machinery);
+* ``scratch_widths`` — no pruning either: ours' final widths (the architecture the method found) trained from
+  scratch for the same epochs (Liu et al. 2019's "Scratch-E"): whether the method's gain over ``scratch`` comes
+  from the widths it chose or from the trained weights it keeps;
 * ``modelpruning`` — Lightning's ModelPruning, global unstructured L1 masks zeroing as many conv weights as ours
   removes; the tensors stay dense, so no size or speed gain is expected or claimed.
 
@@ -47,7 +50,7 @@ from benchmarks.common import row
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
-METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_macs", "scratch", "modelpruning")
+METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_macs", "scratch", "scratch_widths", "modelpruning")
 
 
 def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
@@ -109,6 +112,9 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
         target = ours["final"]["params"]
         runs["scratch"]["reached"] = {"measure": "params", "got": got, "target": target,
                                       "within": abs(got - target) <= 0.03 * target}
+    if "scratch_widths" in args.methods:
+        runs["scratch_widths"] = _run(out, f"scratch_widths-s{seed}", _config(base, out, "scratch_widths", [], False),
+                                      seed, [*train_args, *architecture_args(Path(ours["export"]["json"]).parent)], ref)
     if "modelpruning" in args.methods:
         dense_model = load_exported_net(out / f"dense-s{seed}" / "export")
         conv_weights = sum(m.weight.numel() for m in dense_model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -141,6 +147,17 @@ def _build_at(spec: dict, channels: dict[str, int], hidden: int | None) -> torch
 
     return build_ssd(arch["size"], len(spec["classes"]) + 1, channels, 1.0, arch["num_branches"], False,
                      batch_norm=arch.get("batch_norm", False))
+
+
+def architecture_args(export: Path) -> list[str]:
+    """``train.py`` arguments that build a fresh network with the architecture of an exported one (its widths, a
+    classifier's hidden layer, a detector's detection branches)."""
+    arch = json.loads((export / "model.json").read_text())["architecture"]
+    args = ["--model.channels", json.dumps(arch["channels"])]
+    for key in ("hidden", "num_branches"):  # a classifier's hidden layer; a detector's branches (paper A's k-det)
+        if arch.get(key) is not None:
+            args += [f"--model.{key}", str(arch[key])]
+    return args
 
 
 def uniform_widths(dense_export: Path, target_params: int) -> tuple[list[str], int]:

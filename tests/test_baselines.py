@@ -111,3 +111,26 @@ def test_scratch_baseline_scales_every_width_to_the_target_params(tmp_path):
     assert args[2:] == ["--model.hidden", args[3]] and abs(got - 50_000) < 0.03 * 50_000
     small = VGGClassifier(["x", "y"], size=32, channels=json.loads(args[1]), hidden=int(args[3]))
     assert sum(p.numel() for p in small.model.parameters()) == got
+
+
+def test_scratch_widths_baseline_rebuilds_the_pruned_architecture_fresh(tmp_path):
+    from benchmarks.bench_methods import architecture_args
+    from lightning_modules.classifier import VGGClassifier, export_classifier
+    from lightning_modules.detector import SSDDetector
+    from lightning_modules.ssd import build_ssd, save_exported
+
+    dense = build_ssd(300, 4, width_mult=0.125, batch_norm=True)
+    pruned_widths = {k: max(1, w // (2 + i % 3)) for i, (k, w) in enumerate(dense.channels.items())}
+    pruned = build_ssd(300, 4, pruned_widths, num_branches=4, batch_norm=True)
+    save_exported(pruned, tmp_path / "det", ["a", "b", "c"])
+    args = architecture_args(tmp_path / "det")
+    assert args[0::2] == ["--model.channels", "--model.num_branches"]
+    fresh = SSDDetector(["a", "b", "c"], width_mult=0.125, batch_norm=True, channels=json.loads(args[1]),
+                        num_branches=int(args[3])).model
+    assert fresh.channels == pruned.channels and fresh.num_branches == 4
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in pruned.parameters()]
+
+    clf = VGGClassifier(["x", "y"], size=32, width_mult=0.25, hidden=40)
+    export_classifier(clf, tmp_path / "clf", onnx=False)
+    args = architecture_args(tmp_path / "clf")
+    assert args[2:] == ["--model.hidden", "40"] and json.loads(args[1]) == clf.model.channels
