@@ -28,8 +28,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
 from callbacks.distributed import RanksInconsistentError, check_ranks
-from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, compression, model_stats, paired_device_timing,
-                              paired_latency_ms, reference_drop, write_summary)
+from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, autocast_dtype, compression, model_stats,
+                              paired_device_timing, paired_latency_ms, reference_drop, write_summary)
 from callbacks.state import ScheduleError
 from datamodules.voc import DataError, data_classes
 from lightning_modules.common import COMPILE_MODES
@@ -196,7 +196,8 @@ def main(args: list[str] | None = None) -> Path:
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
             device = next(model.model.parameters()).device
             if device.type == "cuda":  # on the device that trained, too: batch 1 and a throughput batch
-                timing = paired_device_timing({"dense": dense_arch, "final": model.model}, None, device)
+                timing = paired_device_timing({"dense": dense_arch, "final": model.model}, None, device,
+                                              dtype=autocast_dtype(trainer.precision))
                 dense.update(timing["dense"])
                 final.update(timing["final"])
         final["latency_threads"], final["latency_form"] = LATENCY_THREADS, LATENCY_FORM

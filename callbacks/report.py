@@ -7,6 +7,7 @@ BatchNorm folded into the convolutions, channels-last; ``LATENCY_FORM``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -116,35 +117,59 @@ def paired_onnx_latency_ms(paths: dict[str, str], rounds: int = 30, budget_s: fl
     return interleaved_ms({k: (lambda s=s: s.run(None, x)) for k, s in sessions.items()}, rounds, budget_s)
 
 
+def autocast_dtype(precision) -> torch.dtype | None:
+    """The autocast dtype of a Lightning ``precision`` setting (``bf16-mixed`` -> bfloat16, ``16-mixed`` -> float16),
+    None for full precision."""
+    p = str(precision)
+    return torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else None
+
+
 @torch.no_grad()
 def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, device: torch.device, batch: int = 32,
-                         rounds: int = 20) -> dict[str, dict]:
-    """On a GPU: each model's batch-1 latency (ms) and throughput (images/s at ``batch``), CUDA events after
-    warm-up, the models interleaved round by round; medians. Network only (no decoding), fp32."""
-    import copy
+                         rounds: int = 20, dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """On the device that trained: each model's batch-1 latency (ms) and throughput (images/s at ``batch``), in the
+    inference form (``deploy_copy``: BatchNorm folded, channels-last) under autocast to ``dtype`` (the run's mixed
+    precision; None: fp32), the models interleaved round by round after warm-up; medians of CUDA-event timings (of
+    ``perf_counter`` on a CPU). Network only (no decoding). The models themselves are left as they are."""
+    from lightning_modules.common import deploy_copy
 
-    ms = {k: copy.deepcopy(m).to(device).eval() for k, m in models.items()}
+    device = torch.device(device)
+    ms = {k: deploy_copy(m).to(device) for k, m in models.items()}
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     out: dict[str, dict] = {k: {} for k in ms}
     for b, key in ((1, "device_latency_ms"), (batch, "device_throughput")):
-        x = torch.randn_like(example_input(next(iter(ms.values())), input_size, b))
-        for m in ms.values():
-            for _ in range(3):
-                m(x)
+        x = torch.randn_like(example_input(next(iter(ms.values())), input_size, b)).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
         times: dict[str, list[float]] = {k: [] for k in ms}
-        for _ in range(rounds):
-            for k, m in ms.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                m(x)
-                end.record()
-                torch.cuda.synchronize(device)
-                times[k].append(start.elapsed_time(end))
+        with autocast:
+            for m in ms.values():
+                for _ in range(3):
+                    m(x)
+            for _ in range(rounds):
+                for k, m in ms.items():
+                    times[k].append(_timed_ms(lambda m=m: m(x), device))
         for k, v in times.items():
             med = statistics.median(v)
             out[k][key] = round(med, 3) if b == 1 else round(b / (med / 1e3), 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    form = f"{'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'}, BatchNorm folded, channels-last"
     for k in out:
-        out[k].update(device=torch.cuda.get_device_name(device), device_batch=batch)
+        out[k].update(device=name, device_batch=batch, device_form=form)
     return out
+
+
+def _timed_ms(call, device: torch.device) -> float:
+    """Wall time of one ``call()`` in ms: CUDA events around it on a GPU (synchronised), ``perf_counter`` else."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        call()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end)
 
 
 def measure_model(trainer, pl_module, with_map: bool = True) -> dict:

@@ -197,6 +197,38 @@ def test_onnx_runtime_latency_times_exported_models_together(tmp_path):
     assert set(lat) == {"big", "small"} and lat["big"] > lat["small"] > 0
 
 
+def test_device_timing_times_the_inference_form_under_the_runs_precision_and_leaves_models_alone():
+    import torch
+
+    from callbacks.report import autocast_dtype, paired_device_timing
+    from lightning_modules.classifier import build_vgg16
+
+    assert autocast_dtype("bf16-mixed") is torch.bfloat16 and autocast_dtype("16-mixed") is torch.float16
+    assert autocast_dtype("32-true") is None and autocast_dtype(32) is None
+    seen = []
+
+    def probe(module, args, output):  # what the timed networks run: the dtype of each convolution's output
+        if isinstance(module, torch.nn.Conv2d):
+            seen.append(output.dtype)
+
+    big = build_vgg16(5, None, 0.125, 32).train()
+    small = build_vgg16(5, {"conv5_1": 8, "conv5_2": 8, "conv5_3": 8}, 0.125, 32).train()
+    hook = torch.nn.modules.module.register_module_forward_hook(probe)
+    try:
+        out = paired_device_timing({"big": big, "small": small}, None, torch.device("cpu"), batch=2, rounds=3,
+                                   dtype=torch.bfloat16)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # every timed convolution ran under autocast
+    assert set(out) == {"big", "small"}
+    for timing in out.values():
+        assert timing["device_latency_ms"] > 0 and timing["device_throughput"] > 0
+        assert timing["device"] == "cpu" and timing["device_batch"] == 2
+        assert timing["device_form"] == "bfloat16 autocast, BatchNorm folded, channels-last"
+    assert big.training and small.training  # the originals keep their training form
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in big.modules()) == len(big.norms)
+
+
 def test_inference_form_folds_batchnorm_exactly_and_leaves_the_network_alone():
     import torch
 
