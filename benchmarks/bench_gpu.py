@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import torch
 
 from benchmarks.bench_surgery import P6DET
 from benchmarks.common import row
+from callbacks.report import timed_call_ms
 from lightning_modules.box_ops import BOX_CODER, decode, priors_xyxy
 from lightning_modules.ssd import build_ssd
 
@@ -35,20 +35,7 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_call_ms(fn, device) for _ in range(repeats)) / 1e3
 
 
 @torch.no_grad()

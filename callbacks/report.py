@@ -147,7 +147,7 @@ def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, d
                     m(x)
             for _ in range(rounds):
                 for k, m in ms.items():
-                    times[k].append(_timed_ms(lambda m=m: m(x), device))
+                    times[k].append(timed_call_ms(lambda m=m: m(x), device))
         for k, v in times.items():
             med = statistics.median(v)
             out[k][key] = round(med, 3) if b == 1 else round(b / (med / 1e3), 1)
@@ -158,7 +158,7 @@ def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, d
     return out
 
 
-def _timed_ms(call, device: torch.device) -> float:
+def timed_call_ms(call, device: torch.device) -> float:
     """Wall time of one ``call()`` in ms: CUDA events around it on a GPU (synchronised), ``perf_counter`` else."""
     if device.type != "cuda":
         t0 = time.perf_counter()
