@@ -84,9 +84,7 @@ def interleaved_ms(calls: dict, rounds: int = 30, budget_s: float | None = None)
     times: dict = {k: [] for k in calls}
     for _ in range(rounds):
         for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append(timed_call_ms(call, _CPU))
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
@@ -156,6 +154,9 @@ def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, d
     for k in out:
         out[k].update(device=name, device_batch=batch, device_form=form)
     return out
+
+
+_CPU = torch.device("cpu")
 
 
 def timed_call_ms(call, device: torch.device) -> float:
