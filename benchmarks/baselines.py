@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback, ModelPruning
 
+from callbacks.retrain import check_retrain_lr, install_restart, restart_lr
 from callbacks.surgery import prune_filters
 
 
@@ -97,11 +98,19 @@ def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8,
 
 
 class OneShotFilterPruning(Callback):
-    """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain")."""
+    """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain").
+
+    ``retrain_lr`` / ``retrain_lr_peak`` / ``retrain_lr_ramp``: the learning rate after the cut, as in
+    ``StructuredSurgery`` (``"continue"`` the schedule, as a user fine-tuning a Torch-Pruning model would, or
+    ``"restart"`` it: ``callbacks/retrain.py``), so a baseline can be given the same retraining as ours."""
 
     def __init__(self, criterion: str, epoch: int, channels: dict[str, int] | None = None,
                  target_params: int | None = None, round_to: int = 8, params_tolerance: float = 0.03,
-                 target_macs: int | None = None):
+                 target_macs: int | None = None, retrain_lr: str = "continue", retrain_lr_peak: float = 1.0,
+                 retrain_lr_ramp: float = 0.1):
+        check_retrain_lr(retrain_lr, retrain_lr_peak, retrain_lr_ramp)
+        self.retrain_lr, self.retrain_lr_peak, self.retrain_lr_ramp = retrain_lr, retrain_lr_peak, retrain_lr_ramp
+        self.lr_restart: dict | None = None
         if criterion not in ("l1norm", "tp_global_magnitude"):
             raise ValueError(f"criterion must be 'l1norm' or 'tp_global_magnitude', got {criterion!r}")
         if criterion == "l1norm" and not channels:
@@ -116,11 +125,16 @@ class OneShotFilterPruning(Callback):
         self.reached: dict | None = None  # what the equal-params search got: {target, params, ratio, within}
 
     def state_dict(self) -> dict:
-        return {"done": self.done, "reached": self.reached}
+        return {"done": self.done, "reached": self.reached, "lr_restart": self.lr_restart}
 
     def load_state_dict(self, state: dict) -> None:
         self.done = state["done"]
         self.reached = state.get("reached")
+        self.lr_restart = state.get("lr_restart")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_restart:  # a resumed run: LambdaLR does not checkpoint the restarted schedule
+            install_restart(trainer, self.lr_restart)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or trainer.current_epoch != self.epoch:
@@ -142,6 +156,8 @@ class OneShotFilterPruning(Callback):
             sel = tp_global_selection(model, size, ratio, self.round_to)
         prune_filters(model, sel, trainer.optimizers[0])
         pl_module.hparams["channels"] = model.channels
+        if self.retrain_lr == "restart":
+            self.lr_restart = restart_lr(trainer, self.retrain_lr_peak, self.retrain_lr_ramp)
         self.done = True
 
 

@@ -10,6 +10,8 @@ Rows (``--methods``, any subset, in this order):
   by filter L1 norm, then retraining;
 * ``tp_params`` / ``tp_macs`` — Torch-Pruning's global magnitude pruner (group L1), one shot at ``--prune_epoch``, its
   ratio searched to ours' final parameter count / MACs (whether it got within 3 % is reported);
+* ``tp_params_restart`` — ``tp_params`` retrained with ours' learning-rate restart (``StructuredSurgery``'s
+  ``retrain_lr`` settings in the config): separates what the retraining schedule gives from what the pruning does;
 * ``scratch`` — no pruning at all: the dense config with every width scaled by one factor, searched so that the
   network has ours' final parameter count, trained from scratch for the same epochs (Liu et al. 2019, "Rethinking
   the value of network pruning": the baseline any pruning method must beat to be worth its machinery);
@@ -50,7 +52,8 @@ from benchmarks.common import row
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
-METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_macs", "scratch", "scratch_widths", "modelpruning")
+METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_params_restart", "tp_macs", "scratch", "scratch_widths",
+           "modelpruning")
 
 
 def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
@@ -96,6 +99,8 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
     one_shot = {
         "l1norm": {"criterion": "l1norm", "channels": ours["channels"]},
         "tp_params": {"criterion": "tp_global_magnitude", "target_params": ours["final"]["params"]},
+        "tp_params_restart": {"criterion": "tp_global_magnitude", "target_params": ours["final"]["params"],
+                              **retrain_settings(base, restart=True)},
         "tp_macs": {"criterion": "tp_global_magnitude", "target_macs": ours["final"]["macs"]},
     }
     for name, init in one_shot.items():
@@ -123,6 +128,18 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
         runs["modelpruning"] = _run(out, f"modelpruning-s{seed}", _config(base, out, "modelpruning", [cb], False), seed,
                                     train_args, ref)
     return runs
+
+
+def retrain_settings(config: Path, restart: bool) -> dict:
+    """The config's ``StructuredSurgery`` retraining schedule (``retrain_lr*``), for a baseline; ``restart``: force
+    the restart with the config's peak and ramp (or the defaults)."""
+    cfg = yaml.safe_load(config.read_text())
+    init = next((cb.get("init_args") or {} for cb in cfg["trainer"]["callbacks"]
+                 if cb["class_path"].endswith("StructuredSurgery")), {})
+    out = {k: v for k, v in init.items() if k.startswith("retrain_lr")}
+    if restart:
+        out["retrain_lr"] = "restart"
+    return out
 
 
 def load_exported_net(folder: Path) -> torch.nn.Module:

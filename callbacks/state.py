@@ -97,6 +97,7 @@ class PruningState:
     l1_candidates: dict[str, Tensor] = field(default_factory=dict)  # layer -> channels under L1 (l1_target below_budget)
     taylor: dict[str, Tensor] = field(default_factory=dict)  # layer -> sum over steps of (gamma g_gamma + beta g_beta)^2
     taylor_steps: int = 0  # the steps summed in ``taylor`` (since the last epoch start)
+    lr_restart: dict | None = None  # the retraining's restarted schedule (StructuredSurgery retrain_lr="restart")
 
     def active_l1_phase(self, epoch: int) -> Phase | None:
         for p in self.phases:
@@ -119,6 +120,7 @@ class PruningState:
             "l1_candidates": {k: v.cpu() for k, v in self.l1_candidates.items()},
             "taylor": {k: v.cpu() for k, v in self.taylor.items()},
             "taylor_steps": self.taylor_steps,
+            "lr_restart": self.lr_restart,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -132,6 +134,7 @@ class PruningState:
         self.l1_candidates = {k: v.bool() for k, v in sd.get("l1_candidates", {}).items()}
         self.taylor = dict(sd.get("taylor", {}))
         self.taylor_steps = int(sd.get("taylor_steps", 0))
+        self.lr_restart = sd.get("lr_restart")
 
 
 def find_state(trainer) -> PruningState:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from callbacks.report import measure_model
 from callbacks.distributed import check_ranks, rewrap_ddp
+from callbacks.retrain import check_retrain_lr, install_restart, restart_lr
 from callbacks.state import find_state
 from lightning_modules.contract import PrunableNet
 
@@ -121,13 +122,20 @@ class StructuredSurgery(Callback):
         init_from: the kept filters' weights after the surgery: ``"current"`` (as trained up to the surgery, the
             threshold's zeros included) or ``"l1"`` (paper A: the un-thresholded weights Θ_L1 at the end of the
             phase's L1 window).
+        retrain_lr: the learning rate after each surgery: ``"continue"`` the run's schedule, or ``"restart"`` it
+            for the smaller network (Le & Hua 2021's one-cycle retraining, after Renda et al. 2020's learning-rate
+            rewinding; ``callbacks/retrain.py``): a linear ramp from the current rate to ``retrain_lr_peak`` x the
+            configured lr over ``retrain_lr_ramp`` of the remaining steps, then a cosine to 0 at the run's end.
     """
 
     pruning_stage = "StructuredSurgery"
 
-    def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True, init_from: str = "current"):
+    def __init__(self, num_branches: int | None = None, measure_dense_map: bool = True, init_from: str = "current",
+                 retrain_lr: str = "continue", retrain_lr_peak: float = 1.0, retrain_lr_ramp: float = 0.1):
         if init_from not in ("current", "l1"):
             raise ValueError(f"init_from must be 'current' or 'l1', got {init_from!r}")
+        check_retrain_lr(retrain_lr, retrain_lr_peak, retrain_lr_ramp)
+        self.retrain_lr, self.retrain_lr_peak, self.retrain_lr_ramp = retrain_lr, retrain_lr_peak, retrain_lr_ramp
         self.num_branches = num_branches
         self.measure_dense_map = measure_dense_map
         self.init_from = init_from
@@ -136,6 +144,11 @@ class StructuredSurgery(Callback):
         state = find_state(trainer)
         state.measure_dense_map = self.measure_dense_map
         state.keep_l1_weights = self.init_from == "l1"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = find_state(trainer)
+        if state.lr_restart:  # a resumed run: the restarted schedule lives in the pruning state, not in LambdaLR
+            install_restart(trainer, state.lr_restart)
 
     @staticmethod
     @torch.no_grad()
@@ -209,6 +222,8 @@ class StructuredSurgery(Callback):
                       "params": sum(p.numel() for p in pl_module.model.parameters()),
                       "world_size": ranks["world_size"], "ranks_consistent": ranks["ranks_consistent"],
                       "model_hash": ranks["hash"]}
+            if self.retrain_lr == "restart":
+                state.lr_restart = record["lr_restart"] = restart_lr(trainer, self.retrain_lr_peak, self.retrain_lr_ramp)
             state.surgeries.append(record)
             state.selection = {}
             pl_module.log(f"prune/phase{i}/surgery_seconds", seconds)
