@@ -56,7 +56,8 @@ def test_baselines_prune_inside_a_fit(tmp_path, kind):
         cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": 0.6, "prune_epoch": 0}}
     elif kind == "l1norm":
         cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
-              "init_args": {"criterion": "l1norm", "epoch": 0, "channels": {"conv5_3": 16, "conv6": 40, "conv7": 24}}}
+              "init_args": {"criterion": "l1norm", "epoch": 0, "channels": {"conv5_3": 16, "conv6": 40, "conv7": 24},
+                            "retrain_lr": "restart"}}  # ours' learning-rate restart, as bench row tp_params_restart
     else:
         cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
               "init_args": {"criterion": "tp_global_magnitude", "epoch": 0, "target_params": 200_000}}
@@ -74,6 +75,10 @@ def test_baselines_prune_inside_a_fit(tmp_path, kind):
         assert zeros / conv == pytest.approx(0.6, abs=0.01)
     elif kind == "l1norm":
         assert {k: s["channels"][k] for k in ("conv5_3", "conv6", "conv7")} == {"conv5_3": 16, "conv6": 40, "conv7": 24}
+        ckpt = torch.load(tmp_path / "runs" / kind / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+        state = next(v for k, v in ckpt["callbacks"].items() if "OneShotFilterPruning" in k)
+        assert (state["lr_restart"]["start"], state["lr_restart"]["end"]) == (3, 9)  # restarted at the cut, to the end
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
     else:
         assert 150_000 < params <= 260_000
 

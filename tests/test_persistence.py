@@ -320,3 +320,35 @@ def test_ckpt_path_auto_resumes_the_same_run_and_wandb_run(trained, tmp_path):
     assert s2["channels"] == s1["channels"]
     run_id = lambda d: Path(d).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
     assert run_id(s1["wandb_dir"]) == run_id(s2["wandb_dir"])  # the same W&B run, continued
+
+
+def test_restarted_learning_rate_follows_each_surgery_and_survives_resume(tmp_path):
+    """StructuredSurgery(retrain_lr="restart"): after each surgery the learning rate ramps back to the peak and decays
+    to 0 at the run's last step; the restart lives in the pruning state, so a run resumed after a surgery (whose
+    rebuilt LambdaLR knows nothing of it) trains bit for bit as the uninterrupted one."""
+    path = shrunken_demo(tmp_path, max_epochs=4)  # 3 steps per epoch, surgeries at the ends of epochs 0, 1, 2
+    cfg = yaml.safe_load(path.read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("StructuredSurgery"):
+            cb["init_args"] = {**(cb.get("init_args") or {}), "retrain_lr": "restart", "retrain_lr_peak": 0.8}
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["save_top_k"] = -1
+    path.write_text(yaml.safe_dump(cfg))
+    _ok(run_train(["--config", str(path), "--run_name", "full"]))
+    run = tmp_path / "runs" / "full"
+    lr = cfg["model"]["init_args"]["lr"]
+    after_second = _state(next((run / "checkpoints").glob("epoch=1-*.ckpt")))
+    spec = _pruning_state(after_second)["lr_restart"]
+    assert (spec["start"], spec["end"], spec["peak"]) == (6, 12, 0.8)
+    assert after_second["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(lr * spec["from_factor"])
+    from callbacks.retrain import restarted_factor
+
+    third = _pruning_state(_state(next((run / "checkpoints").glob("epoch=2-*.ckpt"))))["lr_restart"]
+    assert third["start"] == 9 and third["from_factor"] == pytest.approx(restarted_factor(6, 12, 0.8, 0.1, spec["from_factor"])(9))
+    final = _state(run / "checkpoints/last.ckpt")
+    assert final["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    _ok(run_train(["--config", str(path), "--run_name", "resumed", "--ckpt_path",
+                   str(next((run / "checkpoints").glob("epoch=1-*.ckpt")))]))
+    resumed = _state(tmp_path / "runs/resumed/checkpoints/last.ckpt")
+    for k, v in final["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k

@@ -535,3 +535,18 @@ def test_params_and_macs_budgets_together_meet_both():
     with pytest.raises(ValueError, match="either as a ratio"):
         SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
                           target_params=1000)
+
+
+def test_restarted_learning_rate_ramps_to_the_peak_then_decays_to_zero():
+    from callbacks.retrain import check_retrain_lr, restarted_factor
+
+    f = restarted_factor(start=100, end=200, peak=0.8, ramp=0.1, from_factor=0.3)
+    assert f(100) == pytest.approx(0.3) and f(105) == pytest.approx(0.55) and f(110) == pytest.approx(0.8)
+    tail = [f(i) for i in range(110, 201)]
+    assert all(a >= b for a, b in zip(tail, tail[1:])) and f(200) == pytest.approx(0.0, abs=1e-12)
+    assert f(250) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    no_ramp = restarted_factor(start=0, end=10, peak=1.0, ramp=0.0, from_factor=0.1)
+    assert no_ramp(0) == pytest.approx(1.0) and no_ramp(5) == pytest.approx(0.5)
+    for bad in ({"retrain_lr": "rewind"}, {"peak": 0.0}, {"ramp": 1.0}):
+        with pytest.raises(ValueError):
+            check_retrain_lr(**{"retrain_lr": "restart", "peak": 1.0, "ramp": 0.1, **bad})
