@@ -161,6 +161,31 @@ class OneShotFilterPruning(Callback):
         self.done = True
 
 
+class ScheduleRestart(Callback):
+    """No pruning: only the learning-rate restart of ``retrain_lr="restart"`` (``callbacks/retrain.py``) at the end of
+    epoch ``epoch``. On the dense config it is the dense run with ours' retraining schedule: whether a gain of the
+    restart comes from the pruned network or from the schedule alone."""
+
+    def __init__(self, epoch: int, retrain_lr_peak: float = 1.0, retrain_lr_ramp: float = 0.1):
+        check_retrain_lr("restart", retrain_lr_peak, retrain_lr_ramp)
+        self.epoch, self.peak, self.ramp = epoch, retrain_lr_peak, retrain_lr_ramp
+        self.lr_restart: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"lr_restart": self.lr_restart}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_restart = state.get("lr_restart")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_restart:
+            install_restart(trainer, self.lr_restart)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_restart is None and trainer.current_epoch == self.epoch:
+            self.lr_restart = restart_lr(trainer, self.peak, self.ramp)
+
+
 class ModelPruningOnce(ModelPruning):
     """Lightning's ``ModelPruning`` (global unstructured L1 masks on every conv weight), applied once at the start
     of epoch ``prune_epoch`` with ``amount`` of the weights, masks kept through retraining and made permanent at

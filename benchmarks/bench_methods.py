@@ -4,6 +4,8 @@ the pruning differs; the accuracy drop is against the equal-budget dense run *of
 Rows (``--methods``, any subset, in this order):
 
 * ``dense``  — the config without its pruning callbacks (the reference of every other row, per seed);
+* ``dense_restart`` — the dense config with ours' learning-rate restart (``StructuredSurgery``'s ``retrain_lr``) at
+  the epoch of ours' last surgery, and no pruning: what the schedule alone does to the unpruned network;
 * ``ours``   — the config as it is (the default method);
 * ``paper``  — ``--paper_config`` (default ``experiments/demo_paper.yaml``): paper A as written;
 * ``l1norm`` — Li et al. 2017: one shot at the end of epoch ``--prune_epoch``, each layer cut to *ours'* final widths
@@ -52,8 +54,8 @@ from benchmarks.common import row
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
-METHODS = ("dense", "ours", "paper", "l1norm", "tp_params", "tp_params_restart", "tp_macs", "scratch", "scratch_widths",
-           "modelpruning")
+METHODS = ("dense", "dense_restart", "ours", "paper", "l1norm", "tp_params", "tp_params_restart", "tp_macs", "scratch",
+           "scratch_widths", "modelpruning")
 
 
 def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
@@ -93,6 +95,13 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
     runs["dense"] = dense
     ours = _run(out, f"ours-s{seed}", _config(base, out, "ours", [], keep_pruning=True), seed, train_args, ref)
     runs["ours"] = ours
+    if "dense_restart" in args.methods:
+        state = _callback_state(out / f"ours-s{seed}", "SparsityInduction") or {}
+        epoch = (state.get("surgeries") or [{}])[-1].get("epoch", args.prune_epoch)
+        settings = {k: v for k, v in retrain_settings(base, restart=False).items() if k != "retrain_lr"}
+        cb = {"class_path": "benchmarks.baselines.ScheduleRestart", "init_args": {"epoch": epoch, **settings}}
+        runs["dense_restart"] = _run(out, f"dense_restart-s{seed}", _config(base, out, "dense_restart", [cb], False),
+                                     seed, train_args, ref)
     if "paper" in args.methods:
         runs["paper"] = _run(out, f"paper-s{seed}", _config(paper, out, "paper", [], keep_pruning=True), seed,
                              train_args, ref)

@@ -139,3 +139,16 @@ def test_scratch_widths_baseline_rebuilds_the_pruned_architecture_fresh(tmp_path
     export_classifier(clf, tmp_path / "clf", onnx=False)
     args = architecture_args(tmp_path / "clf")
     assert args[2:] == ["--model.hidden", "40"] and json.loads(args[1]) == clf.model.channels
+
+
+def test_schedule_restart_alone_restarts_the_dense_run(tmp_path):
+    """bench row dense_restart: ours' learning-rate restart on the dense network, nothing pruned."""
+    cb = {"class_path": "benchmarks.baselines.ScheduleRestart", "init_args": {"epoch": 0, "retrain_lr_peak": 0.5}}
+    proc = run_train(["--config", str(_baseline_config(tmp_path, cb)), "--run_name", "restart"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs/restart/summary.json").read_text())
+    assert s["final"]["params"] == 529_028
+    ckpt = torch.load(tmp_path / "runs/restart/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if "ScheduleRestart" in k)
+    assert (state["lr_restart"]["start"], state["lr_restart"]["end"], state["lr_restart"]["peak"]) == (3, 9, 0.5)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
