@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback, ModelPruning
 
-from callbacks.retrain import check_retrain_lr, install_restart, restart_lr
+from callbacks.retrain import LRRestartState, check_retrain_lr, restart_lr
 from callbacks.surgery import prune_filters
 
 
@@ -97,7 +97,7 @@ def tp_ratio_for_params(model, size: int, target_params: int, round_to: int = 8,
     return best
 
 
-class OneShotFilterPruning(Callback):
+class OneShotFilterPruning(LRRestartState, Callback):
     """Prune once at the end of epoch ``epoch``, then keep training (the baselines' "prune, then retrain").
 
     ``retrain_lr`` / ``retrain_lr_peak`` / ``retrain_lr_ramp``: the learning rate after the cut, as in
@@ -125,16 +125,12 @@ class OneShotFilterPruning(Callback):
         self.reached: dict | None = None  # what the equal-params search got: {target, params, ratio, within}
 
     def state_dict(self) -> dict:
-        return {"done": self.done, "reached": self.reached, "lr_restart": self.lr_restart}
+        return {"done": self.done, "reached": self.reached, **super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.done = state["done"]
         self.reached = state.get("reached")
-        self.lr_restart = state.get("lr_restart")
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.lr_restart:  # a resumed run: LambdaLR does not checkpoint the restarted schedule
-            install_restart(trainer, self.lr_restart)
+        super().load_state_dict(state)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.done or trainer.current_epoch != self.epoch:
@@ -161,7 +157,7 @@ class OneShotFilterPruning(Callback):
         self.done = True
 
 
-class ScheduleRestart(Callback):
+class ScheduleRestart(LRRestartState, Callback):
     """No pruning: only the learning-rate restart of ``retrain_lr="restart"`` (``callbacks/retrain.py``) at the end of
     epoch ``epoch``. On the dense config it is the dense run with ours' retraining schedule: whether a gain of the
     restart comes from the pruned network or from the schedule alone."""
@@ -170,16 +166,6 @@ class ScheduleRestart(Callback):
         check_retrain_lr("restart", retrain_lr_peak, retrain_lr_ramp)
         self.epoch, self.peak, self.ramp = epoch, retrain_lr_peak, retrain_lr_ramp
         self.lr_restart: dict | None = None
-
-    def state_dict(self) -> dict:
-        return {"lr_restart": self.lr_restart}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.lr_restart = state.get("lr_restart")
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.lr_restart:
-            install_restart(trainer, self.lr_restart)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.lr_restart is None and trainer.current_epoch == self.epoch:

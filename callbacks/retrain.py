@@ -78,3 +78,20 @@ def install_restart(trainer: pl.Trainer, spec: dict) -> None:
     for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
         group["lr"] = base * factor(sched.last_epoch)
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+class LRRestartState:
+    """For a callback that restarts the learning rate itself (the baselines): keeps the restart in the callback's
+    checkpoint state and installs it again when a run resumes. (``StructuredSurgery`` keeps it in the pruning state.)"""
+
+    lr_restart: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"lr_restart": self.lr_restart}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr_restart = state.get("lr_restart")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.lr_restart:  # a resumed run: LambdaLR does not checkpoint the restarted schedule
+            install_restart(trainer, self.lr_restart)
