@@ -59,7 +59,7 @@ def _step_scheduler(trainer: pl.Trainer) -> LambdaLR:
 
 def restart_lr(trainer: pl.Trainer, peak: float = 1.0, ramp: float = 0.1) -> dict:
     """From the current step to the run's last one, replace the schedule by ramp-to-``peak`` + cosine-to-0; returns
-    the restart's numbers (for the checkpoint and the summary)."""
+    the restart's numbers (kept in the checkpoint and in the surgery's record)."""
     sched = _step_scheduler(trainer)
     start = int(sched.last_epoch)
     end = int(trainer.estimated_stepping_batches)
