@@ -187,11 +187,13 @@ def main(args: list[str] | None = None) -> Path:
         # no pruning: the architecture is the final one (its accuracy is final's, not a figure "before pruning")
         dense = dict(dense) if dense else {k: v for k, v in final.items()
                                            if k not in (quality, "top5", "coco_map", "ap50_per_class")}
-        if "channels" in dense and dense is not final:
+        pruned = "channels" in dense  # the pruning state recorded the dense architecture
+        dense_channels = dict(dense.pop("channels", None) or model.model.channels)
+        if pruned:
             # time the dense architecture and the final model together, interleaved: on a shared machine two
             # latencies taken hours apart are not comparable (weights do not change dense conv timing)
             branches = dense.pop("num_branches", None)  # a detector's branches before any were dropped
-            dense_arch = model.model.at_widths(dense.pop("channels"), **({"num_branches": branches} if branches else {}))
+            dense_arch = model.model.at_widths(dense_channels, **({"num_branches": branches} if branches else {}))
             lat = paired_latency_ms({"dense": dense_arch, "final": model.model})
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
             device = next(model.model.parameters()).device
@@ -201,7 +203,6 @@ def main(args: list[str] | None = None) -> Path:
                 dense.update(timing["dense"])
                 final.update(timing["final"])
         final["latency_threads"], final["latency_form"] = LATENCY_THREADS, LATENCY_FORM
-        dense_channels = dense.pop("channels", None) or dict(model.model.channels)
         dense.pop("num_branches", None)
         if evaluate:
             export = {"evaluated": str(evaluate)}

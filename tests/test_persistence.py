@@ -88,6 +88,9 @@ def test_run_exports_and_export_round_trips(trained):
 
     s = trained["summary"]
     assert set(s["export"]) == {"safetensors", "json", "onnx"}
+    # the dense architecture is reported as it was before the surgeries, not as the final widths
+    assert s["dense_channels"] != s["channels"] and set(s["dense_channels"]) == set(s["channels"])
+    assert all(s["dense_channels"][k] >= v for k, v in s["channels"].items())
     spec = json.loads(Path(s["export"]["json"]).read_text())
     assert spec["architecture"]["channels"] == s["channels"] and spec["classes"] == ["circle", "square", "triangle", "star", "cross"]
     assert spec["input"]["size"] == [300, 300] and spec["decode"]["nms_threshold"] == 0.45
