@@ -12,7 +12,7 @@ from torch import Tensor
 
 from callbacks.budget import architecture_cost, channel_macs, consumer_weight, kept_widths
 from callbacks.report import measure_model
-from callbacks.selection import prunable_layers
+from callbacks.selection import kept_width, prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
 from lightning_modules.contract import check_prunable, consumer_columns
 
@@ -415,17 +415,35 @@ class SparsityInduction(Callback):
         return acc.to(gamma.device) / self.state.taylor_steps
 
     def _channel_masks(self, trainer, pl_module, index: int) -> tuple[dict[str, Tensor], float]:
-        """Keep-masks of the phase's channels and the tau behind them (NaN for ``target_channels``: no tau)."""
+        """Keep-masks of the phase's channels and the tau behind them (NaN for ``target_channels``: no tau).
+
+        Each layer's mask keeps exactly the width the surgery will keep (``FilterSelection``'s ``min_width`` and
+        ``round_to``), its best-scored channels: a channel under tau that the rounding puts back is *not* masked
+        or faded. Masked, its BatchNorm scale and shift sit at 0, so after the surgery it would output ReLU(0) = 0
+        with zero gradient: a dead channel that counts in the parameters (up to a fifth of a 4x model's channels
+        at ``round_to: 8`` before this was fixed)."""
         scores = self._channel_scores(pl_module, index)
+        min_width, round_to = self._selection_rounding(trainer)
         if self.target_channels:
-            masks = {}
-            for n, sc in scores.items():
-                keep = torch.zeros_like(sc, dtype=torch.bool)
-                keep[sc.argsort(descending=True, stable=True)[: int(self.target_channels.get(n, sc.numel()))]] = True
-                masks[n] = keep
-            return masks, float("nan")
-        tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
-        return masks_for_tau(scores, tau), tau
+            counts = {n: int(self.target_channels.get(n, sc.numel())) for n, sc in scores.items()}
+            tau = float("nan")
+        else:
+            tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
+            counts = {n: int(m.sum()) for n, m in masks_for_tau(scores, tau).items()}
+        masks = {}
+        for n, sc in scores.items():
+            keep = torch.zeros_like(sc, dtype=torch.bool)
+            keep[sc.argsort(descending=True, stable=True)[: kept_width(counts[n], sc.numel(), min_width, round_to)]] = True
+            masks[n] = keep
+        return masks, tau
+
+    @staticmethod
+    def _selection_rounding(trainer) -> tuple[int, int]:
+        """``FilterSelection``'s ``min_width`` and ``round_to`` (1, 1 without one): the widths the surgery keeps."""
+        from callbacks.selection import FilterSelection
+
+        sel = next((cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, FilterSelection)), None)
+        return (sel.min_width, sel.round_to) if sel else (1, 1)
 
     def _channel_tau(self, trainer, pl_module, index: int, scores: dict[str, Tensor]) -> float:
         phase = self.state.phases[index]
@@ -441,14 +459,11 @@ class SparsityInduction(Callback):
         """The smallest channel sparsity whose pruned architecture (widths as FilterSelection keeps them) meets the
         budget(s): dense params / ``target_params_x`` (or ``target_params``) and/or dense MACs / ``target_macs_x`` (or
         ``target_macs``) (binary search)."""
-        from callbacks.selection import FilterSelection
-
         budgets = {m: (self.state.dense_stats[m] / x, f"dense / {x}") for m, x in
                    (("params", self.target_params_x), ("macs", self.target_macs_x)) if x}
         budgets.update({m: (float(n), "given") for m, n in (("params", self.target_params), ("macs", self.target_macs))
                         if n})
-        sel = next((cb for cb in trainer.callbacks if isinstance(cb, FilterSelection)), None)
-        min_width, round_to = (sel.min_width, sel.round_to) if sel else (1, 1)
+        min_width, round_to = self._selection_rounding(trainer)
         model = pl_module.model
 
         def over_budget(sparsity: float) -> dict[str, int]:
