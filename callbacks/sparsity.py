@@ -117,6 +117,11 @@ class SparsityInduction(Callback):
     Pruning via Growing Regularization" (GReg-1: regularise only the filters chosen for removal), with paper A's
     sparsity-then-threshold order kept; the candidates are re-chosen every epoch, so a channel may still come back.
     The dense model is then measured when the window starts, before any channel is shrunk.
+
+    Every channel mask (the candidates, the threshold, ``target_channels``) keeps exactly the width the surgery keeps:
+    at least ``FilterSelection.min_width``, rounded up to its ``round_to``, the best-scored channels. A channel that
+    only the rounding keeps is therefore never masked or faded: masked, its scale and shift sit at 0 and it would
+    leave the surgery dead (ReLU(0) passes no gradient) while counting in the parameters.
     """
 
     pruning_stage = "SparsityInduction"
