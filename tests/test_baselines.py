@@ -152,3 +152,34 @@ def test_schedule_restart_alone_restarts_the_dense_run(tmp_path):
     state = next(v for k, v in ckpt["callbacks"].items() if "ScheduleRestart" in k)
     assert (state["lr_restart"]["start"], state["lr_restart"]["end"], state["lr_restart"]["peak"]) == (3, 9, 0.5)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_one_shot_baseline_with_restart_resumes_bit_for_bit(tmp_path):
+    """OneShotFilterPruning(retrain_lr: restart) keeps its restart in its own checkpoint state: a run resumed after
+    the cut (rebuilt at the pruned widths, with a LambdaLR that knows nothing of the restart) trains exactly as the
+    uninterrupted one."""
+    cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning",
+          "init_args": {"criterion": "l1norm", "epoch": 0, "channels": {"conv5_3": 16, "conv6": 40, "conv7": 24},
+                        "retrain_lr": "restart", "retrain_lr_peak": 0.7}}
+    path = _baseline_config(tmp_path, cb)
+    cfg = yaml.safe_load(path.read_text())
+    for c in cfg["trainer"]["callbacks"]:
+        if c["class_path"].endswith("ModelCheckpoint"):
+            c["init_args"]["save_top_k"] = -1  # every epoch's checkpoint
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_train(["--config", str(path), "--run_name", "full"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "runs/full/checkpoints"
+    after_cut = next(ckpts.glob("epoch=0-*.ckpt"))
+    state = next(v for k, v in torch.load(after_cut, map_location="cpu", weights_only=True)["callbacks"].items()
+                 if "OneShotFilterPruning" in k)
+    assert state["done"] and state["lr_restart"]["peak"] == 0.7
+    proc = run_train(["--config", str(path), "--run_name", "resumed", "--ckpt_path", str(after_cut)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "runs/resumed/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["state_dict"]["model.layers.conv6.weight"].shape[0] == 40
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
