@@ -425,8 +425,8 @@ class SparsityInduction(Callback):
         Each layer's mask keeps exactly the width the surgery will keep (``FilterSelection``'s ``min_width`` and
         ``round_to``), its best-scored channels: a channel under tau that the rounding puts back is *not* masked
         or faded. Masked, its BatchNorm scale and shift sit at 0, so after the surgery it would output ReLU(0) = 0
-        with zero gradient: a dead channel that counts in the parameters (up to a fifth of a 4x model's channels
-        at ``round_to: 8`` before this was fixed)."""
+        with zero gradient: a dead channel that counts in the parameters (9-16 % of the channels of the 4x demo
+        models at ``round_to: 8`` before this was fixed: benchmarks/README.md, "Dead channels")."""
         scores = self._channel_scores(pl_module, index)
         min_width, round_to = self._selection_rounding(trainer)
         if self.target_channels:
