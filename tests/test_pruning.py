@@ -275,30 +275,38 @@ def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
     assert cb.state_dict()["l1_candidates"].keys() == cand.keys()  # resumable mid-window
 
 
-def test_candidates_are_exactly_what_the_rounded_surgery_removes():
-    """With FilterSelection(min_width, round_to) the masks keep each layer's rounded width, its best-scored channels:
-    a channel under tau that the rounding puts back is not faded out (masked, its BatchNorm scale and shift would
-    sit at 0 and it would come out of the surgery dead: ReLU(0) has no gradient), and the selection then removes
-    exactly the masked channels."""
+def _channel_fixture(cb, layers, callbacks=()):
+    """A BatchNorm SSD whose ``layers`` have distinct random scales in [0.1, 1), and a stand-in trainer at epoch 0
+    (one process, ``callbacks`` as the trainer's), for calling ``cb``'s channel scoring directly."""
     from types import SimpleNamespace
 
-    from callbacks.selection import FilterSelection
-    from callbacks.sparsity import SparsityInduction, tau_for_sparsity
-    from callbacks.state import Phase
     from lightning_modules.detector import SSDDetector
 
-    layers = ["conv5_1", "conv5_2", "conv5_3"]
-    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], l1_lambda=2.0, l1_mode="proximal",
-                           sparsity_on="bn_scale", target_sparsity=0.55, l1_target="below_budget")
-    sel = FilterSelection(s_F=1.0, s_F_min=1.0, s_G=1.0, min_width=8, round_to=8)
     torch.manual_seed(0)
     det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
     with torch.no_grad():
         for n in layers:
             det.model.norms[n].weight.uniform_(0.1, 1.0)
     trainer = SimpleNamespace(current_epoch=0, optimizers=[torch.optim.SGD(det.parameters(), lr=0.01)],
-                              callbacks=[cb, sel], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+                              callbacks=list(callbacks), strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
     cb.state.dense_stats = {"params": 1}
+    return det, trainer
+
+
+def test_candidates_are_exactly_what_the_rounded_surgery_removes():
+    """With FilterSelection(min_width, round_to) the masks keep each layer's rounded width, its best-scored channels:
+    a channel under tau that the rounding puts back is not faded out (masked, its BatchNorm scale and shift would
+    sit at 0 and it would come out of the surgery dead: ReLU(0) has no gradient), and the selection then removes
+    exactly the masked channels."""
+    from callbacks.selection import FilterSelection
+    from callbacks.sparsity import SparsityInduction, tau_for_sparsity
+    from callbacks.state import Phase
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], l1_lambda=2.0, l1_mode="proximal",
+                           sparsity_on="bn_scale", target_sparsity=0.55, l1_target="below_budget")
+    sel = FilterSelection(s_F=1.0, s_F_min=1.0, s_G=1.0, min_width=8, round_to=8)
+    det, trainer = _channel_fixture(cb, layers, callbacks=[cb, sel])
     scores = cb._channel_scores(det, 0)
     tau = tau_for_sparsity(scores, 0.55)
     raw = {n: int((s > tau).sum()) for n, s in scores.items()}  # what tau alone keeps
@@ -316,23 +324,13 @@ def test_candidates_are_exactly_what_the_rounded_surgery_removes():
 
 def test_target_channels_keeps_the_best_scored_channels_of_each_layer():
     """target_channels: each named layer keeps exactly that many channels, its highest |gamma|; others untouched."""
-    from types import SimpleNamespace
-
     from callbacks.sparsity import SparsityInduction
-    from lightning_modules.detector import SSDDetector
 
     layers = ["conv5_1", "conv5_2", "conv5_3"]
     cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], l1_lambda=2.0, l1_mode="proximal",
                            sparsity_on="bn_scale", target_channels={"conv5_1": 8, "conv5_2": 24},
                            l1_target="below_budget")
-    torch.manual_seed(0)
-    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
-    with torch.no_grad():
-        for n in layers:
-            det.model.norms[n].weight.uniform_(0.1, 1.0)
-    trainer = SimpleNamespace(current_epoch=0, optimizers=[torch.optim.SGD(det.parameters(), lr=0.01)],
-                              strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
-    cb.state.dense_stats = {"params": 1}
+    det, trainer = _channel_fixture(cb, layers)
     masks, tau = cb._channel_masks(trainer, det, 0)
     assert math.isnan(tau) and {n: int(m.sum()) for n, m in masks.items()} == {"conv5_1": 8, "conv5_2": 24, "conv5_3": 64}
     g = det.model.norms["conv5_1"].weight.detach()
