@@ -52,7 +52,7 @@ def test_demo_fast_dev_run_writes_summary(tmp_path):
 
 
 def test_a_runs_saved_config_runs_again_as_it_is(tmp_path):
-    limits = ("--trainer.max_epochs", "6", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    limits = ("--trainer.max_epochs", "7", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
               "--trainer.limit_test_batches", "1")
     path, _ = _summary(run_train(_demo_args(tmp_path, *limits, "--run_name", "first")))
     saved = path.parent / "config.yaml"
