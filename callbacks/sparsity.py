@@ -118,6 +118,12 @@ class SparsityInduction(Callback):
     sparsity-then-threshold order kept; the candidates are re-chosen every epoch, so a channel may still come back.
     The dense model is then measured when the window starts, before any channel is shrunk.
 
+    ``fill_budget`` (with a budget): the global tau stops at the first architecture that meets *every* budget, so
+    with two (params and MACs) the one that binds last leaves the other partly unspent (taylor scores with a 4x
+    params and a 2.75x MACs budget: ~4.8x params). Filling then puts channels back, the best-scored block of
+    ``round_to`` channels first over all layers, as long as the architecture stays within every budget (a greedy
+    knapsack fill, as NetAdapt / AMC spend a resource budget to its limit instead of stopping under it).
+
     Every channel mask (the candidates, the threshold, ``target_channels``) keeps exactly the width the surgery keeps:
     at least ``FilterSelection.min_width``, rounded up to its ``round_to``, the best-scored channels. A channel that
     only the rounding keeps is therefore never masked or faded: masked, its scale and shift sit at 0 and it would
@@ -147,6 +153,7 @@ class SparsityInduction(Callback):
         target_macs: int | None = None,
         l1_target: str = "all",
         target_channels: dict[str, int] | None = None,
+        fill_budget: bool = False,
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -206,6 +213,9 @@ class SparsityInduction(Callback):
         if target_channels and budget:
             raise ValueError("give either target_channels (the widths) or a budget (target_params(_x) / target_macs(_x))")
         self.target_channels = dict(target_channels or {})
+        if fill_budget and not budget:
+            raise ValueError("fill_budget spends what a budget leaves: give target_params(_x) and/or target_macs(_x)")
+        self.fill_budget = fill_budget
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -435,6 +445,8 @@ class SparsityInduction(Callback):
         else:
             tau = float(trainer.strategy.broadcast(self._channel_tau(trainer, pl_module, index, scores), src=0))
             counts = {n: int(m.sum()) for n, m in masks_for_tau(scores, tau).items()}
+            if self.fill_budget:
+                counts = trainer.strategy.broadcast(self._fill(pl_module.model, scores, counts, min_width, round_to), src=0)
         masks = {}
         for n, sc in scores.items():
             keep = torch.zeros_like(sc, dtype=torch.bool)
@@ -459,15 +471,45 @@ class SparsityInduction(Callback):
         bns = [pl_module.model.norms[n] for n in scores]
         return self._search_tau(trainer, pl_module, scores, [t for bn in bns for t in (bn.weight, bn.bias)])
 
+    def _budgets(self) -> dict[str, tuple[float, str]]:
+        """Each budget: measure -> (the most it may cost, where that figure comes from)."""
+        budgets = {m: (self.state.dense_stats[m] / x, f"dense / {x}") for m, x in
+                   (("params", self.target_params_x), ("macs", self.target_macs_x)) if x}
+        budgets.update({m: (float(n), "given") for m, n in (("params", self.target_params), ("macs", self.target_macs))
+                        if n})
+        return budgets
+
+    @torch.no_grad()
+    def _fill(self, model, scores: dict[str, Tensor], counts: dict[str, int], min_width: int, round_to: int
+              ) -> dict[str, int]:
+        """``fill_budget``: channels per layer after putting back, best-scored block first, every block of
+        ``round_to`` channels that keeps the architecture within all budgets (widths as FilterSelection keeps them).
+        A block that does not fit never fits later (putting channels back elsewhere only adds cost), so each layer is
+        priced at most once more than it grows."""
+        budgets = self._budgets()
+        widths = {n: kept_width(c, scores[n].numel(), min_width, round_to) for n, c in counts.items()}
+        ranked = {n: sc.sort(descending=True, stable=True).values for n, sc in scores.items()}
+        step = max(round_to, 1)
+        full = set()
+        while True:
+            blocks = {n: float(ranked[n][widths[n]: widths[n] + step].mean()) for n in widths
+                      if n not in full and widths[n] < ranked[n].numel()}
+            if not blocks:
+                return widths
+            n = max(blocks, key=blocks.get)
+            trial = dict(widths, **{n: kept_width(widths[n] + step, ranked[n].numel(), min_width, round_to)})
+            arch = dict(model.channels, **trial)
+            if all(architecture_cost(model, arch, m) <= b for m, (b, _) in budgets.items()):
+                widths = trial
+            else:
+                full.add(n)
+
     @torch.no_grad()
     def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:
         """The smallest channel sparsity whose pruned architecture (widths as FilterSelection keeps them) meets the
         budget(s): dense params / ``target_params_x`` (or ``target_params``) and/or dense MACs / ``target_macs_x`` (or
         ``target_macs``) (binary search)."""
-        budgets = {m: (self.state.dense_stats[m] / x, f"dense / {x}") for m, x in
-                   (("params", self.target_params_x), ("macs", self.target_macs_x)) if x}
-        budgets.update({m: (float(n), "given") for m, n in (("params", self.target_params), ("macs", self.target_macs))
-                        if n})
+        budgets = self._budgets()
         min_width, round_to = self._selection_rounding(trainer)
         model = pl_module.model
 

@@ -574,6 +574,55 @@ def test_params_and_macs_budgets_together_meet_both():
                           target_params=1000)
 
 
+def test_fill_budget_spends_both_budgets_to_the_last_block_that_fits():
+    """fill_budget: after the global tau meets both budgets, blocks of round_to channels come back while the
+    architecture stays within both; the result meets both, removes fewer channels than tau alone, keeps each layer's
+    best-scored channels, and no layer could take one more block without breaking a budget."""
+    from types import SimpleNamespace
+
+    from callbacks.budget import architecture_cost, kept_widths
+    from callbacks.selection import FilterSelection, kept_width
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    model = det.model
+    with torch.no_grad():
+        for bn in model.norms.values():
+            bn.weight.uniform_(0.1, 1.0)
+    layers = [n for n in model.layer_names() if n in model.norms]
+    sel = FilterSelection(s_F=1.0, s_F_min=1.0, s_G=1.0, min_width=8, round_to=8)
+    trainer = SimpleNamespace(current_epoch=0, callbacks=[sel], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    dense = {"params": sum(p.numel() for p in model.parameters()),
+             "macs": architecture_cost(model, model.channels, "macs")}
+    budget = {"params": dense["params"] / 4.0, "macs": dense["macs"] / 3.0}
+    out = {}
+    for fill in (False, True):
+        cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
+                               target_macs_x=3.0, fill_budget=fill)
+        cb.state.dense_stats = dict(dense)
+        masks, _ = cb._channel_masks(trainer, det, 0)
+        widths = kept_widths(model, masks, 8, 8)
+        out[fill] = masks, widths, {m: architecture_cost(model, widths, m) for m in budget}
+    (masks, widths, cost), (_, plain, plain_cost) = out[True], out[False]
+    assert all(cost[m] <= budget[m] for m in budget)
+    assert sum(widths.values()) > sum(plain.values())  # something was put back ...
+    assert all(widths[n] >= plain[n] for n in widths)  # ... and nothing taken away
+    assert any(cost[m] > plain_cost[m] for m in budget)
+    scores = cb._channel_scores(det, 0)
+    for n, m in masks.items():
+        assert int(m.sum()) == widths[n]
+        if (~m).any():
+            assert scores[n][m].min() >= scores[n][~m].max()  # the best-scored channels are the ones kept
+    for n in masks:  # maximal: one more block anywhere breaks a budget
+        if widths[n] < model.channels[n]:
+            more = dict(widths, **{n: kept_width(widths[n] + 8, model.channels[n], 8, 8)})
+            assert any(architecture_cost(model, more, m) > budget[m] for m in budget), n
+    with pytest.raises(ValueError, match="fill_budget spends"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", fill_budget=True)
+
+
 def test_restarted_learning_rate_ramps_to_the_peak_then_decays_to_zero():
     from callbacks.retrain import check_retrain_lr, restarted_factor
 
