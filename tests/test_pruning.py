@@ -532,14 +532,13 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
         SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor")
 
 
-def test_params_and_macs_budgets_together_meet_both():
-    """target_params_x and target_macs_x at once: the architecture the selection keeps meets both budgets, with no
-    fewer channels removed than either budget alone asks for; target_params / target_macs give them as counts."""
+def _budget_fixture():
+    """A BatchNorm SSD (every scale random in [0.1, 1)), its BatchNorm layers, a stand-in trainer holding
+    FilterSelection(min_width=8, round_to=8), and the dense params and MACs."""
     from types import SimpleNamespace
 
-    from callbacks.budget import architecture_cost, kept_widths
+    from callbacks.budget import architecture_cost
     from callbacks.selection import FilterSelection
-    from callbacks.sparsity import SparsityInduction
     from lightning_modules.detector import SSDDetector
 
     torch.manual_seed(0)
@@ -553,6 +552,17 @@ def test_params_and_macs_budgets_together_meet_both():
     trainer = SimpleNamespace(current_epoch=0, callbacks=[sel], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
     dense = {"params": sum(p.numel() for p in model.parameters()),
              "macs": architecture_cost(model, model.channels, "macs")}
+    return det, layers, trainer, dense
+
+
+def test_params_and_macs_budgets_together_meet_both():
+    """target_params_x and target_macs_x at once: the architecture the selection keeps meets both budgets, with no
+    fewer channels removed than either budget alone asks for; target_params / target_macs give them as counts."""
+    from callbacks.budget import architecture_cost, kept_widths
+    from callbacks.sparsity import SparsityInduction
+
+    det, layers, trainer, dense = _budget_fixture()
+    model = det.model
     removed, cost = {}, {}
     for name, kw in {"params": {"target_params_x": 4.0}, "macs": {"target_macs_x": 3.0},
                      "both": {"target_params_x": 4.0, "target_macs_x": 3.0},
@@ -578,24 +588,12 @@ def test_fill_budget_spends_both_budgets_to_the_last_block_that_fits():
     """fill_budget: after the global tau meets both budgets, blocks of round_to channels come back while the
     architecture stays within both; the result meets both, removes fewer channels than tau alone, keeps each layer's
     best-scored channels, and no layer could take one more block without breaking a budget."""
-    from types import SimpleNamespace
-
     from callbacks.budget import architecture_cost, kept_widths
-    from callbacks.selection import FilterSelection, kept_width
+    from callbacks.selection import kept_width
     from callbacks.sparsity import SparsityInduction
-    from lightning_modules.detector import SSDDetector
 
-    torch.manual_seed(0)
-    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    det, layers, trainer, dense = _budget_fixture()
     model = det.model
-    with torch.no_grad():
-        for bn in model.norms.values():
-            bn.weight.uniform_(0.1, 1.0)
-    layers = [n for n in model.layer_names() if n in model.norms]
-    sel = FilterSelection(s_F=1.0, s_F_min=1.0, s_G=1.0, min_width=8, round_to=8)
-    trainer = SimpleNamespace(current_epoch=0, callbacks=[sel], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
-    dense = {"params": sum(p.numel() for p in model.parameters()),
-             "macs": architecture_cost(model, model.channels, "macs")}
     budget = {"params": dense["params"] / 4.0, "macs": dense["macs"] / 3.0}
     out = {}
     for fill in (False, True):
