@@ -171,4 +171,6 @@ def test_compare_demo_dense_and_two_targets_end_to_end_with_wandb_keys(tmp_path)
     assert wb["summary"]["widths/_type"] == "table-file" and wb["summary"]["widths/nrows"] == len(s["dense_channels"])
     curve = [h for h in wb["history"] if "model/params" in h]
     assert len(curve) == 4 and curve[0]["model/params"] == s["dense"]["params"] > curve[-1]["model/params"]
-    assert curve[-1]["model/params"] == s["final"]["params"] and curve[-1]["model/macs"] == s["final"]["macs"]
+    assert curve[-1]["model/params"] == s["final"]["params"]
+    # Lightning logs a float32 scalar: MACs above 2**24 arrive rounded to float32 (a relative error under 6e-8)
+    assert curve[-1]["model/macs"] == pytest.approx(s["final"]["macs"], rel=1e-7, abs=0)
