@@ -97,7 +97,11 @@ class SparsityInduction(Callback):
     2019, "Importance Estimation for Neural Network Pruning", the criterion on BatchNorm gates): a loss-based score
     that sees which channels the data set needs; its raw values differ by orders of magnitude between layers, so use
     it with ``score_norm="layer_mean"`` (benchmarks/README.md: raw, a MACs budget left one layer wide and the rest at
-    ``min_width``). How many
+    ``min_width``); or ``"taylor_gamma_g"``, the geometric mean of the two, each first taken relative to its layer's
+    mean (the Taylor score as its square root, so both are linear in the channel's scale): a channel goes when the
+    loss barely needs it *and* its consumers barely read it (an ensemble of a data-driven and a weight-driven
+    criterion, as Molchanov et al. 2019 compare them; the Taylor score alone won on facemask and lost on the
+    synthetic set to ``gamma_g``, benchmarks/README.md). How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` and/or
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``; with both,
     the fewest channels go that meet both: a size budget and a speed budget at once), or an absolute one,
@@ -190,10 +194,11 @@ class SparsityInduction(Callback):
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
         self.cost_exponent = cost_exponent
-        if channel_score not in ("gamma", "gamma_g", "group_l1", "taylor"):
-            raise ValueError(f"channel_score must be 'gamma', 'gamma_g', 'group_l1' or 'taylor', got {channel_score!r}")
-        if channel_score == "taylor" and sparsity_on != "bn_scale":
-            raise ValueError("channel_score: taylor scores BatchNorm gates: it needs sparsity_on: bn_scale")
+        if channel_score not in ("gamma", "gamma_g", "group_l1", "taylor", "taylor_gamma_g"):
+            raise ValueError("channel_score must be 'gamma', 'gamma_g', 'group_l1', 'taylor' or 'taylor_gamma_g', "
+                             f"got {channel_score!r}")
+        if channel_score.startswith("taylor") and sparsity_on != "bn_scale":
+            raise ValueError(f"channel_score: {channel_score} scores BatchNorm gates: it needs sparsity_on: bn_scale")
         self.channel_score = channel_score
         if score_norm not in ("none", "layer_mean"):
             raise ValueError(f"score_norm must be 'none' or 'layer_mean', got {score_norm!r}")
@@ -237,7 +242,7 @@ class SparsityInduction(Callback):
         if bad:
             raise ScheduleError(f"target_channels {bad}: each must name a layer of the model with 1 <= width <= its "
                                 f"current width ({widths})")
-        if self.channel_score == "taylor" and min(p.l1_epochs[0] for p in self.state.phases) < 1:
+        if self.channel_score.startswith("taylor") and min(p.l1_epochs[0] for p in self.state.phases) < 1:
             raise ScheduleError("channel_score: taylor averages the gradients of the epoch before a channel is scored: "
                                 "start the first L1 window at epoch 1 or later")
         if self.sparsity_on == "bn_scale" and not len(getattr(pl_module.model, "norms", {})):
@@ -270,7 +275,7 @@ class SparsityInduction(Callback):
                 for t in (norms[n].weight, norms[n].bias) if t.shape == m.shape]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.channel_score == "taylor":
+        if self.channel_score.startswith("taylor"):
             self._accumulate_taylor(pl_module)
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
@@ -414,6 +419,10 @@ class SparsityInduction(Callback):
             gammas = {n: self._taylor_score(n, g) for n, g in gammas.items()}
         if self.channel_score == "gamma_g":  # paper A's two-layer view: a channel counts as much as it is read
             gammas = {n: g * consumer_weight(model, n) for n, g in gammas.items()}
+        if self.channel_score == "taylor_gamma_g":  # both criteria, each relative to its layer's mean
+            rel = lambda t: t / t.mean().clamp(min=1e-12)  # noqa: E731
+            gammas = {n: (rel(self._taylor_score(n, g).sqrt()) * rel(g * consumer_weight(model, n))).sqrt()
+                      for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
             gammas = {n: g / g.mean().clamp(min=1e-12) for n, g in gammas.items()}
         if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
