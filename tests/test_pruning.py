@@ -535,23 +535,15 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
 def test_taylor_gamma_g_is_the_geometric_mean_of_both_layer_relative_scores():
     """channel_score taylor_gamma_g: sqrt(rel(sqrt(taylor)) * rel(|gamma| x G)), rel = relative to the layer's mean;
     a channel the loss does not need but its consumers read strongly ranks between the two criteria."""
-    from types import SimpleNamespace
-
     from callbacks.budget import consumer_weight
     from callbacks.sparsity import SparsityInduction
-    from lightning_modules.detector import SSDDetector
 
     layers = ["conv5_1", "conv5_2", "conv5_3"]
     kw = dict(l1_lambda=2.0, l1_mode="proximal", sparsity_on="bn_scale", target_sparsity=0.5, l1_target="below_budget")
     mixed = SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor_gamma_g", **kw)
     taylor = SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor", **kw)
-    torch.manual_seed(0)
-    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
-    with torch.no_grad():
-        for n in layers:
-            det.model.norms[n].weight.uniform_(0.1, 1.0)
-    opt = torch.optim.SGD(det.model.parameters(), lr=0.0)
-    trainer = SimpleNamespace(current_epoch=0, optimizers=[opt], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    det, trainer = _channel_fixture(mixed, layers)
+    opt = trainer.optimizers[0]  # never stepped: only the gradients are read
     for step in range(2):
         opt.zero_grad()
         det.model(torch.randn(2, 3, 300, 300))[0].pow(2).mean().backward()
