@@ -107,7 +107,13 @@ class SparsityInduction(Callback):
     loss barely needs it *and* its consumers barely read it (a data-driven and a weight-driven criterion together:
     the Taylor score alone won on facemask and lost on the synthetic set to ``gamma_g``; measured, the mix ties
     ``taylor`` on facemask and loses 1.2 points on the synthetic set: benchmarks/README.md, "Five seeds of the
-    default"). How many
+    default"). ``taylor_loss`` picks the loss whose change the Taylor score estimates: ``"train"``, the training
+    loss (its gradients are free: the training backward already computed them), or ``"class_balanced"``, the module's
+    ``class_balanced_loss()`` (every class weighted by its inverse label frequency, so each counts as much as it does
+    in mAP or mean per-class accuracy; one extra backward pass per step in the epochs whose scores are read). The
+    training loss is dominated by the frequent classes, so its Taylor score cuts first the channels only a rare class
+    uses; on facemask almost all of the drop against the dense run is in the rare class ``without_mask`` (the
+    pattern Hooker et al. 2019, "What Do Compressed Deep Neural Networks Forget?", describe). How many
     go: ``target_sparsity`` (a fraction of channels), ``max_map_drop``, or a budget ``target_params_x`` and/or
     ``target_macs_x`` (dense / x, met by the architecture the selection will keep: ``callbacks/budget.py``; with both,
     the fewest channels go that meet both: a size budget and a speed budget at once), or an absolute one,
@@ -164,6 +170,7 @@ class SparsityInduction(Callback):
         l1_target: str = "all",
         target_channels: dict[str, int] | None = None,
         fill_budget: bool = False,
+        taylor_loss: str = "train",
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
             raise ValueError(f"threshold_mode must be 'target_sparsity' or 'max_map_drop', got {threshold_mode!r}")
@@ -227,6 +234,12 @@ class SparsityInduction(Callback):
         if fill_budget and not budget:
             raise ValueError("fill_budget spends what a budget leaves: give target_params(_x) and/or target_macs(_x)")
         self.fill_budget = fill_budget
+        if taylor_loss not in ("train", "class_balanced"):
+            raise ValueError(f"taylor_loss must be 'train' or 'class_balanced', got {taylor_loss!r}")
+        if taylor_loss != "train" and not channel_score.startswith("taylor"):
+            raise ValueError(f"taylor_loss: {taylor_loss} chooses the loss of a Taylor score: it needs channel_score "
+                             f"taylor or taylor_gamma_g, got {channel_score!r}")
+        self.taylor_loss = taylor_loss
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -251,6 +264,10 @@ class SparsityInduction(Callback):
         if self.channel_score.startswith("taylor") and min(p.l1_epochs[0] for p in self.state.phases) < 1:
             raise ScheduleError("channel_score: taylor averages the gradients of the epoch before a channel is scored: "
                                 "start the first L1 window at epoch 1 or later")
+        if self.taylor_loss == "class_balanced" and not callable(getattr(pl_module, "class_balanced_loss", None)):
+            raise TypeError(f"taylor_loss: class_balanced differentiates the module's class-balanced loss, and "
+                            f"{type(pl_module).__name__} has no class_balanced_loss() (the optional part of the pruning "
+                            "contract, lightning_modules/contract.py); use taylor_loss: train")
         if self.sparsity_on == "bn_scale" and not len(getattr(pl_module.model, "norms", {})):
             raise ScheduleError("sparsity_on: bn_scale induces sparsity on BatchNorm scales; the model has no "
                                 "BatchNorm (set --model.batch_norm true, or sparsity_on: weights)")
@@ -281,8 +298,8 @@ class SparsityInduction(Callback):
                 for t in (norms[n].weight, norms[n].bias) if t.shape == m.shape]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.channel_score.startswith("taylor"):
-            self._accumulate_taylor(pl_module)
+        if self.channel_score.startswith("taylor") and self.taylor_loss == "train":
+            self._accumulate_taylor(pl_module, None)
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
             return
@@ -291,16 +308,54 @@ class SparsityInduction(Callback):
                 if w.grad is not None:
                     w.grad.add_(torch.sign(w) if m is None else torch.sign(w) * m, alpha=self.l1_lambda)
 
+    def _taylor_layers(self, pl_module) -> list[str]:
+        norms = pl_module.model.norms
+        return sorted({n for p in self.state.phases for n in p.layers if n in norms})
+
+    def _taylor_read_after(self, epoch: int) -> bool:
+        """Whether the Taylor sums of this epoch are read at its end or at the next epoch's start."""
+        for p in self.state.phases:
+            if self.l1_target == "below_budget" and p.l1_epochs[0] <= epoch + 1 < p.l1_epochs[1]:
+                return True  # the candidates of the next L1 epoch
+            if self.l1_target != "below_budget" and p.threshold_epoch == epoch:
+                return True  # the threshold at this epoch's end
+        return False
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        """``taylor_loss="class_balanced"``: before the training backward, the gradients of the module's
+        class-balanced loss with respect to the BatchNorm gates (one extra backward pass, only in the epochs whose
+        scores are read), averaged over the ranks under DDP, go into the Taylor sums."""
+        if self.taylor_loss != "class_balanced" or not self._taylor_read_after(trainer.current_epoch):
+            return
+        norms = pl_module.model.norms
+        names = self._taylor_layers(pl_module)
+        params = [t for n in names for t in (norms[n].weight, norms[n].bias) if t is not None]
+        grads = torch.autograd.grad(pl_module.class_balanced_loss(), params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if trainer.world_size > 1:  # one flat all-reduce: every rank then holds the same sums
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            grads = list(flat.split([g.numel() for g in grads]))
+        it = iter(grads)
+        self._accumulate_taylor(pl_module, {id(t): next(it).view_as(t) for n in names
+                                            for t in (norms[n].weight, norms[n].bias) if t is not None})
+
     @torch.no_grad()
-    def _accumulate_taylor(self, pl_module) -> None:
-        """Add this step's (gamma g_gamma + beta g_beta) ** 2 of every prunable channel (the raw gradients: this hook
-        runs before clipping and before a gradient-side L1 term is added)."""
+    def _accumulate_taylor(self, pl_module, grads: dict | None) -> None:
+        """Add this step's (gamma g_gamma + beta g_beta) ** 2 of every prunable channel: the raw training gradients
+        (``grads`` None: this hook runs before clipping and before a gradient-side L1 term is added), or the given
+        ones (id(parameter) -> gradient: the class-balanced loss's)."""
         norms, st = pl_module.model.norms, self.state
-        for name in {n for p in st.phases for n in p.layers if n in norms}:
+
+        def grad(t):
+            return t.grad if grads is None else grads.get(id(t))
+
+        for name in self._taylor_layers(pl_module):
             bn = norms[name]
-            if bn.weight.grad is None:
+            if grad(bn.weight) is None:
                 continue
-            t = bn.weight.grad * bn.weight + (bn.bias.grad * bn.bias if bn.bias is not None and bn.bias.grad is not None else 0)
+            gb = grad(bn.bias) if bn.bias is not None else None
+            t = grad(bn.weight) * bn.weight + (gb * bn.bias if gb is not None else 0)
             t = t.detach().float().pow(2)
             prev = st.taylor.get(name)
             st.taylor[name] = t if prev is None or prev.shape != t.shape else prev.to(t.device) + t

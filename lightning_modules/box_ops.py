@@ -50,14 +50,20 @@ class MultiBoxLoss:
         return torch.stack(cls_t), torch.stack(reg_t)
 
     def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]],
-                 normalize=None) -> dict[str, Tensor]:
+                 normalize=None, class_weights: Tensor | None = None) -> dict[str, Tensor]:
         """``normalize`` maps this batch's positive count to the divisor (under DDP: the mean count over the ranks,
-        so that the averaged gradient equals one process's on the whole global batch)."""
+        so that the averaged gradient equals one process's on the whole global batch). ``class_weights`` (one per
+        class target, index 0 = background) weighs each default box's localisation and confidence terms by its
+        target class (the class-balanced loss of ``SSDDetector.class_balanced_loss``); None: every box counts 1."""
         with torch.no_grad():
             cls_t, reg_t = self.match(priors, targets)
         pos = cls_t > 0
         num_pos = pos.sum()
-        loc_loss = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
+        if class_weights is None:
+            loc_loss = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
+        else:
+            w_box = class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P): each box's weight by its target
+            loc_loss = (F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="none").sum(-1) * w_box[pos]).sum()
         ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
         # Hard negatives: the (3 x positives) background boxes with the highest loss, per image.
         with torch.no_grad():
@@ -66,7 +72,7 @@ class MultiBoxLoss:
             neg = rank < self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
         n = (num_pos.float() if normalize is None else normalize(num_pos.float())).clamp(min=1)
         loc_loss = loc_loss / n
-        conf_loss = ce[pos | neg].sum() / n
+        conf_loss = (ce if class_weights is None else ce * w_box)[pos | neg].sum() / n
         return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos.float()}
 
 

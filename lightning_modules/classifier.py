@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import EvalHooks, NetRunner, NonFiniteLossError, check_compile
+from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, NonFiniteLossError, check_compile
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
                 "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512, "conv5_1": 512, "conv5_2": 512,
@@ -111,7 +111,7 @@ def build_vgg16(num_classes: int = 10, channels: dict[str, int] | None = None, w
                  hidden=hidden or max(8, int(round(512 * width_mult))))
 
 
-class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
+class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
     """VGG16 classifier (see the module docstring for the variant), the usual CIFAR recipe: SGD lr 0.1, momentum
     0.9, weight decay 5e-4, lr x0.1 at 50 % and 75 % of the epochs (``lr_milestones`` as fractions), batch 64-128.
 
@@ -162,11 +162,27 @@ class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self._count_labels(labels, len(self.classes))
+        self._last_step = (logits, labels)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss.item()} at global step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def class_balanced_loss(self) -> Tensor:
+        """The last training step's cross-entropy with each image weighted by its class's ``class_weights()``
+        (a weighted mean, as ``F.cross_entropy(weight=...)``): the loss a pruning criterion may differentiate
+        instead of the training loss (``SparsityInduction(taylor_loss=...)``)."""
+        if getattr(self, "_last_step", None) is None:
+            raise RuntimeError("class_balanced_loss: no training step has run yet")
+        logits, labels = self._last_step
+        return F.cross_entropy(logits, labels, weight=self.class_weights().to(logits.device),
+                               label_smoothing=self.hparams.label_smoothing)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._last_step = None  # the step's outputs are not kept past its backward
 
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
@@ -203,8 +219,10 @@ class VGGClassifier(NetRunner, EvalHooks, pl.LightningModule):
     # architecture in checkpoints (a pruned model's widths differ from the config's)
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["architecture"] = {"channels": self.model.channels, "hidden": self.model.hidden}
+        self._save_class_counts(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._load_class_counts(checkpoint)
         arch = checkpoint.get("architecture")
         if arch and arch["channels"] != self.model.channels:
             device = next(self.model.parameters()).device

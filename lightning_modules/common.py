@@ -1,6 +1,10 @@
-"""What the LightningModules share: the non-finite-loss error and the validation / test hooks."""
+"""What the LightningModules share: the non-finite-loss error, the validation / test hooks and the class counts
+behind a class-balanced loss."""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -22,6 +26,38 @@ class EvalHooks:
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+
+class ClassBalance:
+    """The running count of each class's training labels (objects for a detector, images for a classifier) and the
+    class weights it gives: ``w_c = n / (K n_c)`` over the K classes seen so far (n labels in all), so that every class
+    weighs as much in a loss as every other, as it does in mAP or mean per-class accuracy, and the labels' mean weight
+    is 1. A module calls ``_count_labels`` in its training step and implements ``class_balanced_loss()`` (the
+    optional part of the pruning contract, ``lightning_modules/contract.py``): the loss of its last training step
+    with these weights, its graph still alive until that step's backward. The counts live in the checkpoint."""
+
+    _class_counts: Tensor | None = None
+
+    def _count_labels(self, labels: Tensor, num_classes: int) -> None:
+        counts = torch.bincount(labels.detach().flatten(), minlength=num_classes)[:num_classes].double()
+        self._class_counts = counts if self._class_counts is None else self._class_counts.to(counts.device) + counts
+
+    def class_weights(self) -> Tensor:
+        """One weight per class (float32, on the counts' device); 1 for a class not seen yet."""
+        if self._class_counts is None:
+            raise RuntimeError("class_weights: no training labels were counted yet (call it after a training step)")
+        c = self._class_counts
+        seen = c > 0
+        w = torch.where(seen, c.sum() / (seen.sum().clamp(min=1) * c.clamp(min=1)), torch.ones_like(c))
+        return w.float()
+
+    def _save_class_counts(self, checkpoint: dict) -> None:
+        if self._class_counts is not None:
+            checkpoint["class_counts"] = self._class_counts.cpu().tolist()
+
+    def _load_class_counts(self, checkpoint: dict) -> None:
+        if "class_counts" in checkpoint:
+            self._class_counts = torch.tensor(checkpoint["class_counts"], dtype=torch.float64)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

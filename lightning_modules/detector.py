@@ -11,7 +11,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode
-from lightning_modules.common import EvalHooks, NetRunner, NonFiniteLossError, check_compile  # noqa: F401 (NonFiniteLossError: public here)
+from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, NonFiniteLossError, check_compile  # noqa: F401 (NonFiniteLossError: public here)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -19,7 +19,7 @@ from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 COCO_MAX_DETS = 100  # detections per image COCO's AP counts
 
 
-class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
+class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
     """SSD300/SSD512 detector.
 
     Args:
@@ -105,6 +105,7 @@ class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
     # ----------------------------------------------------------------- architecture in checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["architecture"] = {"channels": self.model.channels, "num_branches": self.model.num_branches}
+        self._save_class_counts(checkpoint)
         from pytorch_lightning.loggers import WandbLogger
 
         for lg in (self.trainer.loggers if self._trainer is not None else []):
@@ -135,6 +136,7 @@ class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Rebuild the saved (pruned) architecture before Lightning loads the weights, and check they fit."""
         self._check_and_state(checkpoint, "checkpoint")
+        self._load_class_counts(checkpoint)
 
     def load_weights(self, path: str) -> None:
         """Load detector weights from a checkpoint of this module (``weights_only=True``: no pickled code runs)."""
@@ -173,6 +175,8 @@ class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
         images, targets = batch
         loc, conf = self(images)
         losses = self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks)
+        self._count_labels(torch.cat([t["labels"] for t in targets]), len(self.classes))
+        self._last_step = (loc, conf, targets)
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"training loss became {losses['loss'].item()} at global step {self.global_step} "
@@ -186,6 +190,19 @@ class SSDDetector(NetRunner, EvalHooks, pl.LightningModule):
         self.log("train/loss_conf", losses["conf"], batch_size=bs)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return losses["loss"]
+
+    def class_balanced_loss(self) -> Tensor:
+        """The last training step's MultiBox loss with every default box weighted by its target class's
+        ``class_weights()`` (background 1): each class counts as much as it does in mAP (the loss a pruning
+        criterion may differentiate instead of the training loss: ``SparsityInduction(taylor_loss=...)``)."""
+        if getattr(self, "_last_step", None) is None:
+            raise RuntimeError("class_balanced_loss: no training step has run yet")
+        loc, conf, targets = self._last_step
+        w = torch.cat([torch.ones(1, device=loc.device), self.class_weights().to(loc.device)])
+        return self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks, class_weights=w)["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._last_step = None  # the step's outputs are not kept past its backward
 
     # ----------------------------------------------------------------- evaluation
     quality = "map50"  # the pruning contract's quality figure: VOC07 mAP@0.5

@@ -330,3 +330,29 @@ def test_top1_is_the_fraction_of_images_right_on_an_imbalanced_set():
     assert m.evaluate([(images[:6], labels[:6]), (images[6:], labels[6:])]) == pytest.approx(0.8)  # macro: 0.5
     m._eval_step((images, labels), "test")
     assert float(m.metrics["test_top1"].compute()) == pytest.approx(0.8)
+
+
+def test_classifier_class_balanced_loss_weighs_each_class_by_its_inverse_frequency():
+    """The classifier's class_balanced_loss (for SparsityInduction(taylor_loss: class_balanced)): the last training
+    step's cross-entropy weighted n / (K n_c) by the running label counts, which a checkpoint carries."""
+    import torch.nn.functional as F
+
+    from lightning_modules.classifier import VGGClassifier
+
+    torch.manual_seed(0)
+    m = VGGClassifier(["a", "b", "c"], width_mult=0.125)
+    m.log = lambda *a, **k: None
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 0, 1])
+    loss = m.training_step((images, labels), 0)
+    assert torch.allclose(m.class_weights(), torch.tensor([4 / 6, 2.0, 1.0]))  # class c unseen: weight 1
+    logits = m._last_step[0]
+    assert torch.allclose(m.class_balanced_loss(), F.cross_entropy(logits, labels, weight=m.class_weights()))
+    assert not torch.allclose(m.class_balanced_loss(), loss)
+    ckpt = {}
+    m.on_save_checkpoint(ckpt)
+    fresh = VGGClassifier(["a", "b", "c"], width_mult=0.125)
+    fresh.on_load_checkpoint(ckpt)
+    assert torch.allclose(fresh.class_weights(), m.class_weights())
+    m.on_train_batch_end(None, None, 0)
+    with pytest.raises(RuntimeError, match="no training step"):
+        m.class_balanced_loss()

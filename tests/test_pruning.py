@@ -560,6 +560,64 @@ def test_taylor_gamma_g_is_the_geometric_mean_of_both_layer_relative_scores():
         SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor_gamma_g")
 
 
+def test_class_balanced_taylor_differentiates_the_class_weighted_loss_in_the_epochs_it_is_read():
+    """taylor_loss class_balanced: before the training backward, the gradients of the module's class-balanced loss
+    (each class weighted n / (K n_c) by its running label count) w.r.t. the BatchNorm gates go into the Taylor sums;
+    the training gradients stay untouched; epochs whose scores nobody reads cost no extra pass; and a module without
+    the loss or a non-Taylor score is refused with a message."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.box_ops import MultiBoxLoss
+    from lightning_modules.detector import SSDDetector
+
+    layers = ["conv5_1", "conv5_2", "conv5_3"]
+    kw = dict(l1_lambda=2.0, l1_mode="proximal", sparsity_on="bn_scale", target_sparsity=0.5, l1_target="below_budget",
+              channel_score="taylor")
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [2, 4]}], taylor_loss="class_balanced", **kw)
+    torch.manual_seed(0)
+    det = SSDDetector(["a", "b"], width_mult=0.125, batch_norm=True)
+    det.training_step = SSDDetector.training_step.__get__(det)
+    det.log = lambda *a, **k: None  # no trainer: the step's logging is not under test
+    det._trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": 0.0}])])
+    trainer = SimpleNamespace(current_epoch=1, world_size=1, optimizers=[])
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9], [0.2, 0.3, 0.7, 0.8]])
+    targets = [{"boxes": boxes[:2], "labels": torch.tensor([0, 0])}, {"boxes": boxes[2:], "labels": torch.tensor([1])}]
+    images = torch.randint(0, 255, (2, 3, 300, 300), dtype=torch.uint8)
+    norms = det.model.norms
+    loss = det.training_step((images, targets), 0)
+    assert torch.allclose(det.class_weights(), torch.tensor([0.75, 1.5]))  # counts 2 and 1: n / (K n_c)
+    # the weighted loss by hand: each default box's terms times its target class's weight (background 1)
+    loc, conf = det._last_step[:2]
+    w = torch.tensor([1.0, 0.75, 1.5])
+    manual = MultiBoxLoss()(loc, conf, det.model.priors, targets, class_weights=w)["loss"]
+    assert torch.allclose(det.class_balanced_loss(), manual)
+    assert torch.allclose(MultiBoxLoss()(loc, conf, det.model.priors, targets, class_weights=torch.ones(3))["loss"], loss)
+    names = sorted(n for n in layers if n in norms)
+    params = [t for n in names for t in (norms[n].weight, norms[n].bias)]
+    g = torch.autograd.grad(manual, params, retain_graph=True)
+    expected = {n: (g[2 * i] * norms[n].weight + g[2 * i + 1] * norms[n].bias).detach().pow(2) for i, n in enumerate(names)}
+    cb.on_before_backward(trainer, det, loss)  # epoch 1: read at the start of epoch 2
+    assert all(p.grad is None for p in det.parameters())  # the training gradients are not touched
+    assert cb.state.taylor_steps == 1
+    for n in names:
+        assert torch.allclose(cb.state.taylor[n], expected[n])
+    loss.backward()
+    cb.on_before_optimizer_step(trainer, det, torch.optim.SGD(det.parameters(), lr=0.0))  # not summed a second time
+    assert cb.state.taylor_steps == 1
+    trainer.current_epoch = 3  # the last L1 epoch: the threshold takes the candidates, no score is read after it
+    cb.on_before_backward(trainer, det, loss)
+    assert cb.state.taylor_steps == 1
+    with pytest.raises(ValueError, match="needs channel_score taylor"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [2, 4]}], taylor_loss="class_balanced",
+                          **{**kw, "channel_score": "gamma_g"})
+    with pytest.raises(ValueError, match="taylor_loss must be"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [2, 4]}], taylor_loss="balanced", **kw)
+    plain = SimpleNamespace(model=det.model, quality="map50", evaluate=lambda *a: 0.0)
+    with pytest.raises(TypeError, match="has no class_balanced_loss"):
+        cb.setup(SimpleNamespace(callbacks=[cb], fast_dev_run=False, max_epochs=5, datamodule=None), plain, "fit")
+
+
 def _budget_fixture():
     """A BatchNorm SSD (every scale random in [0.1, 1)), its BatchNorm layers, a stand-in trainer holding
     FilterSelection(min_width=8, round_to=8), and the dense params and MACs."""
