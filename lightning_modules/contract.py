@@ -24,7 +24,10 @@ in ``self.model`` implementing ``PrunableNet`` and implements ``PrunableModule``
 ``PrunableModule`` (the LightningModule): ``model`` (a ``PrunableNet``), ``quality`` (the name of its quality
 figure: ``"map50"`` for detectors, ``"top1"`` for classifiers) and ``evaluate(loader, max_batches)`` returning it;
 optionally ``architecture_changed()``, which the surgery calls after it changed the widths (both modules use it to
-keep channels-last and to compile the network afresh: ``lightning_modules.common.NetRunner``).
+keep channels-last and to compile the network afresh: ``lightning_modules.common.NetRunner``), and
+``class_balanced_loss()``, the loss of its last training step with every class weighted by its inverse label
+frequency, which ``SparsityInduction(taylor_loss="class_balanced")`` differentiates (both modules have it:
+``lightning_modules.common.ClassBalance``).
 """
 
 from __future__ import annotations

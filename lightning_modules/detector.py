@@ -29,7 +29,8 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         channels: per-layer widths by the papers' layer names (a pruned model's architecture).
         width_mult: scales every default width (small demo models).
         num_branches: keep only the first k detection branches.
-        pretrained_backbone: start conv1_1..conv5_3 from torchvision's ImageNet VGG16 features.
+        pretrained_backbone: start conv1_1..conv5_3 from torchvision's ImageNet VGG16 features (with ``batch_norm``:
+            from ImageNet ``vgg16_bn``, BatchNorm included).
         batch_norm: BatchNorm after every convolution (off in the SSD recipe; on for the from-scratch demo).
         init_checkpoint: start from the weights of a trained SSD (a Lightning checkpoint of this module;
             paper A's setting). Only the weights are taken: optimiser, epoch and schedule start afresh.

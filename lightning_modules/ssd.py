@@ -341,22 +341,29 @@ def _init_weights(model: SSD, background_prior: float = 0.99) -> None:
 
 
 def load_vgg16_imagenet(model: SSD) -> None:
-    """Copy torchvision's ImageNet VGG16 conv weights (``VGG16_Weights.IMAGENET1K_FEATURES``) into conv1_1..conv5_3.
+    """Copy torchvision's ImageNet VGG16 into conv1_1..conv5_3: the conv weights of ``VGG16_Weights.
+    IMAGENET1K_FEATURES`` (the standard SSD start), or, for a model with BatchNorm, ``vgg16_bn``'s
+    ``VGG16_BN_Weights.IMAGENET1K_V1`` conv weights *and* BatchNorm scales, shifts and running statistics (the start
+    of the project's default method at full scale, which works on BatchNorm scales: ``experiments/voc_ssd300_default.yaml``).
 
     Only layers whose width matches the dense VGG16 are loaded, so this is for the unpruned trunk.
     """
-    from torchvision.models import VGG16_Weights, vgg16
+    import torchvision.models as tvm
 
+    bn = len(model.norms) > 0
+    name = "VGG16_BN_Weights.IMAGENET1K_V1" if bn else "VGG16_Weights.IMAGENET1K_FEATURES"
     try:
-        vgg = vgg16(weights=VGG16_Weights.IMAGENET1K_FEATURES)
+        vgg = tvm.vgg16_bn(weights=tvm.VGG16_BN_Weights.IMAGENET1K_V1) if bn else \
+            tvm.vgg16(weights=tvm.VGG16_Weights.IMAGENET1K_FEATURES)
     except Exception as err:  # network errors surface as URLError, OSError, RuntimeError...
         raise RuntimeError(
-            "could not load torchvision's ImageNet VGG16 weights (VGG16_Weights.IMAGENET1K_FEATURES): "
+            f"could not load torchvision's ImageNet VGG16{'-BN' if bn else ''} weights ({name}): "
             f"{err}. They are downloaded on first use into the torch hub cache (~/.cache/torch/hub/checkpoints); "
             "on an offline machine copy the file there first, or run with --model.pretrained_backbone false."
         ) from err
     convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
-    for name, src in zip(VGG_CONV_NAMES, convs):
+    norms = [m for m in vgg.features if isinstance(m, nn.BatchNorm2d)]
+    for i, (name, src) in enumerate(zip(VGG_CONV_NAMES, convs)):
         dst = model.layers[name]
         if dst.weight.shape != src.weight.shape:
             raise ValueError(
@@ -366,6 +373,9 @@ def load_vgg16_imagenet(model: SSD) -> None:
         with torch.no_grad():
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
+            if bn:
+                for key, value in norms[i].state_dict().items():
+                    model.norms[name].state_dict()[key].copy_(value)
 
 
 def build_ssd(
@@ -384,7 +394,9 @@ def build_ssd(
     ``channels`` maps the papers' layer names to widths (the rest follow ``width_mult``);
     ``num_branches`` keeps only the first k detection branches (paper A's "pruned-kdet");
     ``batch_norm`` adds BatchNorm after every convolution (not in the original SSD; it lets small models
-    train from scratch quickly, as the CPU demo must, since ImageNet weights cannot be fetched there);
+    train from scratch quickly, as the CPU demo must, since ImageNet weights cannot be fetched there, and it gives
+    the channel gates the default method prunes on; with ``pretrained_backbone`` the trunk starts from torchvision's
+    ImageNet ``vgg16_bn``);
     ``prior_sizes`` sets the default-box sizes (``resolve_prior_sizes``: VOC's by default, ``"coco300"`` ...).
     """
     n_src = len(PRIORS[size].sources) if size in PRIORS else 0
@@ -395,8 +407,6 @@ def build_ssd(
         raise ValueError(f"num_branches must be in 1..{n_src} for SSD{size}, got {num_branches}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts background too and must be >= 2, got {num_classes}")
-    if pretrained_backbone and batch_norm:
-        raise ValueError("pretrained_backbone loads the plain VGG16 (no BatchNorm); use batch_norm=false with it")
     resolve_prior_sizes(size, prior_sizes)  # a bad setting fails here, naming what is wrong
     model = SSD(size, num_classes - 1, resolve_channels(size, channels, width_mult), k, batch_norm, prior_sizes)
     _init_weights(model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.box_ops import MultiBoxLoss, decode
-from lightning_modules.ssd import build_ssd, default_boxes, resolve_channels
+from lightning_modules.ssd import VGG_CONV_NAMES, build_ssd, default_boxes, resolve_channels
 
 # Paper A, Table 1: SSD300 pruned-6det widths.
 P6DET = {"conv1_2": 56, "conv2_1": 107, "conv2_2": 121, "conv3_1": 193, "conv3_2": 158, "conv3_3": 195,
@@ -85,6 +85,47 @@ def test_pretrained_backbone_offline_fails_clearly(monkeypatch):
     monkeypatch.setattr(torchvision.models, "vgg16", boom)
     with pytest.raises(RuntimeError, match="IMAGENET1K_FEATURES.*offline"):
         build_ssd(300, 21, pretrained_backbone=True)
+
+
+def test_pretrained_backbone_with_batch_norm_loads_imagenet_vgg16_bn(monkeypatch):
+    """batch_norm + pretrained_backbone: conv1_1..conv5_3 and their BatchNorms (scale, shift, running statistics)
+    come from torchvision's vgg16_bn (VGG16_BN_Weights.IMAGENET1K_V1; here a randomly initialised one stands in for
+    the download); the layers after conv5_3 keep their own initialisation; offline it fails naming the weights."""
+    import torchvision.models
+
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg16_bn(weights=None)
+    with torch.no_grad():
+        for m in ref.features:
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    asked = {}
+
+    def fake(weights=None):
+        asked["weights"] = weights
+        return ref
+
+    monkeypatch.setattr(torchvision.models, "vgg16_bn", fake)
+    m = build_ssd(300, 21, pretrained_backbone=True, batch_norm=True)
+    assert asked["weights"] == torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1
+    convs = [x for x in ref.features if isinstance(x, torch.nn.Conv2d)]
+    bns = [x for x in ref.features if isinstance(x, torch.nn.BatchNorm2d)]
+    for name, c, b in zip(VGG_CONV_NAMES, convs, bns):
+        assert torch.equal(m.layers[name].weight, c.weight) and torch.equal(m.layers[name].bias, c.bias)
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(m.norms[name], key), getattr(b, key)), (name, key)
+    assert torch.equal(m.norms["conv6"].weight, torch.ones_like(m.norms["conv6"].weight))  # not from ImageNet
+
+    def boom(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models, "vgg16_bn", boom)
+    with pytest.raises(RuntimeError, match="VGG16_BN_Weights.IMAGENET1K_V1.*offline"):
+        build_ssd(300, 21, pretrained_backbone=True, batch_norm=True)
+    with pytest.raises(ValueError, match="full VGG16 width at conv1_1"):
+        monkeypatch.setattr(torchvision.models, "vgg16_bn", fake)
+        build_ssd(300, 21, pretrained_backbone=True, batch_norm=True, width_mult=0.5)
 
 
 def test_loss_is_finite_with_and_without_objects():

@@ -189,3 +189,28 @@ def test_from_trained_variant_starts_from_a_checkpoint(tmp_path):
     assert proc.returncode != 0 and "--model.init_checkpoint" in proc.stderr
     path, s = _summary(run_train(base + ["--model.init_checkpoint", str(ckpt)]))
     assert s["final"]["params"] == 26_285_486
+
+
+@pytest.mark.parametrize("size,params_x,macs_x", [(300, 7.7, 2.5), pytest.param(512, 4.9, 2.25, marks=pytest.mark.slow)])
+def test_voc_default_configs_prune_to_their_budgets(tmp_path, size, params_x, macs_x):
+    """experiments/voc_ssd{300,512}_default.yaml (the default method on the BatchNorm SSD) with its callbacks as
+    written and only the schedule shrunk (epochs, not the budgets): one fit on a tiny VOC set ends at the config's
+    parameter and MACs budgets."""
+    tiny_voc(tmp_path / "voc", classes=("cat", "dog"), year=2007)
+    tiny_voc(tmp_path / "voc", classes=("dog", "person"), year=2012)
+    cfg = yaml.safe_load(Path(f"experiments/voc_ssd{size}_default.yaml").read_text())
+    assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
+    sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
+    assert (sparsity["target_params_x"], sparsity["target_macs_x"]) == (params_x, macs_x)
+    sparsity["schedule"][0]["l1_epochs"] = [1, 3]
+    cfg["trainer"].update(max_steps=-1, max_epochs=4, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                          check_val_every_n_epoch=4, precision="32", accelerator="cpu", logger=False,
+                          default_root_dir=str(tmp_path / "runs"))
+    path = tmp_path / "default.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_train(["--config", str(path), "--data.root", str(tmp_path / "voc"), "--data.batch_size", "2",
+                      "--data.num_workers", "0", "--data.val_fraction", "0.25", "--model.pretrained_backbone", "false",
+                      "--model.width_mult", "0.25", "--run_name", "d"])
+    path, s = _summary(proc)
+    assert s["compression"]["params_x"] >= params_x and s["compression"]["macs_x"] >= macs_x
+    assert s["compression"]["params_x"] < params_x * 1.3  # fill_budget spends the budget, it does not undershoot it
