@@ -175,14 +175,9 @@ class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         """The last training step's cross-entropy with each image weighted by its class's ``class_weights()``
         (a weighted mean, as ``F.cross_entropy(weight=...)``): the loss a pruning criterion may differentiate
         instead of the training loss (``SparsityInduction(taylor_loss=...)``)."""
-        if getattr(self, "_last_step", None) is None:
-            raise RuntimeError("class_balanced_loss: no training step has run yet")
-        logits, labels = self._last_step
+        logits, labels = self._step_outputs()
         return F.cross_entropy(logits, labels, weight=self.class_weights().to(logits.device),
                                label_smoothing=self.hparams.label_smoothing)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._last_step = None  # the step's outputs are not kept past its backward
 
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch

@@ -37,16 +37,26 @@ class ClassBalance:
     with these weights, its graph still alive until that step's backward. The counts live in the checkpoint."""
 
     _class_counts: Tensor | None = None
+    _last_step: tuple | None = None
 
     def _count_labels(self, labels: Tensor, num_classes: int) -> None:
-        counts = torch.bincount(labels.detach().flatten(), minlength=num_classes)[:num_classes].double()
+        counts = torch.bincount(labels.detach().flatten(), minlength=num_classes)[:num_classes]  # int64, any device
         self._class_counts = counts if self._class_counts is None else self._class_counts.to(counts.device) + counts
+
+    def _step_outputs(self) -> tuple:
+        """What the training step kept for ``class_balanced_loss`` (its outputs and targets)."""
+        if self._last_step is None:
+            raise RuntimeError("class_balanced_loss: no training step has run yet")
+        return self._last_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._last_step = None  # the step's outputs are not kept past its backward
 
     def class_weights(self) -> Tensor:
         """One weight per class (float32, on the counts' device); 1 for a class not seen yet."""
         if self._class_counts is None:
             raise RuntimeError("class_weights: no training labels were counted yet (call it after a training step)")
-        c = self._class_counts
+        c = self._class_counts.float()
         seen = c > 0
         w = torch.where(seen, c.sum() / (seen.sum().clamp(min=1) * c.clamp(min=1)), torch.ones_like(c))
         return w.float()
@@ -57,7 +67,7 @@ class ClassBalance:
 
     def _load_class_counts(self, checkpoint: dict) -> None:
         if "class_counts" in checkpoint:
-            self._class_counts = torch.tensor(checkpoint["class_counts"], dtype=torch.float64)
+            self._class_counts = torch.tensor(checkpoint["class_counts"], dtype=torch.long)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -196,14 +196,9 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         """The last training step's MultiBox loss with every default box weighted by its target class's
         ``class_weights()`` (background 1): each class counts as much as it does in mAP (the loss a pruning
         criterion may differentiate instead of the training loss: ``SparsityInduction(taylor_loss=...)``)."""
-        if getattr(self, "_last_step", None) is None:
-            raise RuntimeError("class_balanced_loss: no training step has run yet")
-        loc, conf, targets = self._last_step
+        loc, conf, targets = self._step_outputs()
         w = torch.cat([torch.ones(1, device=loc.device), self.class_weights().to(loc.device)])
         return self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks, class_weights=w)["loss"]
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._last_step = None  # the step's outputs are not kept past its backward
 
     # ----------------------------------------------------------------- evaluation
     quality = "map50"  # the pruning contract's quality figure: VOC07 mAP@0.5
