@@ -45,7 +45,9 @@ def coco_fixture(root: Path) -> Path:
 
 
 def test_coco_ids_crowd_and_images_without_objects(tmp_path):
-    dm = COCODataModule(str(coco_fixture(tmp_path / "coco")), image_size=300, batch_size=2, num_workers=0)
+    # augment "light": the SSD crop, unseeded on a plain index, may drop the box the label check below reads
+    dm = COCODataModule(str(coco_fixture(tmp_path / "coco")), image_size=300, batch_size=2, num_workers=0,
+                        augment="light")
     assert dm.classes == ("person", "car", "dog")  # category-id order, names from the JSON
     dm.setup("fit")
     dm.setup("test")
