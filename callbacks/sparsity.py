@@ -339,9 +339,7 @@ class SparsityInduction(Callback):
             flat = torch.cat([g.reshape(-1) for g in grads])
             flat = trainer.strategy.reduce(flat, reduce_op="mean")
             grads = list(flat.split([g.numel() for g in grads]))
-        it = iter(grads)
-        self._accumulate_taylor(pl_module, {id(t): next(it).view_as(t) for n in names
-                                            for t in (norms[n].weight, norms[n].bias) if t is not None})
+        self._accumulate_taylor(pl_module, {id(p): g.view_as(p) for p, g in zip(params, grads)})
 
     @torch.no_grad()
     def _accumulate_taylor(self, pl_module, grads: dict | None) -> None:

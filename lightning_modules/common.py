@@ -58,8 +58,7 @@ class ClassBalance:
             raise RuntimeError("class_weights: no training labels were counted yet (call it after a training step)")
         c = self._class_counts.float()
         seen = c > 0
-        w = torch.where(seen, c.sum() / (seen.sum().clamp(min=1) * c.clamp(min=1)), torch.ones_like(c))
-        return w.float()
+        return torch.where(seen, c.sum() / (seen.sum().clamp(min=1) * c.clamp(min=1)), torch.ones_like(c))
 
     def _save_class_counts(self, checkpoint: dict) -> None:
         if self._class_counts is not None:

@@ -351,13 +351,13 @@ def load_vgg16_imagenet(model: SSD) -> None:
     import torchvision.models as tvm
 
     bn = len(model.norms) > 0
-    name = "VGG16_BN_Weights.IMAGENET1K_V1" if bn else "VGG16_Weights.IMAGENET1K_FEATURES"
+    weights_name = "VGG16_BN_Weights.IMAGENET1K_V1" if bn else "VGG16_Weights.IMAGENET1K_FEATURES"
     try:
         vgg = tvm.vgg16_bn(weights=tvm.VGG16_BN_Weights.IMAGENET1K_V1) if bn else \
             tvm.vgg16(weights=tvm.VGG16_Weights.IMAGENET1K_FEATURES)
     except Exception as err:  # network errors surface as URLError, OSError, RuntimeError...
         raise RuntimeError(
-            f"could not load torchvision's ImageNet VGG16{'-BN' if bn else ''} weights ({name}): "
+            f"could not load torchvision's ImageNet VGG16{'-BN' if bn else ''} weights ({weights_name}): "
             f"{err}. They are downloaded on first use into the torch hub cache (~/.cache/torch/hub/checkpoints); "
             "on an offline machine copy the file there first, or run with --model.pretrained_backbone false."
         ) from err
@@ -374,8 +374,7 @@ def load_vgg16_imagenet(model: SSD) -> None:
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
             if bn:
-                for key, value in norms[i].state_dict().items():
-                    model.norms[name].state_dict()[key].copy_(value)
+                model.norms[name].load_state_dict(norms[i].state_dict())
 
 
 def build_ssd(
