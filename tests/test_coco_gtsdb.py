@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from datamodules.coco import COCODataModule
 from datamodules.gtsdb import GTSRB_CLASSES, SUPER_CATEGORIES, GTSDBDataModule
@@ -222,3 +223,35 @@ def test_configs_shrink_to_a_cpu_run(tmp_path, config, fixture):
     else:
         assert len(spec["classes"]) == 43 and spec["priors"]["min_sizes"][0] == 12 and spec["architecture"]["size"] == 512
     assert s["run"]["dataset"] == "data"
+
+
+@pytest.mark.parametrize("config,fixture,params_x,macs_x,width", [
+    ("experiments/coco_ssd300_default.yaml", coco_fixture, 2.8, 1.4, 0.25),
+    pytest.param("experiments/gtsdb_ssd512_default.yaml", gtsdb_fixture, 26.0, 6.0, 0.5, marks=pytest.mark.slow)])
+def test_default_configs_prune_to_their_budgets(tmp_path, config, fixture, params_x, macs_x, width):
+    """The COCO and GTSDB configs of the default method (BatchNorm SSD, Taylor score, params + MACs budgets, one cut)
+    with their callbacks as written and only the schedule shrunk (epochs, not the budgets): one fit on the tiny data
+    set ends at the config's parameter and MACs budgets, with the data set's priors in the export."""
+    cfg = yaml.safe_load(Path(config).read_text())
+    assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
+    sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
+    assert (sparsity["target_params_x"], sparsity["target_macs_x"]) == (params_x, macs_x)
+    sparsity["schedule"][0]["l1_epochs"] = [1, 3]
+    cfg["trainer"].update(max_steps=-1, max_epochs=4, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                          check_val_every_n_epoch=4, precision="32", accelerator="cpu", logger=False,
+                          default_root_dir=str(tmp_path / "runs"))
+    path = tmp_path / "default.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = fixture(tmp_path / "data")
+    args = ["--config", str(path), "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.val_fraction", "0.34", "--model.pretrained_backbone", "false", "--model.width_mult", str(width),
+            "--run_name", "d"]
+    if "gtsdb" in config:
+        args += ["--data.train_ids", "[0, 4]", "--data.test_ids", "[4, 6]"]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())
+    assert s["compression"]["params_x"] >= params_x and s["compression"]["macs_x"] >= macs_x
+    assert s["compression"]["params_x"] < params_x * 1.3  # fill_budget spends the budget, it does not undershoot it
+    spec = json.loads(Path(s["export"]["json"]).read_text())
+    assert spec["priors"]["min_sizes"][0] == (21 if "coco" in config else 12)
