@@ -126,3 +126,24 @@ class AssertCompiledMatchesEager(Callback):
         if os.environ.get("SSD_COMPILE_LOG"):
             with open(os.environ["SSD_COMPILE_LOG"], "a") as f:
                 f.write(f"{sum(pl_module.model.channels.values())}\n")
+
+
+def shrunk_default_config(config: str, out_dir, params_x: float, macs_x: float):
+    """A ``*_default.yaml`` config (the default method on the BatchNorm SSD) with its callbacks as written and only the
+    schedule shrunk to 4 CPU epochs of 2 batches (fade over epochs 1-2, cut at the end of 2): the budgets stay. Checks
+    that the config names the budgets the test expects; returns the path of the shrunk copy in ``out_dir``."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
+    sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
+    assert (sparsity["target_params_x"], sparsity["target_macs_x"]) == (params_x, macs_x)
+    sparsity["schedule"][0]["l1_epochs"] = [1, 3]
+    cfg["trainer"].update(max_steps=-1, max_epochs=4, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                          check_val_every_n_epoch=4, precision="32", accelerator="cpu", logger=False,
+                          default_root_dir=str(Path(out_dir) / "runs"))
+    path = Path(out_dir) / "default.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from datamodules.coco import COCODataModule
 from datamodules.gtsdb import GTSRB_CLASSES, SUPER_CATEGORIES, GTSDBDataModule
 from datamodules.voc import DataError
 from tests.conftest import run_train
+from tests.helpers import shrunk_default_config
 
 CATS = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]  # COCO ids: not contiguous
 
@@ -232,16 +232,7 @@ def test_default_configs_prune_to_their_budgets(tmp_path, config, fixture, param
     """The COCO and GTSDB configs of the default method (BatchNorm SSD, Taylor score, params + MACs budgets, one cut)
     with their callbacks as written and only the schedule shrunk (epochs, not the budgets): one fit on the tiny data
     set ends at the config's parameter and MACs budgets, with the data set's priors in the export."""
-    cfg = yaml.safe_load(Path(config).read_text())
-    assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
-    sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
-    assert (sparsity["target_params_x"], sparsity["target_macs_x"]) == (params_x, macs_x)
-    sparsity["schedule"][0]["l1_epochs"] = [1, 3]
-    cfg["trainer"].update(max_steps=-1, max_epochs=4, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
-                          check_val_every_n_epoch=4, precision="32", accelerator="cpu", logger=False,
-                          default_root_dir=str(tmp_path / "runs"))
-    path = tmp_path / "default.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = shrunk_default_config(config, tmp_path, params_x, macs_x)
     root = fixture(tmp_path / "data")
     args = ["--config", str(path), "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
             "--data.val_fraction", "0.34", "--model.pretrained_backbone", "false", "--model.width_mult", str(width),

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import run_train
+from tests.helpers import shrunk_default_config
 from tests.voc_fixture import tiny_voc
 
 SUMMARY_KEYS = {"params", "macs", "size_mb", "map50", "latency_ms"}
@@ -198,16 +199,7 @@ def test_voc_default_configs_prune_to_their_budgets(tmp_path, size, params_x, ma
     parameter and MACs budgets."""
     tiny_voc(tmp_path / "voc", classes=("cat", "dog"), year=2007)
     tiny_voc(tmp_path / "voc", classes=("dog", "person"), year=2012)
-    cfg = yaml.safe_load(Path(f"experiments/voc_ssd{size}_default.yaml").read_text())
-    assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
-    sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
-    assert (sparsity["target_params_x"], sparsity["target_macs_x"]) == (params_x, macs_x)
-    sparsity["schedule"][0]["l1_epochs"] = [1, 3]
-    cfg["trainer"].update(max_steps=-1, max_epochs=4, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
-                          check_val_every_n_epoch=4, precision="32", accelerator="cpu", logger=False,
-                          default_root_dir=str(tmp_path / "runs"))
-    path = tmp_path / "default.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = shrunk_default_config(f"experiments/voc_ssd{size}_default.yaml", tmp_path, params_x, macs_x)
     proc = run_train(["--config", str(path), "--data.root", str(tmp_path / "voc"), "--data.batch_size", "2",
                       "--data.num_workers", "0", "--data.val_fraction", "0.25", "--model.pretrained_backbone", "false",
                       "--model.width_mult", "0.25", "--run_name", "d"])
