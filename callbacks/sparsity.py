@@ -141,7 +141,10 @@ class SparsityInduction(Callback):
     with two (params and MACs) the one that binds last leaves the other partly unspent (taylor scores with a 4x
     params and a 2.75x MACs budget: ~4.8x params). Filling then puts channels back, the best-scored block of
     ``round_to`` channels first over all layers, as long as the architecture stays within every budget (a greedy
-    knapsack fill, as NetAdapt / AMC spend a resource budget to its limit instead of stopping under it).
+    knapsack fill, as NetAdapt / AMC spend a resource budget to its limit instead of stopping under it). It stops when
+    no block fits any more, so with two budgets the model ends at one of them and may stay under the other: e.g. on
+    facemask (`benchmarks/sweep/tcbf.yaml`, seeds 3 and 4) at 4.5x / 4.7x params with the MACs exactly at theirs
+    (198.94 M against 198.95 M), because every block left would have cost MACs the budget no longer had.
 
     Every channel mask (the candidates, the threshold, ``target_channels``) keeps exactly the width the surgery keeps:
     at least ``FilterSelection.min_width``, rounded up to its ``round_to``, the best-scored channels. A channel that
