@@ -1,6 +1,9 @@
 """Importable test doubles for CLI runs (``--model.class_path tests.helpers.NaNAfterDetector``)."""
 
+from pathlib import Path
+
 import torch
+import yaml
 from pytorch_lightning.callbacks import Callback
 
 from lightning_modules.detector import SSDDetector
@@ -132,10 +135,6 @@ def shrunk_default_config(config: str, out_dir, params_x: float, macs_x: float):
     """A ``*_default.yaml`` config (the default method on the BatchNorm SSD) with its callbacks as written and only the
     schedule shrunk to 4 CPU epochs of 2 batches (fade over epochs 1-2, cut at the end of 2): the budgets stay. Checks
     that the config names the budgets the test expects; returns the path of the shrunk copy in ``out_dir``."""
-    from pathlib import Path
-
-    import yaml
-
     cfg = yaml.safe_load(Path(config).read_text())
     assert cfg["model"]["init_args"]["batch_norm"] and cfg["model"]["init_args"]["pretrained_backbone"]
     sparsity = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("SparsityInduction"))["init_args"]
