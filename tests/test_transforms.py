@@ -1,11 +1,15 @@
 """SSD augmentation: property tests of the min-IoU crop and the whole training pipeline."""
 
+import random
+
 import albumentations as A
+import cv2
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamodules.transforms import MinIoURandomCrop, ZoomOut, _iou_with_crop, ssd_train_transform
+from datamodules.transforms import (MinIoURandomCrop, ZoomOut, ZoomOutCropResize, _bbox_params, _iou_with_crop,
+                                    ssd_train_transform)
 
 
 @st.composite
@@ -116,3 +120,45 @@ def test_train_pipeline_outputs_fixed_size_and_valid_boxes():
         ob = np.asarray(out["bboxes"]).reshape(-1, 4)
         assert len(ob) == len(out["labels"]) == len(out["difficult"])
         assert (ob[:, 2] > ob[:, 0]).all() and (ob >= 0).all() and (ob <= 300).all()
+
+
+def test_fused_zoom_out_crop_resize_matches_the_three_steps():
+    """``ZoomOutCropResize`` (one warp) against ``ZoomOut`` -> ``MinIoURandomCrop`` -> ``Resize`` from the same random
+    state: the same boxes and labels, and the same pixels up to interpolation rounding; only the outermost pixels may
+    differ more (the warp reads a crop's neighbours where the three steps repeat its edge)."""
+    rng = np.random.default_rng(0)
+    three = A.Compose([ZoomOut(p=0.5), MinIoURandomCrop(), A.Resize(300, 300)], bbox_params=_bbox_params())
+    fused = A.Compose([ZoomOutCropResize(300)], bbox_params=_bbox_params())
+    zoomed = cropped = 0
+    for k in range(120):
+        h, w = int(rng.integers(120, 500)), int(rng.integers(120, 500))
+        img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (0, 0), 3)  # photo-like: smooth
+        n = int(rng.integers(1, 5))
+        xy = rng.uniform(0, [w - 10, h - 10], (n, 2))
+        boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(5, [w, h], (n, 2)), [w, h])], 1).astype(np.float32)
+        args = dict(image=img, bboxes=boxes, labels=list(range(n)), difficult=[i % 2 == 0 for i in range(n)])
+        three.set_random_state(np.random.default_rng(k), random.Random(k))
+        a = three(**args)
+        fused.set_random_state(np.random.default_rng(k), random.Random(k))
+        b = fused(**args)
+        assert b["image"].shape == a["image"].shape == (300, 300, 3) and b["image"].dtype == np.uint8
+        assert a["labels"] == b["labels"] and a["difficult"] == b["difficult"]
+        np.testing.assert_allclose(np.asarray(b["bboxes"]), np.asarray(a["bboxes"]), atol=1e-3)
+        d = np.abs(a["image"].astype(int) - b["image"].astype(int))
+        assert d.mean() < 0.5 and d[2:-2, 2:-2].max() <= 6, (k, d.mean(), d[2:-2, 2:-2].max())
+        zoomed += bool((b["image"] == (124, 116, 104)).all(-1).any())
+        cropped += len(b["labels"]) < n
+    assert zoomed >= 30 and cropped >= 5  # both steps happened (a crop that drops a box), so both were compared
+
+
+def test_fused_zoom_out_fills_with_the_mean_and_keeps_the_object_under_its_box():
+    img = np.zeros((100, 200, 3), np.uint8)
+    img[20:60, 40:120] = 255
+    t = A.Compose([ZoomOutCropResize(300, max_ratio=3.0, zoom_p=1.0, min_ious=(None,))], bbox_params=_bbox_params())
+    for seed in range(10):
+        t.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = t(image=img, bboxes=np.array([[40, 20, 120, 60]], np.float32), labels=[0], difficult=[False])
+        x1, y1, x2, y2 = np.asarray(out["bboxes"][0])
+        inner = out["image"][int(y1) + 2:int(y2) - 1, int(x1) + 2:int(x2) - 1]
+        assert inner.size and (inner == 255).all()
+        assert (out["image"][0, 0] == (124, 116, 104)).all() or (out["image"][-1, -1] == (124, 116, 104)).all()
