@@ -8,7 +8,8 @@ our decode + NMS, batched vs the old per-image loop.
 
 The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
 rounded *up* to multiples of 8, 16, 32 and 64, each timed against the dense network in the fastest mode (bf16 +
-channels-last on a GPU, fp32 on a CPU), at batch 1 and the throughput batch; ``speed-up / MACs reduction`` near 1
+channels-last on a GPU, fp32 + channels-last on a CPU: on a CPU NCHW max pooling is slow, see benchmarks/README.md),
+at batch 1 and the throughput batch; ``speed-up / MACs reduction`` near 1
 means the device turns the saved MACs into time. ``--compile`` adds the same networks under ``torch.compile``
 (``reduce-overhead``, i.e. CUDA graphs, on a GPU: batch-1 launch overhead removed).
 
@@ -161,7 +162,7 @@ def widths_table(args, dev: torch.device) -> None:
     from lightning_modules.ssd import resolve_channels
 
     dense_w = resolve_channels(300, None, 1.0)
-    fast = dev.type == "cuda"  # bf16 + channels-last on a GPU (tensor cores); fp32 on a CPU
+    fast = dev.type == "cuda"  # bf16 on a GPU (tensor cores), fp32 on a CPU; channels-last on both (the inference form)
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
     nets = {"dense": build_ssd(300, args.classes)}
     for k in (1, 8, 16, 32, 64):
@@ -174,14 +175,10 @@ def widths_table(args, dev: torch.device) -> None:
         macs[label], _ = tp.utils.count_ops_and_params(net, torch.zeros(1, 3, 300, 300))
     for compiled in (False, True) if args.compile else (False,):
         for b in (1, args.batch):
-            x = torch.rand(b, 3, 300, 300, device=dev)
-            if fast:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = torch.rand(b, 3, 300, 300, device=dev).contiguous(memory_format=torch.channels_last)
             rate = {}
             for label, net in nets.items():
-                net = net.to(dev)
-                if fast:
-                    net = net.to(memory_format=torch.channels_last)
+                net = net.to(dev).to(memory_format=torch.channels_last)
                 run = torch.compile(net, mode="reduce-overhead" if fast else None) if compiled else net
 
                 def fwd():
