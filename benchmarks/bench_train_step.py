@@ -1,7 +1,9 @@
 """One SSD300 training step (forward, loss, backward, SGD step) at the same batch: our SSD300 + MultiBoxLoss
-vs torchvision's ``ssd300_vgg16`` in training mode (which computes its own loss), in one run.
+vs torchvision's ``ssd300_vgg16`` in training mode (which computes its own loss), in one run; and the loss's box
+matching alone, batched vs the per-image loop it replaced.
 
 python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu]
+python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
 """
 
 from __future__ import annotations
@@ -10,10 +12,80 @@ import argparse
 
 import torch
 import torchvision
+from torchvision.models.detection._utils import SSDMatcher
+from torchvision.ops import box_iou
 
 from benchmarks.common import median_time, row
-from lightning_modules.box_ops import MultiBoxLoss
-from lightning_modules.ssd import build_ssd
+from lightning_modules.box_ops import BOX_CODER, MultiBoxLoss, priors_xyxy
+from lightning_modules.ssd import build_ssd, default_boxes
+
+
+def match_per_image(priors, targets, threshold=0.5):
+    """The matching before batching (torchvision's ``SSDMatcher`` per image): the reference."""
+    anchors, matcher, cls_t, reg_t = priors_xyxy(priors), SSDMatcher(threshold), [], []
+    for t in targets:
+        if t["boxes"].numel() == 0:
+            cls_t.append(torch.zeros(len(anchors), dtype=torch.long, device=anchors.device))
+            reg_t.append(torch.zeros_like(anchors))
+            continue
+        idx = matcher(box_iou(t["boxes"], anchors))
+        fg = idx >= 0
+        cls = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
+        cls[fg] = t["labels"][idx[fg]] + 1
+        cls_t.append(cls)
+        reg_t.append(BOX_CODER.encode_single(t["boxes"][idx.clamp(min=0)], anchors))
+    return torch.stack(cls_t), torch.stack(reg_t)
+
+
+def loss_before(loc, conf, priors, targets, neg_pos_ratio=3):
+    """The whole MultiBox loss as it was: per-image matching, hard negatives ranked by two full sorts."""
+    import torch.nn.functional as F
+
+    cls_t, reg_t = match_per_image(priors, targets)
+    pos = cls_t > 0
+    loc_loss = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
+    ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
+    rank = ce.masked_fill(pos, -1.0).argsort(dim=1, descending=True).argsort(dim=1)
+    neg = rank < neg_pos_ratio * pos.sum(dim=1, keepdim=True)
+    n = pos.sum().float().clamp(min=1)
+    return loc_loss / n + ce[pos | neg].sum() / n
+
+
+def match_table(args, dev: torch.device) -> None:
+    """Matching (and the whole loss) per batch: the batched ``MultiBoxLoss.match`` vs ``match_per_image``, on targets
+    like VOC's (1-6 objects per image) and like facemask's crowds (1-40)."""
+    g = torch.Generator().manual_seed(0)
+    priors = default_boxes(300).to(dev)
+    loss_fn = MultiBoxLoss()
+    print(row("targets", "batch", "per-image matching ms", "batched matching ms", "speed-up", "whole loss before ms",
+              "whole loss now ms", "speed-up"))
+    print(row(*["---"] * 8))
+    for kind, most in (("VOC-like (1-6 objects)", 6), ("crowded (1-40 objects)", 40)):
+        for b in (8, 32):
+            targets = []
+            for _ in range(b):
+                n = int(torch.randint(1, most + 1, (), generator=g))
+                lt = torch.rand(n, 2, generator=g) * 0.8
+                wh = (torch.rand(n, 2, generator=g) * 0.5).clamp(min=0.02) * (1 - lt)
+                targets.append({"boxes": torch.cat([lt, lt + wh], 1).to(dev),
+                                "labels": torch.randint(0, 20, (n,), generator=g).to(dev)})
+            loc = torch.randn(b, len(priors), 4, device=dev)
+            conf = torch.randn(b, len(priors), 21, device=dev)
+
+            def sync(fn):
+                def run():
+                    fn()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                return run
+
+            t_old = median_time(sync(lambda: match_per_image(priors, targets)), args.repeats)
+            t_new = median_time(sync(lambda: loss_fn.match(priors, targets)), args.repeats)
+            t_lold = median_time(sync(lambda: loss_before(loc, conf, priors, targets)), args.repeats)
+            t_loss = median_time(sync(lambda: loss_fn(loc, conf, priors, targets)), args.repeats)
+            torch.testing.assert_close(loss_fn(loc, conf, priors, targets)["loss"], loss_before(loc, conf, priors, targets))
+            print(row(kind, b, f"{t_old * 1e3:.2f}", f"{t_new * 1e3:.2f}", f"{t_old / t_new:.2f}x", f"{t_lold * 1e3:.2f}",
+                      f"{t_loss * 1e3:.2f}", f"{t_lold / t_loss:.2f}x"))
 
 
 def main() -> None:
@@ -21,9 +93,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--only", choices=("match",), help="time the loss's matching alone")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
+    if args.only == "match":
+        return match_table(args, dev)
     images = torch.rand(args.batch, 3, 300, 300, device=dev)
     boxes = [torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.4, 0.1, 0.9, 0.5]], device=dev) for _ in range(args.batch)]
     labels = [torch.tensor([3, 7], device=dev) for _ in range(args.batch)]

