@@ -31,6 +31,7 @@ from callbacks.distributed import RanksInconsistentError, check_ranks
 from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, autocast_dtype, compression, model_stats,
                               paired_device_timing, paired_latency_ms, reference_drop, write_summary)
 from callbacks.state import ScheduleError
+from callbacks.throughput import TrainingThroughput
 from datamodules.voc import DataError, data_classes
 from lightning_modules.common import COMPILE_MODES
 from lightning_modules.detector import NonFiniteLossError
@@ -144,6 +145,12 @@ def main(args: list[str] | None = None) -> Path:
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     if not _has_atomic_io(trainer):  # set here, not as a trainer default: the saved config.yaml stays re-usable
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    throughput = next((cb for cb in trainer.callbacks if isinstance(cb, TrainingThroughput)), None)
+    if throughput is None:  # every run says how fast it trained and what limited the rate (summary.json "training")
+        throughput = TrainingThroughput()
+        # before the checkpoint callbacks, so that a checkpoint taken at an epoch's end holds that epoch's figures
+        at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ModelCheckpoint)), len(trainer.callbacks))
+        trainer.callbacks.insert(at, throughput)
     run_dir = Path(trainer.default_root_dir)
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -224,6 +231,8 @@ def main(args: list[str] | None = None) -> Path:
             "ranks_consistent": ranks["ranks_consistent"],
             "test_metrics": {k: float(v) for k, v in results[0].items()},
         }
+        if not evaluate and (training := throughput.summary()):
+            summary["training"] = training
         if cli.config.reference:
             import yaml
 

@@ -62,6 +62,23 @@ def test_a_runs_saved_config_runs_again_as_it_is(tmp_path):
     assert again.parent.name == "again"
 
 
+def test_summary_says_how_fast_the_run_trained_and_what_limited_it(tmp_path):
+    """Every run gets TrainingThroughput (train.py adds it): per epoch images/s, the step's share waiting for data,
+    in summary.json's ``training``, and in the checkpoint (so a resumed run keeps the epochs before it)."""
+    args = _demo_args(tmp_path, "--trainer.max_epochs", "7", "--trainer.limit_train_batches", "3",
+                      "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--run_name", "rate")
+    args[args.index("--data.synthetic.num_train") + 1] = "12"
+    path, s = _summary(run_train(args))
+    t = s["training"]
+    assert [e["epoch"] for e in t["epochs"]] == list(range(7)) and all(e["batches"] == 3 for e in t["epochs"])
+    assert t["images_per_s_first_epoch"] > 0 and t["images_per_s_last_epoch"] > 0 and t["step_ms_last_epoch"] > 0
+    assert 0 <= t["data_wait_share_last_epoch"] < 1
+    assert t["limited_by"].split(" (")[0] in ("data loading", "the training step")
+    ckpt = torch.load(path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("TrainingThroughput"))
+    assert [e["epoch"] for e in state["epochs"]] == list(range(7))
+
+
 def test_reference_budget_differences():
     from callbacks.report import config_differences
 
