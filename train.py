@@ -149,8 +149,8 @@ def main(args: list[str] | None = None) -> Path:
     if throughput is None:  # every run says how fast it trained and what limited the rate (summary.json "training")
         throughput = TrainingThroughput()
         # before the checkpoint callbacks, so that a checkpoint taken at an epoch's end holds that epoch's figures
-        at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ModelCheckpoint)), len(trainer.callbacks))
-        trainer.callbacks.insert(at, throughput)
+        cbs = trainer.callbacks
+        cbs.insert(next((i for i, cb in enumerate(cbs) if isinstance(cb, ModelCheckpoint)), len(cbs)), throughput)
     run_dir = Path(trainer.default_root_dir)
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:

@@ -214,7 +214,8 @@ def ssd_train_transform(size: int, zoom_out: float = 4.0, policy: str = "ssd") -
     """
     if policy not in ("ssd", "light"):
         raise ValueError(f"augmentation policy must be 'ssd' or 'light', got {policy!r}")
-    photometric = [A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5), A.ChannelShuffle(p=0.05)]
+    photometric = [A.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05, p=0.5),
+                   A.ChannelShuffle(p=0.05)]
     if policy == "ssd":  # zoom-out, crop and resize in one warp (ZoomOutCropResize); the flip on the small result
         geometric = [ZoomOutCropResize(size, max_ratio=zoom_out, zoom_p=0.5 if zoom_out > 1 else 0.0),
                      A.HorizontalFlip(p=0.5)]

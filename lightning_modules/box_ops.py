@@ -3,8 +3,9 @@
 Boxes are normalised xyxy in [0, 1] throughout; the default boxes are (cx, cy, w, h).
 torchvision provides the box coder (variances 0.1 / 0.2 == weights 10, 10, 5, 5) and ``batched_nms``; its
 ``SSDMatcher`` rule (IoU 0.5, and every ground truth also gets its best default box) is applied here to the whole
-batch at once. Written here: the matching and the hard-negative-mined loss batched over images (torchvision's SSD loops per
-image and sorts twice) and a decoder that caps candidates per class before NMS, as the Caffe original does.
+batch at once. Written here: the matching and the hard-negative-mined loss batched over images (torchvision's SSD
+loops per image and sorts twice) and a decoder that caps candidates per class before NMS, as the Caffe original
+does.
 """
 
 from __future__ import annotations

@@ -46,20 +46,20 @@ def _fit(tmp_path, data_delay_s, step_delay_s, epochs=2):
     return cb
 
 
-@pytest.mark.parametrize("data_delay_s, step_delay_s, limited_by", [(0.01, 0.0, "data loading"),
-                                                                     (0.0, 0.03, "the training step")])
+@pytest.mark.parametrize("data_delay_s, step_delay_s, limited_by", [(0.02, 0.0, "data loading"),
+                                                                     (0.0, 0.05, "the training step")])
 def test_throughput_names_what_limits_the_rate(tmp_path, data_delay_s, step_delay_s, limited_by):
     s = _fit(tmp_path, data_delay_s, step_delay_s).summary()
     assert s["limited_by"].startswith(limited_by), s
     assert len(s["epochs"]) == 2 and all(e["batches"] == 6 for e in s["epochs"])
-    # rate = images / (steps + waits) over the steady batches: bounded by what the delays allow
-    per_batch = 4 * data_delay_s + step_delay_s
-    assert 0 < s["images_per_s_last_epoch"] <= 4 / per_batch * 1.05
-    assert s["images_per_s_last_epoch"] >= 4 / (per_batch + 0.05)  # the rest (a tiny step) takes < 50 ms a batch
+    # rate = images / (steps + waits) over the steady batches: at most what the delays allow, and not far under it
+    # (the rest of a step, a tiny network and Lightning's hooks, takes a few ms; more on a loaded machine)
+    ideal = 4 / (4 * data_delay_s + step_delay_s)
+    assert 0.3 * ideal <= s["images_per_s_last_epoch"] <= 1.05 * ideal, (ideal, s)
     if limited_by == "data loading":
-        assert s["data_wait_share_last_epoch"] > 0.8
+        assert s["data_wait_share_last_epoch"] > 0.5
     else:
-        assert s["data_wait_share_last_epoch"] < 0.1 and s["step_ms_last_epoch"] >= 30
+        assert s["data_wait_share_last_epoch"] < 0.1 and s["step_ms_last_epoch"] >= 50
 
 
 def test_throughput_survives_a_checkpoint_round_trip():
