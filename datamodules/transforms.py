@@ -206,8 +206,8 @@ def _bbox_params() -> A.BboxParams:
 
 
 def ssd_train_transform(size: int, zoom_out: float = 4.0, policy: str = "ssd") -> A.Compose:
-    """Training augmentation. ``policy="ssd"``: SSD's photometric distortion, zoom-out, min-IoU crop, flip,
-    resize. ``policy="light"``: photometric distortion, flip and resize only, for very short schedules
+    """Training augmentation. ``policy="ssd"``: SSD's photometric distortion, zoom-out, min-IoU crop and resize (one
+    warp: ``ZoomOutCropResize``), flip. ``policy="light"``: photometric distortion, flip and resize only, for very short schedules
     (the CPU demo) where the geometric policy slows convergence more than it helps generalisation.
 
     Images stay uint8 RGB; normalisation happens on the device, on whole batches.
