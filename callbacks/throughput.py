@@ -6,7 +6,9 @@ backward, optimiser, the callbacks' batch hooks). On a GPU it synchronises at th
 so that a step's time is the device's and the wait is time the device sat idle, not time the CPU spent queueing
 kernels ahead. Per epoch it logs ``perf/images_per_s`` (all ranks), ``perf/data_wait_share`` and ``perf/step_ms``;
 ``train.py`` adds it to every run and writes ``summary()`` into ``summary.json`` under ``training``: the rate of the
-first and the last epoch (before and after pruning), and which of the two limited it.
+first and the last epoch (before and after pruning), and which of the two limited it. (Lightning's
+``ThroughputMonitor`` logs samples/s and FLOPs but not the split between waiting for data and computing, which is
+the question here.)
 """
 
 from __future__ import annotations
