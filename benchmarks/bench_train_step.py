@@ -4,6 +4,7 @@ matching alone, batched vs the per-image loop it replaced.
 
 python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu]
 python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
+python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
 """
 
 from __future__ import annotations
@@ -89,17 +90,61 @@ def match_table(args, dev: torch.device) -> None:
                       f"{t_lold * 1e3:.2f}", f"{t_loss * 1e3:.2f}", f"{t_lold / t_loss:.2f}x"))
 
 
+def layout_table(args, dev: torch.device) -> None:
+    """Our SSD300 training step (BatchNorm, AdamW, as the demo) in NCHW and in channels-last (``SSDDetector(
+    channels_last=True)``), the two timed alternately in one process."""
+    import statistics
+    import time
+
+    images = torch.rand(args.batch, 3, 300, 300, device=dev)
+    targets = [{"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.7]], device=dev), "labels": torch.tensor([1], device=dev)}
+               for _ in range(args.batch)]
+    loss_fn = MultiBoxLoss()
+    steps, times = {}, {}
+    for layout in ("NCHW", "channels-last"):
+        net = build_ssd(300, 21, width_mult=args.width, batch_norm=True).to(dev).train()
+        fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+        net, x = net.to(memory_format=fmt), images.contiguous(memory_format=fmt)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+        def step(net=net, x=x, opt=opt):
+            loc, conf = net(x)
+            loss = loss_fn(loc, conf, net.priors, targets)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        step()  # warm-up
+        steps[layout], times[layout] = step, []
+    for _ in range(args.repeats):
+        for layout, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[layout].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(row("our SSD300 train step", "width_mult", "batch", "device", "median ms", "speed-up"))
+    print(row(*["---"] * 6))
+    for layout, t in med.items():
+        print(row(layout, args.width, args.batch, args.device, f"{t * 1e3:.0f}", f"{med['NCHW'] / t:.2f}x"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=("match",), help="time the loss's matching alone")
+    ap.add_argument("--only", choices=("match", "layout"),
+                    help="match: the loss's matching alone; layout: our step in NCHW vs channels-last")
+    ap.add_argument("--width", type=float, default=1.0, help="layout: width_mult (the demo: 0.125, BatchNorm)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
     if args.only == "match":
         return match_table(args, dev)
+    if args.only == "layout":
+        return layout_table(args, dev)
     images = torch.rand(args.batch, 3, 300, 300, device=dev)
     boxes = [torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.4, 0.1, 0.9, 0.5]], device=dev) for _ in range(args.batch)]
     labels = [torch.tensor([3, 7], device=dev) for _ in range(args.batch)]
