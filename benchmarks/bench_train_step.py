@@ -10,6 +10,7 @@ python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import torchvision
@@ -36,6 +37,27 @@ def match_per_image(priors, targets, threshold=0.5):
         cls_t.append(cls)
         reg_t.append(BOX_CODER.encode_single(t["boxes"][idx.clamp(min=0)], anchors))
     return torch.stack(cls_t), torch.stack(reg_t)
+
+
+def synced(fn, dev: torch.device):
+    """``fn`` followed by a CUDA synchronisation on a GPU, so that a wall-clock timing covers the device's work."""
+    def run():
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device):
+    """One training step of our SSD (forward, MultiBox loss, backward, optimiser step), synchronised on a GPU."""
+    def step():
+        loc, conf = net(images)
+        loss = loss_fn(loc, conf, net.priors, targets)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return synced(step, dev)
 
 
 def loss_before(loc, conf, priors, targets, neg_pos_ratio=3):
@@ -72,18 +94,10 @@ def match_table(args, dev: torch.device) -> None:
                                 "labels": torch.randint(0, 20, (n,), generator=g).to(dev)})
             loc = torch.randn(b, len(priors), 4, device=dev)
             conf = torch.randn(b, len(priors), 21, device=dev)
-
-            def sync(fn):
-                def run():
-                    fn()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                return run
-
-            t_old = median_time(sync(lambda: match_per_image(priors, targets)), args.repeats)
-            t_new = median_time(sync(lambda: loss_fn.match(priors, targets)), args.repeats)
-            t_lold = median_time(sync(lambda: loss_before(loc, conf, priors, targets)), args.repeats)
-            t_loss = median_time(sync(lambda: loss_fn(loc, conf, priors, targets)), args.repeats)
+            t_old = median_time(synced(lambda: match_per_image(priors, targets), dev), args.repeats)
+            t_new = median_time(synced(lambda: loss_fn.match(priors, targets), dev), args.repeats)
+            t_lold = median_time(synced(lambda: loss_before(loc, conf, priors, targets), dev), args.repeats)
+            t_loss = median_time(synced(lambda: loss_fn(loc, conf, priors, targets), dev), args.repeats)
             torch.testing.assert_close(loss_fn(loc, conf, priors, targets)["loss"],
                                        loss_before(loc, conf, priors, targets))  # the same loss, or no comparison
             print(row(kind, b, f"{t_old * 1e3:.2f}", f"{t_new * 1e3:.2f}", f"{t_old / t_new:.2f}x",
@@ -92,42 +106,23 @@ def match_table(args, dev: torch.device) -> None:
 
 def layout_table(args, dev: torch.device) -> None:
     """Our SSD300 training step (BatchNorm, AdamW, as the demo) in NCHW and in channels-last (``SSDDetector(
-    channels_last=True)``), the two timed alternately in one process."""
-    import statistics
-    import time
+    channels_last=True)``), the two timed alternately in one process (``interleaved_ms``, two warm-up rounds)."""
+    from callbacks.report import interleaved_ms
 
     images = torch.rand(args.batch, 3, 300, 300, device=dev)
     targets = [{"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.7]], device=dev), "labels": torch.tensor([1], device=dev)}
                for _ in range(args.batch)]
     loss_fn = MultiBoxLoss()
-    steps, times = {}, {}
-    for layout in ("NCHW", "channels-last"):
-        net = build_ssd(300, 21, width_mult=args.width, batch_norm=True).to(dev).train()
-        fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
-        net, x = net.to(memory_format=fmt), images.contiguous(memory_format=fmt)
+    steps = {}
+    for layout, fmt in (("NCHW", torch.contiguous_format), ("channels-last", torch.channels_last)):
+        net = build_ssd(300, 21, width_mult=args.width, batch_norm=True).to(dev).train().to(memory_format=fmt)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-
-        def step(net=net, x=x, opt=opt):
-            loc, conf = net(x)
-            loss = loss_fn(loc, conf, net.priors, targets)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-
-        step()  # warm-up
-        steps[layout], times[layout] = step, []
-    for _ in range(args.repeats):
-        for layout, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[layout].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        steps[layout] = ssd_train_step(net, images.contiguous(memory_format=fmt), targets, opt, loss_fn, dev)
+    med = interleaved_ms(steps, rounds=args.repeats)
     print(row("our SSD300 train step", "width_mult", "batch", "device", "median ms", "speed-up"))
     print(row(*["---"] * 6))
     for layout, t in med.items():
-        print(row(layout, args.width, args.batch, args.device, f"{t * 1e3:.0f}", f"{med['NCHW'] / t:.2f}x"))
+        print(row(layout, args.width, args.batch, args.device, f"{t:.0f}", f"{med['NCHW'] / t:.2f}x"))
 
 
 def main() -> None:
@@ -153,29 +148,20 @@ def main() -> None:
     loss_fn = MultiBoxLoss()
     opt_o = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
     tgt_o = [{"boxes": b, "labels": lbl - 1} for b, lbl in zip(boxes, labels)]
-
-    def step_ours():
-        loc, conf = ours(images)
-        loss = loss_fn(loc, conf, ours.priors, tgt_o)["loss"]
-        opt_o.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_o.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    step_ours = ssd_train_step(ours, images, tgt_o, opt_o, loss_fn, dev)
 
     tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21).to(dev).train()
     opt_t = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
     tgt_t = [{"boxes": b * 300, "labels": lbl} for b, lbl in zip(boxes, labels)]
     tv_images = list(images)
 
+    @functools.partial(synced, dev=dev)
     def step_tv():
         losses = tv(tv_images, tgt_t)
         loss = sum(losses.values())
         opt_t.zero_grad(set_to_none=True)
         loss.backward()
         opt_t.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     t_o = median_time(step_ours, args.repeats)
     t_t = median_time(step_tv, args.repeats)
