@@ -27,7 +27,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
-from callbacks.distributed import RanksInconsistentError, check_ranks
+from callbacks.distributed import RanksInconsistentError, check_ranks, end_distributed
 from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, autocast_dtype, compression, model_stats,
                               paired_device_timing, paired_latency_ms, reference_drop, write_summary)
 from callbacks.state import ScheduleError
@@ -252,6 +252,7 @@ def main(args: list[str] | None = None) -> Path:
         if summary["wandb_dir"] and went_offline:
             print(f"W&B ran offline (no API key, no WANDB_MODE). Upload with: wandb sync {wandb_dir}")
         print(f"summary: {summary_path}")
+    end_distributed()  # every rank leaves the process group together (gloo: no abort at exit)
     return summary_path
 
 

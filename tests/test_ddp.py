@@ -99,6 +99,30 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     assert torch.allclose(got["map"], ref["map"]) and torch.allclose(got["ap_per_class"], ref["ap_per_class"], equal_nan=True)
 
 
+def _end_worker(rank, world, port, out):
+    from callbacks.distributed import end_distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    t = torch.full((2,), float(rank))
+    dist.all_reduce(t)
+    end_distributed()
+    torch.save({"sum": t, "initialized": dist.is_initialized()}, f"{out}.{rank}")
+
+
+def test_every_rank_leaves_the_process_group_at_the_end(tmp_path):
+    # Lightning destroys only NCCL groups at exit; a gloo group left to interpreter finalisation can abort a rank
+    from callbacks.distributed import end_distributed
+
+    end_distributed()  # one process, no group: nothing to do
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_end_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"r.{rank}")
+        assert got["initialized"] is False and got["sum"].tolist() == [1.0, 1.0]
+
+
 def _ddp_config(tmp_path, extra_callbacks=()):
     path = shrunken_demo(tmp_path, max_epochs=4)
     cfg = yaml.safe_load(path.read_text())
