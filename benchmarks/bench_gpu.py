@@ -179,6 +179,9 @@ def widths_table(args, dev: torch.device) -> None:
             rate = {}
             for label, net in nets.items():
                 net = net.to(dev).to(memory_format=torch.channels_last)
+                if compiled:  # afresh for each network: the networks share SSD.forward, whose guards on parameter
+                    torch._dynamo.reset()  # shapes would otherwise pile up to dynamo's recompile limit (8), after
+                    # which it silently runs the rest eager
                 run = torch.compile(net, mode="reduce-overhead" if fast else None) if compiled else net
 
                 def fwd():

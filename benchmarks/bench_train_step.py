@@ -2,7 +2,7 @@
 vs torchvision's ``ssd300_vgg16`` in training mode (which computes its own loss), in one run; and the loss's box
 matching alone, batched vs the per-image loop it replaced.
 
-python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu]
+python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu] [--bf16] [--channels-last]
 python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
 python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
 """
@@ -10,6 +10,7 @@ python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 
 import torch
@@ -49,11 +50,17 @@ def synced(fn, dev: torch.device):
     return run
 
 
-def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device):
+def autocast(dev: torch.device, bf16: bool):
+    """bf16 autocast on ``dev`` (as ``--trainer.precision bf16-mixed`` trains), or nothing."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device, bf16: bool = False):
     """One training step of our SSD (forward, MultiBox loss, backward, optimiser step), synchronised on a GPU."""
     def step():
-        loc, conf = net(images)
-        loss = loss_fn(loc, conf, net.priors, targets)["loss"]
+        with autocast(dev, bf16):
+            loc, conf = net(images)
+            loss = loss_fn(loc, conf, net.priors, targets)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -133,6 +140,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("match", "layout"),
                     help="match: the loss's matching alone; layout: our step in NCHW vs channels-last")
     ap.add_argument("--width", type=float, default=1.0, help="layout: width_mult (the demo: 0.125, BatchNorm)")
+    ap.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast (the GPU configs' precision)")
+    ap.add_argument("--channels-last", action="store_true", help="both networks and our input in channels-last")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -140,34 +149,38 @@ def main() -> None:
         return match_table(args, dev)
     if args.only == "layout":
         return layout_table(args, dev)
-    images = torch.rand(args.batch, 3, 300, 300, device=dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = torch.rand(args.batch, 3, 300, 300, device=dev).contiguous(memory_format=fmt)
     boxes = [torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.4, 0.1, 0.9, 0.5]], device=dev) for _ in range(args.batch)]
     labels = [torch.tensor([3, 7], device=dev) for _ in range(args.batch)]
 
-    ours = build_ssd(300, 21).to(dev).train()
+    ours = build_ssd(300, 21).to(dev).train().to(memory_format=fmt)
     loss_fn = MultiBoxLoss()
     opt_o = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
     tgt_o = [{"boxes": b, "labels": lbl - 1} for b, lbl in zip(boxes, labels)]
-    step_ours = ssd_train_step(ours, images, tgt_o, opt_o, loss_fn, dev)
+    step_ours = ssd_train_step(ours, images, tgt_o, opt_o, loss_fn, dev, bf16=args.bf16)
 
     tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21).to(dev).train()
+    tv = tv.to(memory_format=fmt)  # its transform re-batches the images; channels-last weights carry the layout
     opt_t = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
     tgt_t = [{"boxes": b * 300, "labels": lbl} for b, lbl in zip(boxes, labels)]
     tv_images = list(images)
 
     @functools.partial(synced, dev=dev)
     def step_tv():
-        losses = tv(tv_images, tgt_t)
-        loss = sum(losses.values())
+        with autocast(dev, args.bf16):
+            losses = tv(tv_images, tgt_t)
+            loss = sum(losses.values())
         opt_t.zero_grad(set_to_none=True)
         loss.backward()
         opt_t.step()
 
     t_o = median_time(step_ours, args.repeats)
     t_t = median_time(step_tv, args.repeats)
-    print(row("SSD300 train step", "batch", "device", "median s"))
-    print(row("ours", args.batch, args.device, f"{t_o:.3f}"))
-    print(row("torchvision ssd300_vgg16", args.batch, args.device, f"{t_t:.3f}"))
+    form = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'channels-last' if args.channels_last else 'NCHW'}"
+    print(row("SSD300 train step", "batch", "device", "form", "median s", "images/s"))
+    print(row("ours", args.batch, args.device, form, f"{t_o:.3f}", f"{args.batch / t_o:.0f}"))
+    print(row("torchvision ssd300_vgg16", args.batch, args.device, form, f"{t_t:.3f}", f"{args.batch / t_t:.0f}"))
     print(f"ratio torchvision/ours: {t_t / t_o:.2f}x (> 1: ours is faster)")
 
 
