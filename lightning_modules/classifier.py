@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, NonFiniteLossError, check_compile
+from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, check_compile, check_loss_finite
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
                 "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512, "conv5_1": 512, "conv5_2": 512,
@@ -166,8 +166,9 @@ class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self._count_labels(labels, len(self.classes))
         self._last_step = (logits, labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} at global step {self.global_step}")
+        check_loss_finite(  # every rank at once under DDP
+            loss, self.global_step, advice="Training stopped; the last good checkpoint is kept (see the run's "
+            "checkpoints/ folder). Lower --model.lr or lengthen --model.warmup_epochs.")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -11,6 +11,37 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or Inf."""
 
 
+def check_loss_finite(loss: Tensor, step: int, parts: str = "", advice: str = "") -> None:
+    """Raise ``NonFiniteLossError`` if the training loss is NaN or Inf, here or, under DDP, on any rank. ``parts``:
+    the loss's terms for the message (e.g. "loc 3.0, conf 8.4"); ``advice``: what to do about it.
+
+    Under DDP this is a collective (one all-reduce of a flag per rank, where the single-process check already reads
+    one value back): every rank stops at the step where any rank's loss broke, and says why. Otherwise the ranks
+    whose loss was finite would go on into the gradient all-reduce with the one that stopped: with gloo they die there
+    of a "connection closed by peer" traceback, with NCCL across nodes they can wait until the process group's timeout
+    (30 min of idle GPUs); only the ranks Lightning launched as its own children are killed with the first.
+    """
+    import torch.distributed as dist
+
+    bad = ~torch.isfinite(loss.detach())
+    where = ""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.zeros(dist.get_world_size(), device=loss.device)
+        flags[dist.get_rank()] = bad.float()
+        dist.all_reduce(flags)
+        ranks = flags.nonzero().flatten().tolist()
+        if not ranks:
+            return
+        where = f" on rank {ranks[0]}" if len(ranks) == 1 else f" on ranks {ranks}"
+        if not bad:  # this rank's loss is fine: it stops with the others
+            raise NonFiniteLossError(f"training loss became non-finite{where} at global step {step} (this rank's: "
+                                     f"{loss.item():.4g}); every rank stopped. {advice}".rstrip())
+    elif not bad:
+        return
+    raise NonFiniteLossError(f"training loss became {loss.item()}{where} at global step {step}"
+                             f"{f' ({parts})' if parts else ''}. {advice}".rstrip())
+
+
 class EvalHooks:
     """Lightning's validation and test hooks, routed to the module's ``_eval_step(batch, stage)`` and
     ``_eval_epoch_end(stage)`` (stage ``"val"`` or ``"test"``)."""

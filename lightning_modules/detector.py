@@ -11,7 +11,8 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode
-from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, NonFiniteLossError, check_compile  # noqa: F401 (NonFiniteLossError: public here)
+from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, NonFiniteLossError,  # noqa: F401 (public here)
+                                      check_compile, check_loss_finite)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -178,13 +179,10 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         losses = self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks)
         self._count_labels(torch.cat([t["labels"] for t in targets]), len(self.classes))
         self._last_step = (loc, conf, targets)
-        if not torch.isfinite(losses["loss"]):
-            raise NonFiniteLossError(
-                f"training loss became {losses['loss'].item()} at global step {self.global_step} "
-                f"(loc {losses['loc'].item():.4g}, conf {losses['conf'].item():.4g}). Training stopped; the last good "
-                "checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr or lengthen the warm-up "
-                "(--model.warmup_iters), and check the data for broken boxes."
-            )
+        check_loss_finite(  # every rank at once under DDP
+            losses["loss"], self.global_step, f"loc {losses['loc'].item():.4g}, conf {losses['conf'].item():.4g}",
+            "Training stopped; the last good checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr "
+            "or lengthen the warm-up (--model.warmup_iters), and check the data for broken boxes.")
         bs = images.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         self.log("train/loss_loc", losses["loc"], batch_size=bs)

@@ -10,15 +10,17 @@ from lightning_modules.detector import SSDDetector
 
 
 class NaNAfterDetector(SSDDetector):
-    """An SSD whose loss turns NaN from global step ``nan_step`` on, to exercise the NaN guard."""
+    """An SSD whose loss turns NaN from global step ``nan_step`` on (on rank ``nan_rank`` only, if given), to exercise
+    the NaN guard."""
 
-    def __init__(self, *args, nan_step: int = 3, **kwargs):
+    def __init__(self, *args, nan_step: int = 3, nan_rank: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.nan_step = nan_step
+        self.nan_step, self.nan_rank = nan_step, nan_rank
 
     def forward(self, images):
         loc, conf = super().forward(images)
-        if self.training and self.global_step >= self.nan_step:
+        mine = self.nan_rank is None or self.nan_rank == self.global_rank
+        if self.training and self.global_step >= self.nan_step and mine:
             loc = loc * torch.tensor(float("nan"))
         return loc, conf
 

@@ -356,3 +356,16 @@ def test_classifier_class_balanced_loss_weighs_each_class_by_its_inverse_frequen
     m.on_train_batch_end(None, None, 0)
     with pytest.raises(RuntimeError, match="no training step"):
         m.class_balanced_loss()
+
+
+def test_classifier_stops_on_a_non_finite_loss_with_the_advice():
+    from lightning_modules.classifier import VGGClassifier
+    from lightning_modules.common import NonFiniteLossError
+
+    m = VGGClassifier(["a", "b", "c"], width_mult=0.125)
+    m.log = lambda *a, **k: None
+    images, labels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1])
+    m.training_step((images, labels), 0)  # finite: no error
+    m.forward = lambda images: torch.full((images.shape[0], 3), float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at global step 0\. .*--model\.warmup_epochs"):
+        m.training_step((images, labels), 1)

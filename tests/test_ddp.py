@@ -123,6 +123,36 @@ def test_every_rank_leaves_the_process_group_at_the_end(tmp_path):
         assert got["initialized"] is False and got["sum"].tolist() == [1.0, 1.0]
 
 
+def _nan_worker(rank, world, port, out):
+    from lightning_modules.common import NonFiniteLossError, check_loss_finite
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    check_loss_finite(torch.tensor(1.5), 7)  # finite everywhere: nothing happens
+    try:
+        check_loss_finite(torch.tensor(float("nan") if rank == 1 else 2.5), 8, "loc 1, conf nan", "Lower the lr.")
+        msg = "no error"
+    except NonFiniteLossError as err:
+        msg = str(err)
+    torch.save(msg, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    from lightning_modules.common import NonFiniteLossError, check_loss_finite
+
+    check_loss_finite(torch.tensor(0.3), 1)
+    with pytest.raises(NonFiniteLossError, match=r"^training loss became inf at global step 4 \(loc inf\)\. Lower"):
+        check_loss_finite(torch.tensor(float("inf")), 4, "loc inf", "Lower the lr.")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nan_worker, args=(2, port, str(tmp_path / "m")), nprocs=2, join=True)
+    msgs = [torch.load(tmp_path / f"m.{r}") for r in (0, 1)]
+    assert msgs[1] == "training loss became nan on rank 1 at global step 8 (loc 1, conf nan). Lower the lr."
+    assert msgs[0] == ("training loss became non-finite on rank 1 at global step 8 (this rank's: 2.5); every rank "
+                       "stopped. Lower the lr.")
+
+
 def _ddp_config(tmp_path, extra_callbacks=()):
     path = shrunken_demo(tmp_path, max_epochs=4)
     cfg = yaml.safe_load(path.read_text())
@@ -187,3 +217,42 @@ def test_slurm_run_name_and_requeue_checkpoint(tmp_path, monkeypatch):
     _time.sleep(0.02)
     (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # Lightning's SIGUSR1 (requeue) checkpoint, newer
     assert train.newest_checkpoint(tmp_path) == str(tmp_path / "hpc_ckpt_1.ckpt")
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_every_rank_without_a_launcher(tmp_path):
+    """Ranks started apart, as srun or a per-node launcher starts them (Lightning then kills no other rank when one
+    dies): a NaN loss on rank 1 alone stops rank 0 at the same step too, with the reason. Before, rank 0 went on into
+    the gradient all-reduce: with gloo it died there of a traceback ("Connection closed by peer ... a remote worker
+    crashing"), with NCCL across nodes it would wait until the process group's timeout."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cfg = yaml.safe_load(_ddp_config(tmp_path).read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):  # one "node" each; each its own copy of the data (the same seed: the same images)
+        cfg["data"]["init_args"]["root"] = str(tmp_path / f"syn{rank}")
+        path = tmp_path / f"rank{rank}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = {**{k: v for k, v in os.environ.items() if k != "SSD_RUN_DIR"}, "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "NODE_RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "train.py", "--config", str(path), "--run_name", f"nan{rank}",
+             "--model.class_path", "tests.helpers.NaNAfterDetector", "--model.init_args.nan_step", "1",
+             "--model.init_args.nan_rank", "1", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+             "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode != 0 for p in procs), errs
+    assert "training loss became nan on rank 1 at global step 1" in errs[1], errs[1][-2000:]
+    assert "training loss became non-finite on rank 1 at global step 1" in errs[0], errs[0][-2000:]
