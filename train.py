@@ -252,7 +252,7 @@ def main(args: list[str] | None = None) -> Path:
         if summary["wandb_dir"] and went_offline:
             print(f"W&B ran offline (no API key, no WANDB_MODE). Upload with: wandb sync {wandb_dir}")
         print(f"summary: {summary_path}")
-    end_distributed()  # every rank leaves the process group together (gloo: no abort at exit)
+    end_distributed(trainer.strategy)  # every rank leaves the process group together (gloo: no abort at exit)
     return summary_path
 
 

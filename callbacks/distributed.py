@@ -62,17 +62,18 @@ def check_ranks(model: nn.Module, where: str) -> dict:
     return {"world_size": len(hashes), "ranks_consistent": True, "hash": mine}
 
 
-def end_distributed() -> None:
+def end_distributed(strategy=None) -> None:
     """Leave the process group on every rank at the end of a successful run: a barrier, then
     ``destroy_process_group``.
 
     Lightning destroys only NCCL groups at exit. A gloo group (DDP on CPUs) left to the interpreter's finalisation
     can abort the process (SIGABRT, "terminate called without an active exception"), and Lightning then kills every
     rank of a run that had finished. Not for error paths: a rank that raised must not wait at a barrier for ranks
-    that may be inside another collective.
+    that may be inside another collective. ``strategy``: the trainer's, whose barrier names each rank's GPU to NCCL.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank is done with the group (rank 0 writes the report meanwhile) ...
+        # every rank is done with the group (rank 0 writes the report meanwhile) ...
+        strategy.barrier("end") if strategy is not None else dist.barrier()
         dist.destroy_process_group()  # ... before any rank tears its connections down
 
 
