@@ -55,6 +55,12 @@ def test_global_batch_must_divide_over_devices(tmp_path):
     assert dm.per_device_batch_size() == 2
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _random_case(seed, n_images=13, classes=3):
     g = torch.Generator().manual_seed(seed)
     preds, targets = [], []
@@ -87,9 +93,7 @@ def _metric_worker(rank, world, port, out):
 def test_distributed_evaluation_equals_one_process(tmp_path):
     from lightning_modules.metrics import VOCMeanAveragePrecision
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "res.pt"
     mp.spawn(_metric_worker, args=(3, port, str(out)), nprocs=3, join=True)
     preds, targets = _random_case(0)
@@ -114,9 +118,7 @@ def test_every_rank_leaves_the_process_group_at_the_end(tmp_path):
     from callbacks.distributed import end_distributed
 
     end_distributed()  # one process, no group: nothing to do
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_end_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"r.{rank}")
@@ -143,9 +145,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     check_loss_finite(torch.tensor(0.3), 1)
     with pytest.raises(NonFiniteLossError, match=r"^training loss became inf at global step 4 \(loc inf\)\. Lower"):
         check_loss_finite(torch.tensor(float("inf")), 4, "loc inf", "Lower the lr.")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_nan_worker, args=(2, port, str(tmp_path / "m")), nprocs=2, join=True)
     msgs = [torch.load(tmp_path / f"m.{r}") for r in (0, 1)]
     assert msgs[1] == "training loss became nan on rank 1 at global step 8 (loc 1, conf nan). Lower the lr."
@@ -231,9 +231,7 @@ def test_nan_on_one_rank_stops_every_rank_without_a_launcher(tmp_path):
     from tests.conftest import ROOT
 
     cfg = yaml.safe_load(_ddp_config(tmp_path).read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     procs = []
     for rank in (0, 1):  # one "node" each; each its own copy of the data (the same seed: the same images)
         cfg["data"]["init_args"]["root"] = str(tmp_path / f"syn{rank}")
