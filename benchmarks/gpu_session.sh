@@ -5,9 +5,10 @@
 #   there: device run, carry [".whl"], command: bash benchmarks/gpu_session.sh [STEP ...]
 #
 # Steps, in this order by default: env decode networks widths train match augment fit. One device command runs at
-# most 10 minutes, so give each call a few steps (e.g. "env decode networks train match", then "widths", then
-# "augment fit"). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
-# runs/gpu_session elsewhere); a step past STEP_TIMEOUT seconds (default 240) is stopped and the next one runs.
+# most 10 minutes, so give each call a few steps (e.g. "env decode networks train match", then "widths augment",
+# then "fit"). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
+# runs/gpu_session elsewhere); a step past STEP_TIMEOUT seconds (default 240, the fit 480) is stopped and the next
+# one runs.
 # QUICK=1 shrinks every step (batches, repeats, the fit) to check this script on a CPU:
 #   QUICK=1 PYTHON=.venv/bin/python WHEELS= bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -62,7 +63,7 @@ print(\"imports ok\")'" ;;
                    --data.batch_size 32 --data.num_workers 8 --model.cosine_iters 275 --model.warmup_iters 8)
         fi
         rm -rf runs/gpu/fit
-        step fit "$py" train.py "${args[@]}"
+        STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
     *) echo "unknown step $1 (env decode networks widths train match augment fit)" >&2; return 2 ;;
     esac
