@@ -11,9 +11,9 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the training loss becomes NaN or Inf."""
 
 
-def check_loss_finite(loss: Tensor, step: int, parts: str = "", advice: str = "") -> None:
+def check_loss_finite(loss: Tensor, step: int, parts: dict[str, Tensor] | None = None, advice: str = "") -> None:
     """Raise ``NonFiniteLossError`` if the training loss is NaN or Inf, here or, under DDP, on any rank. ``parts``:
-    the loss's terms for the message (e.g. "loc 3.0, conf 8.4"); ``advice``: what to do about it.
+    the loss's terms, named in the message (read from the device only then); ``advice``: what to do about it.
 
     Under DDP this is a collective (one all-reduce of a flag per rank, where the single-process check already reads
     one value back): every rank stops at the step where any rank's loss broke, and says why. Otherwise the ranks
@@ -38,8 +38,9 @@ def check_loss_finite(loss: Tensor, step: int, parts: str = "", advice: str = ""
                                      f"{loss.item():.4g}); every rank stopped. {advice}".rstrip())
     elif not bad:
         return
-    raise NonFiniteLossError(f"training loss became {loss.item()}{where} at global step {step}"
-                             f"{f' ({parts})' if parts else ''}. {advice}".rstrip())
+    terms = f" ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())})" if parts else ""
+    raise NonFiniteLossError(f"training loss became {loss.item()}{where} at global step {step}{terms}. "
+                             f"{advice}".rstrip())
 
 
 class EvalHooks:

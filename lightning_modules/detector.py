@@ -180,7 +180,7 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         self._count_labels(torch.cat([t["labels"] for t in targets]), len(self.classes))
         self._last_step = (loc, conf, targets)
         check_loss_finite(  # every rank at once under DDP
-            losses["loss"], self.global_step, f"loc {losses['loc'].item():.4g}, conf {losses['conf'].item():.4g}",
+            losses["loss"], self.global_step, {"loc": losses["loc"], "conf": losses["conf"]},
             "Training stopped; the last good checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr "
             "or lengthen the warm-up (--model.warmup_iters), and check the data for broken boxes.")
         bs = images.shape[0]

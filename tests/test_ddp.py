@@ -131,7 +131,8 @@ def _nan_worker(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     check_loss_finite(torch.tensor(1.5), 7)  # finite everywhere: nothing happens
     try:
-        check_loss_finite(torch.tensor(float("nan") if rank == 1 else 2.5), 8, "loc 1, conf nan", "Lower the lr.")
+        check_loss_finite(torch.tensor(float("nan") if rank == 1 else 2.5), 8,
+                          {"loc": torch.tensor(1.0), "conf": torch.tensor(float("nan"))}, "Lower the lr.")
         msg = "no error"
     except NonFiniteLossError as err:
         msg = str(err)
@@ -144,7 +145,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
 
     check_loss_finite(torch.tensor(0.3), 1)
     with pytest.raises(NonFiniteLossError, match=r"^training loss became inf at global step 4 \(loc inf\)\. Lower"):
-        check_loss_finite(torch.tensor(float("inf")), 4, "loc inf", "Lower the lr.")
+        check_loss_finite(torch.tensor(float("inf")), 4, {"loc": torch.tensor(float("inf"))}, "Lower the lr.")
     port = _free_port()
     mp.spawn(_nan_worker, args=(2, port, str(tmp_path / "m")), nprocs=2, join=True)
     msgs = [torch.load(tmp_path / f"m.{r}") for r in (0, 1)]
