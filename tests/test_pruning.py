@@ -579,7 +579,7 @@ def test_class_balanced_taylor_differentiates_the_class_weighted_loss_in_the_epo
     det = SSDDetector(["a", "b"], width_mult=0.125, batch_norm=True)
     det.training_step = SSDDetector.training_step.__get__(det)
     det.log = lambda *a, **k: None  # no trainer: the step's logging is not under test
-    det._trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": 0.0}])])
+    det._trainer = SimpleNamespace(optimizers=[SimpleNamespace(param_groups=[{"lr": 0.0}])], global_step=0)
     trainer = SimpleNamespace(current_epoch=1, world_size=1, optimizers=[])
     boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9], [0.2, 0.3, 0.7, 0.8]])
     targets = [{"boxes": boxes[:2], "labels": torch.tensor([0, 0])}, {"boxes": boxes[2:], "labels": torch.tensor([1])}]
