@@ -29,7 +29,8 @@ from pytorch_lightning.loggers import WandbLogger
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
 from callbacks.distributed import RanksInconsistentError, check_ranks, end_distributed
 from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, autocast_dtype, compression, model_stats,
-                              paired_device_timing, paired_latency_ms, reference_drop, write_summary)
+                              paired_device_timing, paired_latency_ms, reference_drop, training_device,
+                              write_summary)
 from callbacks.state import ScheduleError
 from callbacks.throughput import TrainingThroughput
 from datamodules.voc import DataError, data_classes
@@ -203,7 +204,7 @@ def main(args: list[str] | None = None) -> Path:
             dense_arch = model.model.at_widths(dense_channels, **({"num_branches": branches} if branches else {}))
             lat = paired_latency_ms({"dense": dense_arch, "final": model.model})
             dense["latency_ms"], final["latency_ms"] = lat["dense"], lat["final"]
-            device = next(model.model.parameters()).device
+            device = training_device(trainer)
             if device.type == "cuda":  # on the device that trained, too: batch 1 and a throughput batch
                 timing = paired_device_timing({"dense": dense_arch, "final": model.model}, None, device,
                                               dtype=autocast_dtype(trainer.precision))

@@ -1,6 +1,7 @@
 """SSD300 speed on one device: ours vs torchvision ``ssd300_vgg16``, fp32 / bf16 autocast / channels-last, dense vs
 pruned to paper A's pruned-6det widths, with and without post-processing, at batch 1 and a throughput batch; and
-our decode + NMS, batched vs the old per-image loop.
+our decode + NMS, its two batched NMS methods (``sorted``, ``dense``) vs the old per-image loop, and how many images
+each gives exactly the detections of greedy NMS run on each (image, class) alone (``decode_per_group``).
 
     python -m benchmarks.bench_gpu                      # on the GPU if there is one: batch 1 and 32
     python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
@@ -60,6 +61,40 @@ def decode_per_image(loc, conf, priors, conf_threshold=0.01, nms_threshold=0.45,
     return out
 
 
+@torch.no_grad()
+def decode_per_group(loc, conf, priors, conf_threshold=0.01, nms_threshold=0.45, top_k=200, pre_nms_top_k=400):
+    """Exact greedy NMS, the slow way: torchvision's ``nms`` on each (image, class) alone, so no coordinate offsets
+    (``batched_nms`` shifts each class's boxes apart, which rounds their coordinates); the reference the decoders
+    are checked against."""
+    from torchvision.ops import nms
+
+    anchors = priors_xyxy(priors)
+    probs = conf.float().softmax(dim=-1)[..., 1:]
+    out = []
+    for loc_i, probs_i in zip(loc, probs):
+        boxes = BOX_CODER.decode_single(loc_i.float(), anchors).clamp(0.0, 1.0)
+        scores, idx = probs_i.topk(min(pre_nms_top_k, probs_i.shape[0]), dim=0)
+        kept_b, kept_s, kept_l = [], [], []
+        for c in range(probs_i.shape[1]):
+            ok = scores[:, c] > conf_threshold
+            s, b = scores[ok, c], boxes[idx[ok, c]]
+            keep = nms(b, s, nms_threshold)
+            kept_b.append(b[keep]), kept_s.append(s[keep]), kept_l.append(torch.full_like(keep, c))
+        s, b, lab = torch.cat(kept_s), torch.cat(kept_b), torch.cat(kept_l)
+        top = s.argsort(descending=True)[:top_k]
+        out.append({"boxes": b[top], "scores": s[top], "labels": lab[top]})
+    return out
+
+
+def same_detections(a: list[dict], b: list[dict]) -> bool:
+    """The same detections per image, in any order among equal scores (each image's list sorted by score, label,
+    then box)."""
+    def canonical(d):
+        return sorted(zip((-d["scores"]).tolist(), d["labels"].tolist(), d["boxes"].tolist()))
+
+    return len(a) == len(b) and all(canonical(x) == canonical(y) for x, y in zip(a, b))
+
+
 def peaked_logits(n: int, p: int, c: int, device, objects: int = 5) -> torch.Tensor:
     """Logits shaped like a trained detector's: background everywhere but a few runs of confident boxes."""
     g = torch.Generator().manual_seed(0)
@@ -89,19 +124,27 @@ def main() -> None:
     if args.only == "widths":
         return widths_table(args, dev)
 
-    # --- decode + NMS alone: batched vs per-image loop
+    # --- decode + NMS alone: the two batched methods vs the per-image loop
     m = build_ssd(300, args.classes).to(dev).eval()
     p = m.priors.shape[0]
-    print(row("decode + NMS", "logits", "batch", "per-image loop ms", "batched ms", "speed-up"))
-    print(row(*["---"] * 6))
+    auto = "dense" if dev.type != "cpu" else "sorted"  # what decode(nms_method="auto") runs here
+    if args.only != "networks":
+        print(row("decode + NMS", "logits", "batch", "per-image loop ms", "sorted ms", "dense ms",
+                  f"auto ({auto}) vs loop", "images as exact NMS: loop / sorted / dense"))
+        print(row(*["---"] * 8))
     for kind in ("peaked", "random") if args.only != "networks" else ():
         for b in (1, args.batch):
             loc = torch.randn(b, p, 4, device=dev) * 0.5
             conf = peaked_logits(b, p, args.classes, dev) if kind == "peaked" else torch.randn(b, p, args.classes,
                                                                                                device=dev) * 2
             t_old = timed(lambda: decode_per_image(loc, conf, m.priors), dev, args.repeats)
-            t_new = timed(lambda: decode(loc, conf, m.priors), dev, args.repeats)
-            print(row("ours", kind, b, f"{t_old * 1e3:.1f}", f"{t_new * 1e3:.1f}", f"{t_old / t_new:.2f}x"))
+            t = {meth: timed(lambda meth=meth: decode(loc, conf, m.priors, nms_method=meth), dev, args.repeats)
+                 for meth in ("sorted", "dense")}
+            exact = decode_per_group(loc, conf, m.priors)
+            agree = [sum(same_detections([x], [y]) for x, y in zip(exact, got)) for got in (
+                decode_per_image(loc, conf, m.priors), *(decode(loc, conf, m.priors, nms_method=meth) for meth in t))]
+            print(row("ours", kind, b, f"{t_old * 1e3:.1f}", f"{t['sorted'] * 1e3:.1f}", f"{t['dense'] * 1e3:.1f}",
+                      f"{t_old / t[auto]:.2f}x", " / ".join(f"{a}/{b}" for a in agree)))
     print()
     if args.only == "decode":
         return

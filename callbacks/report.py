@@ -122,6 +122,12 @@ def autocast_dtype(precision) -> torch.dtype | None:
     return torch.bfloat16 if p.startswith("bf16") else torch.float16 if p.startswith("16") else None
 
 
+def training_device(trainer) -> torch.device:
+    """The device this rank trained on. Not the model's parameters': at the end of ``fit`` and ``test`` Lightning's
+    strategy teardown moves the module back to the CPU, so on a GPU they say "cpu" by the time the report is made."""
+    return torch.device(trainer.strategy.root_device)
+
+
 @torch.no_grad()
 def paired_device_timing(models: dict[str, nn.Module], input_size: int | None, device: torch.device, batch: int = 32,
                          rounds: int = 20, dtype: torch.dtype | None = None) -> dict[str, dict]:

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.samplers import EvalSampler, TrainSampler
+from datamodules.transforms import init_loader_worker, opencv_one_thread
 from datamodules.voc import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -126,10 +127,13 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         nw, batch = self.hparams.num_workers, self.per_device_batch_size()
+        if nw > 0:
+            opencv_one_thread()  # before the workers fork (``opencv_one_thread``)
         sampler = TrainSampler(ds, batch_size=batch, seed=int(os.environ.get("PL_GLOBAL_SEED", 0))) if train \
             else EvalSampler(ds)
         return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=nw, collate_fn=_collate,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0,
+                          worker_init_fn=init_loader_worker if nw > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_ds, True)

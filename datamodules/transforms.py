@@ -16,6 +16,25 @@ import cv2
 import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
+def opencv_one_thread() -> None:
+    """OpenCV on one thread, for data-loader workers. By default each process's OpenCV starts a thread per core for
+    every decode, warp and resize, so N workers run N x cores threads and slow each other down (albumentations'
+    advice; benchmarks/bench_augment.py times one worker this way); the workers are the parallelism.
+
+    The loaders call it in the main process *before* the workers fork (a forked worker inherits the setting), and
+    ``init_loader_worker`` calls it again in each worker, where it only acts if the setting was not inherited
+    (spawned workers). Changing it inside a forked worker whose parent had already used OpenCV's thread pool hangs
+    the worker for good (reproduced: tests/test_voc.py)."""
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+def init_loader_worker(worker_id: int) -> None:
+    """A DataLoader's ``worker_init_fn``: ``opencv_one_thread``. Random state is untouched: augmentation draws from
+    per-sample seeds (``TrainSampler``)."""
+    opencv_one_thread()
+
+
 # Sample options of the original: no crop, min IoU 0.1 / 0.3 / 0.5 / 0.7 / 0.9, or any crop.
 MIN_IOU_OPTIONS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
 

@@ -32,7 +32,8 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.samplers import EvalSampler, TrainSampler
-from datamodules.transforms import ssd_eval_transform, ssd_train_transform
+from datamodules.transforms import (init_loader_worker, opencv_one_thread, ssd_eval_transform,
+                                   ssd_train_transform)
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -501,12 +502,15 @@ class DetectionDataModule(pl.LightningDataModule):
         shared out over the ranks). Evaluation: ``EvalSampler`` (each image exactly once over all ranks)."""
         nw = self.hparams.num_workers
         batch = self.per_device_batch_size()
+        if nw > 0:
+            opencv_one_thread()  # before the workers fork (``opencv_one_thread``)
         if train:
             sampler = TrainSampler(ds, batch_size=batch, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         else:
             sampler = EvalSampler(ds)
         return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=nw, collate_fn=collate,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=nw > 0,
+                          worker_init_fn=init_loader_worker if nw > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_ds, train=True)

@@ -129,6 +129,63 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     return keep[scores[keep].argsort(descending=True)]
 
 
+_NMS_CHUNK = 1 << 24  # IoU entries computed at once by ``grouped_nms_dense`` (64 MB of float32 temporaries)
+
+
+def grouped_nms_dense(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS in many small groups at once, with no loop over groups and no host sync per group: ``boxes`` (G, K,
+    4) xyxy, each group's boxes by decreasing score, ``valid`` (G, K) the candidates; returns ``keep`` (G, K).
+
+    Exactly torchvision's ``nms`` in each group (a box is dropped if its IoU with a kept, better-scoring box of its
+    group is > the threshold; IoU computed in the same order of operations as its CPU kernel), computed as the fixed
+    point of "keep = valid and not suppressed by a kept box" over the (G, K, K) suppression matrix (Cluster-NMS, Zheng
+    et al. 2021): each round is one batched matrix product, and the greedy result is the only fixed point, reached in
+    as many rounds as the longest chain of suppressions (a handful in practice; at most K). On a GPU this replaces
+    torchvision's ``batched_nms`` fallback for many boxes, which loops over the groups (benchmarks/README.md, "GPU")."""
+    g, k = valid.shape
+    if g == 0 or k == 0:
+        return valid.clone()
+    dev = boxes.device
+    dt = torch.float16 if dev.type == "cuda" else torch.float32  # 0/1 entries; sums <= K are exact either way
+    sup = torch.empty(g, k, k, dtype=dt, device=dev)  # sup[g, i, j]: box i suppresses box j if i is kept
+    later = torch.ones(k, k, dtype=torch.bool, device=dev).triu_(1)
+    step = max(1, _NMS_CHUNK // (k * k))
+    for s in range(0, g, step):
+        x1, y1, x2, y2 = boxes[s:s + step].unbind(-1)
+        area = (x2 - x1) * (y2 - y1)
+        w = torch.minimum(x2[:, :, None], x2[:, None, :]).sub_(torch.maximum(x1[:, :, None], x1[:, None, :]))
+        h = torch.minimum(y2[:, :, None], y2[:, None, :]).sub_(torch.maximum(y1[:, :, None], y1[:, None, :]))
+        inter = w.clamp_(min=0).mul_(h.clamp_(min=0))
+        iou = inter.div_((area[:, :, None] + area[:, None, :]).sub_(inter))
+        sup[s:s + step] = (iou > iou_threshold) & later & valid[s:s + step, :, None]
+    keep = valid.clone()
+    for _ in range(k):
+        new = valid & ~(torch.bmm(keep.to(dt).unsqueeze(1), sup).squeeze(1) > 0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _decode_dense(boxes: Tensor, scores: Tensor, idx: Tensor, conf_threshold: float, nms_threshold: float,
+                  top_k: int) -> list[dict[str, Tensor]]:
+    """``decode``'s NMS and top-k with ``grouped_nms_dense``: the (image, class) groups stay a padded tensor."""
+    n, _, c = scores.shape
+    valid = scores > conf_threshold  # (N, k, C); each column by decreasing score (topk)
+    kk = int(valid.sum(dim=1).max()) if valid.numel() else 0  # the longest group: columns past it are all invalid
+    if kk == 0:
+        e = boxes.new_zeros(0, 4)
+        return [{"boxes": e, "scores": e[:, 0], "labels": idx.new_zeros(0)} for _ in range(n)]
+    scores, idx, valid = (t[:, :kk].transpose(1, 2) for t in (scores, idx, valid))  # (N, C, kk): one row per group
+    cand = boxes.gather(1, idx.reshape(n, c * kk, 1).expand(-1, -1, 4))  # (N, C * kk, 4)
+    keep = grouped_nms_dense(cand.reshape(n * c, kk, 4), valid.reshape(n * c, kk), nms_threshold).reshape(n, c * kk)
+    top_s, top_i = scores.reshape(n, c * kk).masked_fill(~keep, float("-inf")).topk(min(top_k, c * kk), dim=1)
+    counts = keep.gather(1, top_i).sum(dim=1).tolist()  # kept ones come first (by decreasing score)
+    top_b = cand.gather(1, top_i[..., None].expand(-1, -1, 4))
+    labels = top_i // kk
+    return [{"boxes": top_b[i, :m], "scores": top_s[i, :m], "labels": labels[i, :m]} for i, m in enumerate(counts)]
+
+
 @torch.no_grad()
 def decode(
     loc: Tensor,
@@ -138,26 +195,38 @@ def decode(
     nms_threshold: float = 0.45,
     top_k: int = 200,
     pre_nms_top_k: int = 400,
+    nms_method: str = "auto",
 ) -> list[dict[str, Tensor]]:
     """Detections per image: ``boxes`` (normalised xyxy), ``scores`` and 0-based ``labels``.
 
     Test-time settings of the original SSD: confidence 0.01, NMS 0.45, top 200 per image; at most
     ``pre_nms_top_k`` candidates per class enter NMS.
 
-    One pass over the whole batch, on the device of ``loc``: the boxes of every image are decoded at once, the
-    ``pre_nms_top_k`` best per (image, class) are taken with one ``topk``, and one ``batched_nms`` runs over every
-    image and class together (group id = image * classes + class, so boxes of different images or classes never
-    suppress each other; ``grouped_nms``); the ``top_k`` per image are then cut with a segmented rank, not a loop.
-    Python loops left: the final split into one dict per image (views, no copies) and, on a CPU with many
-    candidates, one ``nms`` call per non-empty group.
+    One pass over the whole batch, on the device of ``loc``: the boxes of every image are decoded at once and the
+    ``pre_nms_top_k`` best per (image, class) are taken with one ``topk``. Then NMS within every (image, class)
+    group at once, by one of two methods that give the same detections (tested):
+
+    * ``"dense"`` (``"auto"`` on a GPU): the groups stay a padded (image x class, candidates) tensor and
+      ``grouped_nms_dense`` runs greedy NMS on all of them with batched matrix products; the ``top_k`` per image
+      are one ``topk``. A few host syncs in all, none per group.
+    * ``"sorted"`` (``"auto"`` on a CPU): the candidates are flattened and ``grouped_nms`` runs over every image
+      and class together (group id = image * classes + class); the ``top_k`` per image are cut with a segmented
+      rank. On a CPU, with many candidates, one ``nms`` call per non-empty group: less arithmetic than the dense
+      matrices, which a CPU feels.
+
+    The last Python loop is the split into one dict per image (views, no copies).
     """
+    if nms_method not in ("auto", "dense", "sorted"):
+        raise ValueError(f"decode: nms_method must be 'auto', 'dense' or 'sorted', not {nms_method!r}")
     n, p, _ = loc.shape
     anchors = priors_xyxy(priors)
     probs = conf.float().softmax(dim=-1)[..., 1:]  # drop background
     num_classes = probs.shape[-1]
     boxes = BOX_CODER.decode_single(loc.float().reshape(-1, 4), anchors.repeat(n, 1)).clamp(0.0, 1.0).view(n, p, 4)
     k = min(pre_nms_top_k, p)
-    scores, idx = probs.topk(k, dim=1)  # (N, k, C): best boxes per image and class
+    scores, idx = probs.topk(k, dim=1)  # (N, k, C): best boxes per image and class, by decreasing score
+    if nms_method == "dense" or (nms_method == "auto" and loc.device.type != "cpu"):
+        return _decode_dense(boxes, scores, idx, conf_threshold, nms_threshold, top_k)
     keep = scores > conf_threshold
     image, _, labels = keep.nonzero(as_tuple=True)
     scores, idx = scores[keep], idx[keep]

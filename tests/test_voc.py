@@ -124,6 +124,31 @@ def test_degenerate_boxes_clipped_or_dropped_never_nan(tmp_path):
         assert torch.isfinite(MultiBoxLoss()(loc, conf, model.priors, targets)["loss"])
 
 
+def test_loader_workers_deliver_after_the_main_process_used_opencv(tmp_path):
+    """Loader workers run OpenCV on one thread each, and still start when the main process has used OpenCV's thread
+    pool before they fork (the synthetic data generator does): a worker that set the thread count itself after the
+    fork hung for good, and a GPU run waited 7 minutes for its first batch."""
+    import subprocess
+    import sys
+
+    root = tiny_voc(tmp_path / "voc", n=8)
+    code = f"""
+import cv2, numpy as np
+from datamodules.voc import VOCDataModule
+img = np.zeros((400, 400, 3), np.uint8)
+for _ in range(10):
+    cv2.warpAffine(img, np.eye(2, 3), (300, 300))  # the main process uses OpenCV's thread pool
+dm = VOCDataModule(root={str(root)!r}, train_sets=[(2007, "trainval")], test_set=(2007, "test"),
+                   classes=["cat", "dog"], batch_size=2, num_workers=2, synthetic=None)
+dm.setup("fit")
+images, targets = next(iter(dm.train_dataloader()))
+print("batch", tuple(images.shape), "opencv threads", cv2.getNumThreads())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batch (2, 3, 300, 300) opencv threads 1" in out.stdout
+
+
 def test_datamodule_generates_synthetic_data_once(tmp_path):
     from datamodules.voc import SyntheticSpec
 
