@@ -4,9 +4,9 @@
 #   here:  bash benchmarks/gpu_wheels.sh                      # .whl/: the packages that machine's image lacks
 #   there: device run, carry [".whl"], command: bash benchmarks/gpu_session.sh [STEP ...]
 #
-# Steps, in this order by default: env decode networks widths train match augment fit. One device command runs at
-# most 10 minutes, so give each call a few steps (e.g. "env decode networks train match", then "widths augment",
-# then "fit"). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
+# Steps, in this order by default: env decode networks widths train match augment loader fit. One device command
+# runs at most 10 minutes, so give each call a few steps (the sixteenth session: "env decode networks train match
+# augment widths" took 443 s on an H100, "fit" 148 s; a call starts in ~30 s). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
 # runs/gpu_session elsewhere); a step past STEP_TIMEOUT seconds (default 240, the fit 480) is stopped and the next
 # one runs.
 # QUICK=1 shrinks every step (batches, repeats, the fit) to check this script on a CPU:
@@ -49,6 +49,7 @@ print(\"imports ok\")'" ;;
     train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last $(q "--batch 32 --repeats 10" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;
+    loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 1 2 4 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
     fit)
         # the demo's pipeline (3 surgeries) at full SSD300 width with the GPU configs' settings: bf16, channels-last,
         # global batch 32, 8 loader workers, the ssd augmentation; summary.json "training" says what limits the rate
@@ -65,10 +66,10 @@ print(\"imports ok\")'" ;;
         rm -rf runs/gpu/fit
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
-    *) echo "unknown step $1 (env decode networks widths train match augment fit)" >&2; return 2 ;;
+    *) echo "unknown step $1 (env decode networks widths train match augment loader fit)" >&2; return 2 ;;
     esac
 }
 
-for s in "${@:-env decode networks widths train match augment fit}"; do
+for s in "${@:-env decode networks widths train match augment loader fit}"; do
     for one in $s; do run_step "$one" || exit; done
 done

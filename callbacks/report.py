@@ -184,7 +184,8 @@ def measure_model(trainer, pl_module, with_map: bool = True) -> dict:
     (``<quality>_before_pruning``, e.g. ``map50_before_pruning``, with the epoch at whose end it was taken); also its
     architecture (``channels``, and ``num_branches`` for a detector), so the final report can time a model of that
     shape again."""
-    stats = model_stats(pl_module.model)
+    # no latency: the final report times the dense architecture again, interleaved with the final model
+    stats = model_stats(pl_module.model, latency=False)
     stats["channels"] = dict(pl_module.model.channels)
     if hasattr(pl_module.model, "num_branches"):
         stats["num_branches"] = pl_module.model.num_branches

@@ -215,8 +215,9 @@ def _canonical(d):
     return d["boxes"][order], d["scores"][order], d["labels"][order]
 
 
+@pytest.mark.parametrize("nms_method", ["sorted", "dense"])
 @pytest.mark.parametrize("kind", ["random", "peaked"])
-def test_batched_decode_gives_the_per_image_detections(kind):
+def test_batched_decode_gives_the_per_image_detections(kind, nms_method):
     """One pass over the batch (one batched_nms over every image and class) = the per-image loop, detection for
     detection: on random logits (thousands of candidates, the top_k cut active) and on logits shaped like a trained
     detector's (a few confident boxes per object, background elsewhere, an image with nothing)."""
@@ -236,7 +237,7 @@ def test_batched_decode_gives_the_per_image_detections(kind):
                 centre, cls = int(torch.randint(0, p - 40, ())), int(torch.randint(1, c, ()))
                 conf[i, centre:centre + 40, cls] = 4.0 + torch.rand(40) * 4
     for top_k in (200, 7):
-        got = decode(loc, conf, m.priors, top_k=top_k)
+        got = decode(loc, conf, m.priors, top_k=top_k, nms_method=nms_method)
         want = decode_per_image(loc, conf, m.priors, top_k=top_k)
         assert len(got) == len(want) == n
         for g, w in zip(got, want):
@@ -244,7 +245,37 @@ def test_batched_decode_gives_the_per_image_detections(kind):
             for a, b in zip(_canonical(g), _canonical(w)):
                 assert torch.equal(a, b)
     if kind == "peaked":
-        assert len(decode(loc, conf, m.priors)[-1]["scores"]) == 0
+        assert len(decode(loc, conf, m.priors, nms_method=nms_method)[-1]["scores"]) == 0
+
+
+def test_dense_grouped_nms_is_greedy_nms_in_every_group():
+    """``grouped_nms_dense`` = torchvision's ``nms`` on each group alone: random boxes (a few to a few hundred per
+    group, padding past each group's candidates), and a chain where each box overlaps only its neighbours, so that
+    what survives depends on every earlier decision (greedy keeps every other box; the fixed point needs one round
+    per link)."""
+    from torchvision.ops import nms
+
+    from lightning_modules.box_ops import grouped_nms_dense
+
+    g = torch.Generator().manual_seed(0)
+    groups, k = 12, 300
+    xy = torch.rand(groups, k, 2, generator=g) * 0.8
+    wh = torch.rand(groups, k, 2, generator=g) * 0.2 + 0.01
+    boxes = torch.cat([xy, xy + wh], -1)
+    scores = torch.rand(groups, k, generator=g).sort(dim=1, descending=True).values
+    counts = torch.randint(0, k + 1, (groups,), generator=g)
+    counts[0], counts[1] = 0, k
+    valid = torch.arange(k) < counts[:, None]
+    keep = grouped_nms_dense(boxes, valid, 0.45)
+    for i in range(groups):
+        want = torch.zeros(k, dtype=torch.bool)
+        want[nms(boxes[i, :counts[i]], scores[i, :counts[i]], 0.45)] = True
+        assert torch.equal(keep[i], want), i
+    chain = torch.tensor([[0.02 * j, 0.0, 0.02 * j + 0.1, 0.1] for j in range(40)])  # IoU 0.67 with the next
+    keep = grouped_nms_dense(chain[None], torch.ones(1, 40, dtype=torch.bool), 0.45)[0]
+    assert keep.tolist() == [j % 2 == 0 for j in range(40)]
+    with pytest.raises(ValueError, match="nms_method must be"):
+        decode(torch.zeros(1, 4, 4), torch.zeros(1, 4, 3), torch.rand(4, 4), nms_method="fast")
 
 
 def test_bench_gpu_width_rounding_goes_up_to_the_multiple_and_stops_at_dense():
