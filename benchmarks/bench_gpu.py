@@ -79,7 +79,9 @@ def decode_per_group(loc, conf, priors, conf_threshold=0.01, nms_threshold=0.45,
             ok = scores[:, c] > conf_threshold
             s, b = scores[ok, c], boxes[idx[ok, c]]
             keep = nms(b, s, nms_threshold)
-            kept_b.append(b[keep]), kept_s.append(s[keep]), kept_l.append(torch.full_like(keep, c))
+            kept_b.append(b[keep])
+            kept_s.append(s[keep])
+            kept_l.append(torch.full_like(keep, c))
         s, b, lab = torch.cat(kept_s), torch.cat(kept_b), torch.cat(kept_l)
         top = s.argsort(descending=True)[:top_k]
         out.append({"boxes": b[top], "scores": s[top], "labels": lab[top]})
@@ -144,7 +146,7 @@ def main() -> None:
             agree = [sum(same_detections([x], [y]) for x, y in zip(exact, got)) for got in (
                 decode_per_image(loc, conf, m.priors), *(decode(loc, conf, m.priors, nms_method=meth) for meth in t))]
             print(row("ours", kind, b, f"{t_old * 1e3:.1f}", f"{t['sorted'] * 1e3:.1f}", f"{t['dense'] * 1e3:.1f}",
-                      f"{t_old / t[auto]:.2f}x", " / ".join(f"{a}/{b}" for a in agree)))
+                      f"{t_old / t[auto]:.2f}x", " / ".join(f"{same}/{b}" for same in agree)))  # of b images
     print()
     if args.only == "decode":
         return

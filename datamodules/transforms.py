@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from albumentations.core.transforms_interface import DualTransform
 
+
 def opencv_one_thread() -> None:
     """OpenCV on one thread, for data-loader workers. By default each process's OpenCV starts a thread per core for
     every decode, warp and resize, so N workers run N x cores threads and slow each other down (albumentations'
