@@ -32,6 +32,7 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.samplers import EvalSampler, TrainSampler
+from datamodules.targets import DetectionTargets
 from datamodules.transforms import (init_loader_worker, opencv_one_thread, ssd_eval_transform,
                                    ssd_train_transform)
 
@@ -411,13 +412,14 @@ class VOCDataset(Dataset):
         return image, target
 
 
-def collate(batch: list) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """Stack images (uint8) and keep targets as a list; samples skipped as bad (None) are dropped."""
+def collate(batch: list) -> tuple[torch.Tensor, DetectionTargets | list]:
+    """Stack images (uint8) and pack the targets (``DetectionTargets``: one tensor per field, read as a list of
+    per-image dicts); samples skipped as bad (None) are dropped, and a batch of none is ``(empty images, [])``."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), []
     images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
+    return torch.stack(images), DetectionTargets.from_list(list(targets))
 
 
 @dataclass

@@ -23,6 +23,17 @@ def priors_xyxy(priors_cxcywh: Tensor) -> Tensor:
     return box_convert(priors_cxcywh, "cxcywh", "xyxy")
 
 
+def packed_field(targets, key: str) -> tuple[Tensor, list[int]]:
+    """Every image's ``key`` rows in one tensor, and each image's row count: taken as they are from a packed batch
+    (``datamodules.targets.DetectionTargets``, what the loaders deliver), or concatenated from a list of per-image
+    dicts."""
+    if hasattr(targets, "field"):
+        return targets.field(key), targets.counts(key)
+    parts = [t[key] for t in targets]
+    counts = [len(x) for x in parts]
+    return (torch.cat(parts) if parts else torch.empty(0)), counts
+
+
 def box_iou_anchors(boxes: Tensor, anchors_t: Tensor) -> Tensor:
     """IoU of (T, 4) boxes with anchors given as (4, P) coordinate rows (x1, y1, x2, y2), both xyxy: (T, P). The
     same arithmetic in the same order as ``torchvision.ops.box_iou``, so the same values bit for bit, but in place
@@ -56,13 +67,13 @@ class MultiBoxLoss:
         not with the most crowded image times the batch."""
         anchors = priors_xyxy(priors)
         n, p, dev = len(targets), len(anchors), anchors.device
-        counts = [len(t["boxes"]) for t in targets]
+        boxes, counts = packed_field(targets, "boxes")
         total = sum(counts)
         if total == 0:
             return (torch.zeros(n, p, dtype=torch.long, device=dev),
                     torch.zeros(n, p, 4, dtype=anchors.dtype, device=dev))
-        boxes = torch.cat([t["boxes"] for t in targets]).to(anchors.dtype)
-        labels = torch.cat([t["labels"] for t in targets]).to(dev, torch.long)
+        boxes = boxes.to(dev, anchors.dtype)
+        labels = packed_field(targets, "labels")[0].to(dev, torch.long)
         cnt = torch.tensor(counts, device=dev)
         img = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)  # each gt's image
         gid = torch.arange(total, device=dev)

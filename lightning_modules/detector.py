@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
-from lightning_modules.box_ops import MultiBoxLoss, decode
+from lightning_modules.box_ops import MultiBoxLoss, decode, packed_field
 from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, NonFiniteLossError,  # noqa: F401 (public here)
                                       check_compile, check_loss_finite)
 from lightning_modules.metrics import VOCMeanAveragePrecision
@@ -177,7 +177,7 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         images, targets = batch
         loc, conf = self(images)
         losses = self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks)
-        self._count_labels(torch.cat([t["labels"] for t in targets]), len(self.classes))
+        self._count_labels(packed_field(targets, "labels")[0], len(self.classes))
         self._last_step = (loc, conf, targets)
         check_loss_finite(  # every rank at once under DDP
             losses["loss"], self.global_step, {"loc": losses["loc"], "conf": losses["conf"]},
@@ -234,8 +234,8 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         """Detections and targets in each metric's convention: VOC (1-based inclusive pixels, difficult flagged)
         and COCO (continuous pixels, the 100 best detections per image, difficult objects as crowd regions)."""
         voc_preds, voc_targets, coco_preds, coco_targets = [], [], [], []
-        for d, t in zip(dets, targets):
-            h, w = t["orig_size"].tolist()
+        sizes = packed_field(targets, "orig_size")[0].view(-1, 2).tolist()  # one host sync for the batch
+        for d, t, (h, w) in zip(dets, targets, sizes):
             px = d["boxes"] * d["boxes"].new_tensor([w, h, w, h])
             # continuous 0-based -> VOC 1-based inclusive pixels, the devkit's convention
             voc_boxes = torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], dim=1)

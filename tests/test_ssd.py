@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from datamodules.targets import DetectionTargets
 from lightning_modules.box_ops import MultiBoxLoss, decode
 from lightning_modules.ssd import VGG_CONV_NAMES, build_ssd, default_boxes, resolve_channels
 
@@ -161,6 +162,8 @@ def test_batched_matching_gives_the_per_image_targets(size):
     cls_b, reg_b = MultiBoxLoss().match(priors, targets)
     cls_r, reg_r = match_per_image(priors, targets)
     assert torch.equal(cls_b, cls_r)
+    cls_p, reg_p = MultiBoxLoss().match(priors, DetectionTargets.from_list(targets))  # as the loaders deliver them
+    assert torch.equal(cls_p, cls_b) and torch.equal(reg_p, reg_b)
     torch.testing.assert_close(reg_b, reg_r, rtol=1e-5, atol=1e-5)
     assert (cls_b[4] > 0).sum() >= 6 and (cls_b[1] == 0).all()
     cls_e, reg_e = MultiBoxLoss().match(priors, [targets[1], targets[5]])  # a batch without any object

@@ -149,6 +149,51 @@ print("batch", tuple(images.shape), "opencv threads", cv2.getNumThreads())
     assert "batch (2, 3, 300, 300) opencv threads 1" in out.stdout
 
 
+def test_packed_targets_read_as_the_per_image_dicts_and_travel_whole(tmp_path, monkeypatch):
+    """``collate`` packs a batch's targets into one tensor per field (``DetectionTargets``): each image's dict reads
+    back exactly, an image without objects included; Lightning's ``batch_to_device``, the DataLoader's pinning and a
+    loader worker's hand-over move it as one object, not as 8 tensors per image."""
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from datamodules.targets import DetectionTargets
+
+    write_voc(tmp_path, 2007, {"trainval": ["a", "b", "c"]}, {
+        "a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)]),
+        "b": (120, 90, []),
+        "c": (60, 90, [("dog", (1, 1, 60, 90), False)]),
+    })
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+    samples = [ds[i] for i in range(3)]
+    images, targets = collate(samples)
+    assert isinstance(targets, DetectionTargets) and len(targets) == 3
+    assert targets.counts("boxes") == [2, 0, 1] and targets.field("boxes").shape == (3, 4)
+    for i, (_, want) in enumerate(samples):
+        for got in (targets[i], targets[i - 3], list(targets)[i]):
+            assert got.keys() == want.keys()
+            for k in want:
+                assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (i, k)
+    assert targets[1]["boxes"].shape == (0, 4) and targets[2]["index"].ndim == 0
+    with pytest.raises(IndexError):
+        targets[3]
+    with pytest.raises(ValueError, match="same fields"):
+        DetectionTargets.from_list([samples[0][1], {"boxes": torch.zeros(0, 4)}])
+    assert collate([None, None])[1] == [] and not DetectionTargets.from_list([])
+
+    moved = move_data_to_device((images, targets), torch.device("cpu"))[1]  # Lightning's batch_to_device
+    assert isinstance(moved, DetectionTargets) and torch.equal(moved.field("labels"), targets.field("labels"))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self.clone())  # (no CUDA here)
+    pinned = pin_memory((images, targets))[1]
+    assert isinstance(pinned, DetectionTargets) and torch.equal(pinned.field("voc_boxes"), targets.field("voc_boxes"))
+    monkeypatch.undo()
+
+    loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate)  # from a worker process
+    (_, sent), = list(loader)
+    assert isinstance(sent, DetectionTargets) and all(
+        torch.equal(sent[i][k], samples[i][1][k]) for i in range(3) for k in samples[i][1])
+
+
 def test_datamodule_generates_synthetic_data_once(tmp_path):
     from datamodules.voc import SyntheticSpec
 
