@@ -49,7 +49,7 @@ print(\"imports ok\")'" ;;
     train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last $(q "--batch 32 --repeats 10" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;
-    loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 1 2 4 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
+    loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 2 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
     fit)
         # the demo's pipeline (3 surgeries) at full SSD300 width with the GPU configs' settings: bf16, channels-last,
         # global batch 32, 8 loader workers, the ssd augmentation; summary.json "training" says what limits the rate
