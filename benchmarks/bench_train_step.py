@@ -2,7 +2,7 @@
 vs torchvision's ``ssd300_vgg16`` in training mode (which computes its own loss), in one run; and the loss's box
 matching alone, batched vs the per-image loop it replaced.
 
-python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu] [--bf16] [--channels-last]
+python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu] [--bf16] [--channels-last] [--compile]
 python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
 python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
 """
@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=1.0, help="layout: width_mult (the demo: 0.125, BatchNorm)")
     ap.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast (the GPU configs' precision)")
     ap.add_argument("--channels-last", action="store_true", help="both networks and our input in channels-last")
+    ap.add_argument("--compile", action="store_true",
+                    help="also our step with the network compiled (torch.compile, as --model.compile true trains)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -180,11 +182,21 @@ def main() -> None:
 
     t_o = median_time(step_ours, args.repeats)
     t_t = median_time(step_tv, args.repeats)
+    if args.compile:  # a second copy of our network, compiled; the first calls compile it (three warm-ups)
+        torch.manual_seed(0)
+        compiled = build_ssd(300, 21).to(dev).train().to(memory_format=fmt)
+        opt_c = torch.optim.SGD(compiled.parameters(), lr=1e-4, momentum=0.9)
+        step_c = ssd_train_step(torch.compile(compiled), images, tgt_o, opt_c, loss_fn, dev, bf16=args.bf16)
+        t_c = median_time(step_c, args.repeats, warmup=3)
     form = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'channels-last' if args.channels_last else 'NCHW'}"
     print(row("SSD300 train step", "batch", "device", "form", "median s", "images/s"))
     print(row("ours", args.batch, args.device, form, f"{t_o:.3f}", f"{args.batch / t_o:.0f}"))
+    if args.compile:
+        print(row("ours, network compiled", args.batch, args.device, form, f"{t_c:.3f}", f"{args.batch / t_c:.0f}"))
     print(row("torchvision ssd300_vgg16", args.batch, args.device, form, f"{t_t:.3f}", f"{args.batch / t_t:.0f}"))
     print(f"ratio torchvision/ours: {t_t / t_o:.2f}x (> 1: ours is faster)")
+    if args.compile:
+        print(f"ratio ours/ours compiled: {t_o / t_c:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # augment widths" took 443 s on an H100, "fit" 148 s; a call starts in ~30 s). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
 # runs/gpu_session elsewhere); a step past STEP_TIMEOUT seconds (default 240, the fit 480) is stopped and the next
 # one runs.
+# FIT_ARGS adds options to the fit (e.g. FIT_ARGS="--data.num_workers 15 --model.compile true").
 # QUICK=1 shrinks every step (batches, repeats, the fit) to check this script on a CPU:
 #   QUICK=1 PYTHON=.venv/bin/python WHEELS= bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -46,7 +47,7 @@ print(\"imports ok\")'" ;;
     decode) step decode "$py" -m benchmarks.bench_gpu --only decode $(q "" "--batch 2 --repeats 1") ;;
     networks) step networks "$py" -m benchmarks.bench_gpu --only networks $(q "" "--batch 2 --repeats 1") ;;
     widths) step widths "$py" -m benchmarks.bench_gpu --only widths --compile $(q "" "--batch 2 --repeats 1") ;;
-    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last $(q "--batch 32 --repeats 10" "--batch 2 --repeats 1") ;;
+    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last $(q "--batch 32 --repeats 10 --compile" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;
     loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 2 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
@@ -63,6 +64,9 @@ print(\"imports ok\")'" ;;
             args+=(--trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed --model.width_mult 1.0
                    --data.batch_size 32 --data.num_workers 8 --model.cosine_iters 275 --model.warmup_iters 8)
         fi
+        # FIT_ARGS: more options for the fit, e.g. FIT_ARGS="--data.num_workers 15 --model.compile true"
+        read -ra extra <<< "${FIT_ARGS:-}"
+        args+=("${extra[@]}")
         rm -rf runs/gpu/fit
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
