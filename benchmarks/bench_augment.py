@@ -67,7 +67,7 @@ def main() -> None:
                 "ours, light policy (the CPU demo's: no zoom-out or crop)": ssd_train_transform(300, policy="light")}
 
     if args.voc_root:
-        from datamodules.voc import VOCDataset
+        from datamodules.voc import VOCDataset, apply_orientation
 
         root = Path(args.voc_root)
         classes = tuple(args.classes.split(",") if args.classes else (root / "classes.txt").read_text().split())
@@ -104,13 +104,20 @@ def main() -> None:
     n = len(paths)
     times = {label: median_time(run(policy), args.repeats) for label, policy in policies.items()}
     times["torchvision v2 SSD reference policy"] = median_time(tv, args.repeats)
+    if args.voc_root:  # the loader's BGR -> RGB as it was before the seventeenth session: numpy's reversed-stride copy
+        ds.load_image = lambda ann: np.ascontiguousarray(apply_orientation(
+            cv2.imread(str(ann.image_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), ann.orientation)[..., ::-1])
+        times["ours (SSD policy), RGB by numpy's reversed copy (before)"] = median_time(
+            run(policies["ours (SSD policy, zoom-out + crop + resize in one warp)"]), args.repeats)
     print(f"{where}; 1 process, 1 thread; medians of {args.repeats}\n")
     print(row("pipeline (decode + augment, 1 worker)", "ms / image", "images/s"))
     print(row("---", "---", "---"))
     for label, t in times.items():
         print(row(label, f"{t / n * 1e3:.2f}", f"{n / t:.0f}"))
-    ours, before, _, tvt = times.values()
+    ours, before, _, tvt = list(times.values())[:4]
     print(f"\nours vs the three steps: {before / ours:.2f}x; ours vs torchvision: {tvt / ours:.2f}x")
+    if args.voc_root:
+        print(f"ours vs the numpy RGB copy (before): {times[label] / ours:.2f}x")
 
 
 if __name__ == "__main__":

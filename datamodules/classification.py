@@ -51,7 +51,7 @@ class ImageArrayDataset(Dataset):
             arr = cv2.imread(str(img), cv2.IMREAD_COLOR)
             if arr is None:
                 raise DataError(f"{img}: unreadable or corrupt image")
-            img = np.ascontiguousarray(arr[..., ::-1])
+            img = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
         if img.shape[:2] != (self.size, self.size):
             img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
         return img
