@@ -57,9 +57,20 @@ class DetectionTargets:
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, i: int | slice) -> dict[str, Tensor] | DetectionTargets:
+        """Image ``i``'s dict (views), or for a slice the targets of those images (packed again; views when the
+        slice is contiguous)."""
+        if isinstance(i, slice):
+            images = range(self._len)[i]
+            if images.step != 1 or not images:
+                return DetectionTargets.from_list([self[j] for j in images])
+            lo, hi = images.start, images.stop
+            fields = {k: v[lo:hi] if k in self._scalars else
+                      v[self._starts[k][lo]:self._starts[k][hi - 1] + self._counts[k][hi - 1]]
+                      for k, v in self._fields.items()}
+            return DetectionTargets(fields, {k: c[lo:hi] for k, c in self._counts.items()}, self._scalars)
         if not isinstance(i, int):
-            raise TypeError(f"DetectionTargets indices are integers, not {type(i).__name__}")
+            raise TypeError(f"DetectionTargets indices are integers or slices, not {type(i).__name__}")
         if not -self._len <= i < self._len:
             raise IndexError(f"image {i} of a batch of {self._len}")
         i %= self._len

@@ -175,6 +175,10 @@ def test_packed_targets_read_as_the_per_image_dicts_and_travel_whole(tmp_path, m
             for k in want:
                 assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (i, k)
     assert targets[1]["boxes"].shape == (0, 4) and targets[2]["index"].ndim == 0
+    for part, want in ((targets[1:], samples[1:]), (targets[::2], samples[::2]), (targets[:-1], samples[:2])):
+        assert isinstance(part, DetectionTargets) and len(part) == len(want)
+        assert all(torch.equal(part[i][k], t[k]) for i, (_, t) in enumerate(want) for k in t)
+    assert len(targets[3:]) == 0
     with pytest.raises(IndexError):
         targets[3]
     with pytest.raises(ValueError, match="same fields"):
