@@ -3,7 +3,10 @@ behind a class-balanced loss."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 
@@ -41,6 +44,13 @@ def check_loss_finite(loss: Tensor, step: int, parts: dict[str, Tensor] | None =
     terms = f" ({', '.join(f'{k} {v.item():.4g}' for k, v in parts.items())})" if parts else ""
     raise NonFiniteLossError(f"training loss became {loss.item()}{where} at global step {step}{terms}. "
                              f"{advice}".rstrip())
+
+
+# Under DDP Lightning advises ``sync_dist=True`` for every tensor logged once per epoch. Our ``val/`` and ``test/``
+# figures come from torchmetrics metrics, whose ``compute()`` already gathered every rank's state: each rank logs
+# the same value, and one more all-reduce per figure would change nothing (or, as a mean over 3+ ranks, its last
+# bit). So that advice, and only for these names, is not printed.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
 
 
 class EvalHooks:
