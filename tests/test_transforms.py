@@ -48,6 +48,53 @@ def test_min_iou_crop_honours_its_condition(data, min_iou, seed):
         assert x1 - x0 >= int(0.3 * w) - 1 and y1 - y0 >= int(0.3 * h) - 1
 
 
+def _sample_crop_one_trial_at_a_time(rng, w, h, boxes, min_ious, min_scale, max_trials):
+    """The crop sampler as it was: each trial drawn and checked on its own (the reference)."""
+    min_iou = min_ious[rng.randrange(len(min_ious))]
+    if min_iou is None or len(boxes) == 0:
+        return (0, 0, w, h)
+    centres = (boxes[:, :2] + boxes[:, 2:4]) / 2
+    for _ in range(max_trials):
+        cw = rng.uniform(min_scale * w, w)
+        ch = rng.uniform(min_scale * h, h)
+        if not 0.5 <= ch / cw <= 2.0:
+            continue
+        x0 = rng.uniform(0, w - cw)
+        y0 = rng.uniform(0, h - ch)
+        crop = np.array([int(x0), int(y0), int(x0 + cw), int(y0 + ch)], dtype=np.float64)
+        if crop[2] <= crop[0] or crop[3] <= crop[1]:
+            continue
+        if _iou_with_crop(boxes, crop).min() < min_iou:
+            continue
+        inside = (centres[:, 0] > crop[0]) & (centres[:, 0] < crop[2]) & (centres[:, 1] > crop[1]) & (centres[:, 1] < crop[3])
+        if not inside.any():
+            continue
+        return tuple(int(v) for v in crop)
+    return (0, 0, w, h)
+
+
+def test_crop_trials_checked_together_give_the_same_crop_and_random_stream():
+    """``_sample_crop`` draws all trials, checks them at once and rewinds the generator to just after the accepted
+    one: the same crops, and the same random numbers left for the transforms after it, as one trial at a time. Over
+    images down to 3 px (degenerate trials), no boxes, crowds, and minimum IoUs no trial reaches."""
+    from datamodules.transforms import MIN_IOU_OPTIONS, _sample_crop
+
+    g = np.random.default_rng(0)
+    accepted = 0
+    for case in range(600):
+        w, h = (int(v) for v in g.integers(3 if case % 10 == 0 else 100, 700, 2))
+        n = int(g.choice([0, 1, 1, 1, 2, 3, 12]))
+        lt = g.uniform(0, 0.9, (n, 2)) * (w, h)
+        boxes = np.concatenate([lt, np.minimum(lt + g.uniform(0.05, 0.9, (n, 2)) * (w, h), (w, h))], 1)
+        options = MIN_IOU_OPTIONS if case % 3 else (0.9, 0.95)
+        new, old = random.Random(case), random.Random(case)
+        got = _sample_crop(new, w, h, boxes, options, 0.3, 50)
+        assert got == _sample_crop_one_trial_at_a_time(old, w, h, boxes, options, 0.3, 50), case
+        assert new.getstate() == old.getstate(), case
+        accepted += got != (0, 0, w, h)
+    assert 60 < accepted < 540  # both outcomes well covered (84 accepted)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=image_and_boxes(), seed=st.integers(0, 10_000))
 def test_min_iou_crop_keeps_valid_boxes_with_centre_inside(data, seed):
