@@ -50,7 +50,8 @@ def check_loss_finite(loss: Tensor, step: int, parts: dict[str, Tensor] | None =
 # figures come from torchmetrics metrics, whose ``compute()`` already gathered every rank's state: each rank logs
 # the same value, and one more all-reduce per figure would change nothing (or, as a mean over 3+ ranks, its last
 # bit). So that advice, and only for these names, is not printed.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning)
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/",
+                        category=PossibleUserWarning)
 
 
 class EvalHooks:
