@@ -40,14 +40,14 @@ def init_loader_worker(worker_id: int) -> None:
 MIN_IOU_OPTIONS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
 
 
-def _iou_with_crop(boxes: np.ndarray, crop: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) boxes with one crop rectangle, all in the same (pixel) units."""
-    lt = np.maximum(boxes[:, :2], crop[:2])
-    rb = np.minimum(boxes[:, 2:4], crop[2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+def _iou_with_crops(boxes: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    """IoU of (N, 4) boxes with (T, 4) crop rectangles, all in the same (pixel) units: (T, N)."""
+    lt = np.maximum(boxes[None, :, :2], crops[:, None, :2])
+    rb = np.minimum(boxes[None, :, 2:4], crops[:, None, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
     area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_c = (crop[2] - crop[0]) * (crop[3] - crop[1])
-    return inter / (area_b + area_c - inter)
+    area_c = (crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1])
+    return inter / (area_b[None, :] + area_c[:, None] - inter)
 
 
 def _draw_crop(rng, w: int, h: int, min_scale: float) -> tuple[int, int, int, int] | None:
@@ -79,12 +79,7 @@ def _sample_crop(rng, w: int, h: int, boxes: np.ndarray, min_ious: tuple[float |
     if not which:
         return full
     crops = np.array([trials[i] for i in which], dtype=np.float64)  # (T, 4)
-    lt = np.maximum(boxes[None, :, :2], crops[:, None, :2])
-    rb = np.minimum(boxes[None, :, 2:4], crops[:, None, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)  # (T, N), as _iou_with_crop computes it per trial
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_c = (crops[:, 2] - crops[:, 0]) * (crops[:, 3] - crops[:, 1])
-    iou = inter / (area_b[None, :] + area_c[:, None] - inter)
+    iou = _iou_with_crops(boxes, crops)
     centres = (boxes[:, :2] + boxes[:, 2:4]) / 2
     inside = ((centres[None, :, 0] > crops[:, None, 0]) & (centres[None, :, 0] < crops[:, None, 2])
               & (centres[None, :, 1] > crops[:, None, 1]) & (centres[None, :, 1] < crops[:, None, 3]))
