@@ -20,7 +20,7 @@ class DetectionTargets:
     """One batch's targets: per field, every image's rows in one tensor (in image order), and each image's row count.
 
     It reads as the list of per-image dicts it replaces: ``len(targets)``, ``targets[i]`` (a dict of views into the
-    packed tensors), iteration. Batched code takes the packed tensors directly: ``field(key)`` and ``counts(key)``
+    packed tensors), slices, iteration. Batched code takes the packed tensors directly: ``field(key)`` and ``counts(key)``
     (``lightning_modules.box_ops.packed_field`` accepts either form). ``to`` and ``pin_memory`` let Lightning's
     ``batch_to_device`` and the DataLoader's pinning thread move it whole. A field whose per-image tensors are scalars
     (``index``) is stacked, one element per image.
@@ -79,9 +79,6 @@ class DetectionTargets:
 
     def __iter__(self):
         return (self[i] for i in range(self._len))
-
-    def keys(self) -> list[str]:
-        return list(self._fields)
 
     def field(self, key: str) -> Tensor:
         """Every image's ``key`` rows, in image order (a scalar field: one element per image)."""
