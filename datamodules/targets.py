@@ -20,10 +20,10 @@ class DetectionTargets:
     """One batch's targets: per field, every image's rows in one tensor (in image order), and each image's row count.
 
     It reads as the list of per-image dicts it replaces: ``len(targets)``, ``targets[i]`` (a dict of views into the
-    packed tensors), slices, iteration. Batched code takes the packed tensors directly: ``field(key)`` and ``counts(key)``
-    (``lightning_modules.box_ops.packed_field`` accepts either form). ``to`` and ``pin_memory`` let Lightning's
-    ``batch_to_device`` and the DataLoader's pinning thread move it whole. A field whose per-image tensors are scalars
-    (``index``) is stacked, one element per image.
+    packed tensors), slices, iteration. Batched code takes the packed tensors directly: ``field(key)`` and
+    ``counts(key)`` (``lightning_modules.box_ops.packed_field`` accepts either form). ``to`` and ``pin_memory`` let
+    Lightning's ``batch_to_device`` and the DataLoader's pinning thread move it whole. A field whose per-image tensors
+    are scalars (``index``) is stacked, one element per image.
     """
 
     def __init__(self, fields: dict[str, Tensor], counts: dict[str, list[int]], scalars: tuple[str, ...] = ()):
