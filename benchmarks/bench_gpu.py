@@ -1,18 +1,21 @@
 """SSD300 speed on one device: ours vs torchvision ``ssd300_vgg16``, fp32 / bf16 autocast / channels-last, dense vs
 pruned to paper A's pruned-6det widths, with and without post-processing, at batch 1 and a throughput batch; and
-our decode + NMS, its two batched NMS methods (``sorted``, ``dense``) vs the old per-image loop, and how many images
-each gives exactly the detections of greedy NMS run on each (image, class) alone (``decode_per_group``).
+our decode + NMS, its batched NMS methods (``sorted``, ``dense``, and ``dense`` with its matrices compiled) vs the old
+per-image loop, and how many images each gives exactly the detections of greedy NMS run on each (image, class) alone
+(``decode_per_group``).
 
     python -m benchmarks.bench_gpu                      # on the GPU if there is one: batch 1 and 32
     python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
     python -m benchmarks.bench_gpu --only widths [--compile]             # kept widths rounded to 1/8/16/32/64
+    python -m benchmarks.bench_gpu --only networks --compile             # + the compiled network and decoder
 
 The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
 rounded *up* to multiples of 8, 16, 32 and 64, each timed against the dense network in the fastest mode (bf16 +
 channels-last on a GPU, fp32 + channels-last on a CPU: on a CPU NCHW max pooling is slow, see benchmarks/README.md),
 at batch 1 and the throughput batch; ``speed-up / MACs reduction`` near 1
 means the device turns the saved MACs into time. ``--compile`` adds the same networks under ``torch.compile``
-(``reduce-overhead``, i.e. CUDA graphs, on a GPU: batch-1 launch overhead removed).
+(``reduce-overhead``, i.e. CUDA graphs, on a GPU: batch-1 launch overhead removed); in the networks table it adds
+a compiled row (network compiled, and ``decode(compile=True)``: the NMS matrices built by one fused kernel).
 
 Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
 Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
@@ -116,7 +119,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--classes", type=int, default=21, help="with background (VOC: 21)")
     ap.add_argument("--only", choices=("decode", "networks", "widths"), help="run one of the tables")
-    ap.add_argument("--compile", action="store_true", help="widths table: also time the compiled networks")
+    ap.add_argument("--compile", action="store_true",
+                    help="networks and widths tables: also time the compiled networks (and decoder)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -131,22 +135,26 @@ def main() -> None:
     p = m.priors.shape[0]
     auto = "dense" if dev.type != "cpu" else "sorted"  # what decode(nms_method="auto") runs here
     if args.only != "networks":
-        print(row("decode + NMS", "logits", "batch", "per-image loop ms", "sorted ms", "dense ms",
-                  f"auto ({auto}) vs loop", "images as exact NMS: loop / sorted / dense"))
-        print(row(*["---"] * 8))
+        print(row("decode + NMS", "logits", "batch", "per-image loop ms", "sorted ms", "dense ms", "dense compiled ms",
+                  f"auto ({auto}) vs loop", "dense compiled vs loop",
+                  "images as exact NMS: loop / sorted / dense / dense compiled"))
+        print(row(*["---"] * 10))
+    methods = {"sorted": {"nms_method": "sorted"}, "dense": {"nms_method": "dense"},
+               "dense compiled": {"nms_method": "dense", "compile": True}}
     for kind in ("peaked", "random") if args.only != "networks" else ():
         for b in (1, args.batch):
             loc = torch.randn(b, p, 4, device=dev) * 0.5
             conf = peaked_logits(b, p, args.classes, dev) if kind == "peaked" else torch.randn(b, p, args.classes,
                                                                                                device=dev) * 2
             t_old = timed(lambda: decode_per_image(loc, conf, m.priors), dev, args.repeats)
-            t = {meth: timed(lambda meth=meth: decode(loc, conf, m.priors, nms_method=meth), dev, args.repeats)
-                 for meth in ("sorted", "dense")}
+            t = {meth: timed(lambda kw=kw: decode(loc, conf, m.priors, **kw), dev, args.repeats)
+                 for meth, kw in methods.items()}  # the compiled one compiles in its warm-up (once: dynamic shapes)
             exact = decode_per_group(loc, conf, m.priors)
             agree = [sum(same_detections([x], [y]) for x, y in zip(exact, got)) for got in (
-                decode_per_image(loc, conf, m.priors), *(decode(loc, conf, m.priors, nms_method=meth) for meth in t))]
-            print(row("ours", kind, b, f"{t_old * 1e3:.1f}", f"{t['sorted'] * 1e3:.1f}", f"{t['dense'] * 1e3:.1f}",
-                      f"{t_old / t[auto]:.2f}x", " / ".join(f"{same}/{b}" for same in agree)))  # of b images
+                decode_per_image(loc, conf, m.priors), *(decode(loc, conf, m.priors, **kw) for kw in methods.values()))]
+            print(row("ours", kind, b, f"{t_old * 1e3:.1f}", *(f"{t[meth] * 1e3:.1f}" for meth in methods),
+                      f"{t_old / t[auto]:.2f}x", f"{t_old / t['dense compiled']:.2f}x",
+                      " / ".join(f"{same}/{b}" for same in agree)))  # of b images
     print()
     if args.only == "decode":
         return
@@ -161,24 +169,30 @@ def main() -> None:
     print(row("model", "precision / layout", "batch", "network img/s", "with decode+NMS img/s",
               "post-processing share"))
     print(row(*["---"] * 6))
-    modes = [("fp32", False, False), ("bf16", True, False), ("bf16 + channels-last", True, True)]
+    modes = [("fp32", False, False, False), ("bf16", True, False, False), ("bf16 + channels-last", True, True, False)]
+    if args.compile:  # the fastest form, compiled: CUDA graphs for the network on a GPU, the NMS matrices fused
+        modes.append(("bf16 + channels-last, compiled" if dev.type == "cuda" else "fp32 + channels-last, compiled",
+                      dev.type == "cuda", True, True))
     for b in (1, args.batch):
         x = torch.rand(b, 3, 300, 300, device=dev) * 255
         for label, model in models.items():
-            for mode, bf16, cl in modes:
+            for mode, bf16, cl, compiled in modes:
                 mm = model.to(memory_format=torch.channels_last) if cl else model.to(memory_format=torch.contiguous_format)
                 xi = x.contiguous(memory_format=torch.channels_last) if cl else x
                 ctx = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
+                run = torch.compile(mm, mode="reduce-overhead" if dev.type == "cuda" else None) if compiled else mm
+
                 def net():
                     with torch.no_grad(), ctx():
-                        return mm((xi - 120.0) / 60.0)
+                        return run((xi - 120.0) / 60.0)
 
                 def full():
                     loc, conf = net()
-                    return decode(loc, conf, mm.priors)
+                    return decode(loc, conf, mm.priors, compile=compiled)
 
-                t_net, t_full = timed(net, dev, args.repeats), timed(full, dev, args.repeats)
+                warm = 3 if compiled else 2
+                t_net, t_full = timed(net, dev, args.repeats, warm), timed(full, dev, args.repeats, warm)
                 print(row(label, mode, b, f"{b / t_net:.1f}", f"{b / t_full:.1f}", f"{1 - t_net / t_full:.0%}"))
         xs = list(x / 255.0)
 

@@ -47,7 +47,9 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         channels_last: keep weights and activations in channels-last memory format (faster convolutions on
             tensor-core GPUs, with ``--trainer.precision bf16-mixed`` / ``16-mixed``); kept through surgeries.
         compile: run the network through ``torch.compile`` (true, or a mode: ``reduce-overhead`` adds CUDA graphs,
-            ``max-autotune``); compiled afresh after every surgery. Decoding and the loss stay eager.
+            ``max-autotune``); compiled afresh after every surgery. On a GPU the decoder's NMS matrices are then
+            built by one compiled kernel too (``box_ops.decode(compile=True)``, the same detections); the loss
+            stays eager.
         prior_sizes: default-box sizes: VOC's (None), ``"coco300"`` / ``"coco512"`` (the original SSD's COCO
             boxes), or ``{min_sizes: [...], max_sizes: [...]}`` in pixels, one per branch (e.g. small traffic signs).
     """
@@ -227,7 +229,8 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         """Detections with normalised xyxy boxes."""
         loc, conf = self(images)
         hp = self.hparams
-        return decode(loc, conf, self.model.priors, hp.conf_threshold, hp.nms_threshold, hp.top_k)
+        return decode(loc, conf, self.model.priors, hp.conf_threshold, hp.nms_threshold, hp.top_k,
+                      compile=bool(hp.get("compile")))
 
     @staticmethod
     def metric_inputs(dets: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]):

@@ -218,12 +218,13 @@ def _canonical(d):
     return d["boxes"][order], d["scores"][order], d["labels"][order]
 
 
-@pytest.mark.parametrize("nms_method", ["sorted", "dense"])
+@pytest.mark.parametrize("nms_method", ["sorted", "dense", "dense-compiled"])
 @pytest.mark.parametrize("kind", ["random", "peaked"])
 def test_batched_decode_gives_the_per_image_detections(kind, nms_method):
     """One pass over the batch (one batched_nms over every image and class) = the per-image loop, detection for
     detection: on random logits (thousands of candidates, the top_k cut active) and on logits shaped like a trained
-    detector's (a few confident boxes per object, background elsewhere, an image with nothing)."""
+    detector's (a few confident boxes per object, background elsewhere, an image with nothing). ``dense-compiled``:
+    the dense method with its suppression matrices built by ``torch.compile`` (compiled once for every shape)."""
     from benchmarks.bench_gpu import decode_per_image  # the decoder as it was (a loop over images): the reference
 
     torch.manual_seed(0)
@@ -239,8 +240,9 @@ def test_batched_decode_gives_the_per_image_detections(kind, nms_method):
             for _ in range(3):
                 centre, cls = int(torch.randint(0, p - 40, ())), int(torch.randint(1, c, ()))
                 conf[i, centre:centre + 40, cls] = 4.0 + torch.rand(40) * 4
+    method, compiled = nms_method.removesuffix("-compiled"), nms_method.endswith("-compiled")
     for top_k in (200, 7):
-        got = decode(loc, conf, m.priors, top_k=top_k, nms_method=nms_method)
+        got = decode(loc, conf, m.priors, top_k=top_k, nms_method=method, compile=compiled)
         want = decode_per_image(loc, conf, m.priors, top_k=top_k)
         assert len(got) == len(want) == n
         for g, w in zip(got, want):
@@ -248,17 +250,20 @@ def test_batched_decode_gives_the_per_image_detections(kind, nms_method):
             for a, b in zip(_canonical(g), _canonical(w)):
                 assert torch.equal(a, b)
     if kind == "peaked":
-        assert len(decode(loc, conf, m.priors, nms_method=nms_method)[-1]["scores"]) == 0
+        assert len(decode(loc, conf, m.priors, nms_method=method, compile=compiled)[-1]["scores"]) == 0
 
 
-def test_dense_grouped_nms_is_greedy_nms_in_every_group():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dense_grouped_nms_is_greedy_nms_in_every_group(compiled):
     """``grouped_nms_dense`` = torchvision's ``nms`` on each group alone: random boxes (a few to a few hundred per
     group, padding past each group's candidates), and a chain where each box overlaps only its neighbours, so that
     what survives depends on every earlier decision (greedy keeps every other box; the fixed point needs one round
-    per link)."""
-    from torchvision.ops import nms
+    per link). ``compiled``: the suppression matrices by ``torch.compile``, which must keep eager's rounding (no
+    fused multiply-adds; IEEE division), so also the same matrices bit for bit, including pairs whose IoU is the
+    threshold itself."""
+    from torchvision.ops import box_iou, nms
 
-    from lightning_modules.box_ops import grouped_nms_dense
+    from lightning_modules.box_ops import _compiled_suppression, _suppression, grouped_nms_dense
 
     g = torch.Generator().manual_seed(0)
     groups, k = 12, 300
@@ -269,14 +274,25 @@ def test_dense_grouped_nms_is_greedy_nms_in_every_group():
     counts = torch.randint(0, k + 1, (groups,), generator=g)
     counts[0], counts[1] = 0, k
     valid = torch.arange(k) < counts[:, None]
-    keep = grouped_nms_dense(boxes, valid, 0.45)
+    keep = grouped_nms_dense(boxes, valid, 0.45, compiled=compiled)
     for i in range(groups):
         want = torch.zeros(k, dtype=torch.bool)
         want[nms(boxes[i, :counts[i]], scores[i, :counts[i]], 0.45)] = True
         assert torch.equal(keep[i], want), i
     chain = torch.tensor([[0.02 * j, 0.0, 0.02 * j + 0.1, 0.1] for j in range(40)])  # IoU 0.67 with the next
-    keep = grouped_nms_dense(chain[None], torch.ones(1, 40, dtype=torch.bool), 0.45)[0]
+    keep = grouped_nms_dense(chain[None], torch.ones(1, 40, dtype=torch.bool), 0.45, compiled=compiled)[0]
     assert keep.tolist() == [j % 2 == 0 for j in range(40)]
+    # boxes on a grid of 1/8: every IoU is computed exactly, hundreds are exactly 0.5 (not suppressed at 0.5: ">")
+    grid = torch.randint(0, 8, (20, 50, 4), generator=g).float() / 8
+    grid = torch.cat([grid[..., :2].minimum(grid[..., 2:]), grid[..., :2].maximum(grid[..., 2:]) + 1 / 8], -1)
+    ok, later = torch.ones(20, 50, dtype=torch.bool), torch.ones(50, 50, dtype=torch.bool).triu_(1)
+    ties = (torch.stack([box_iou(b, b) for b in grid]) == 0.5) & later
+    assert ties.sum() > 100
+    assert not _suppression(grid, ok, later, 0.5)[ties].any() and _suppression(grid, ok, later, 0.45)[ties].all()
+    if compiled:  # the compiled matrices equal eager's bit for bit, on the ties and on random boxes
+        for b, v, thr in ((grid, ok, 0.5), (grid, ok, 0.45), (boxes, valid, 0.45)):
+            lt = torch.ones(b.shape[1], b.shape[1], dtype=torch.bool).triu_(1)
+            assert torch.equal(_compiled_suppression()(b, v, lt, thr, torch.float32), _suppression(b, v, lt, thr).float())
     with pytest.raises(ValueError, match="nms_method must be"):
         decode(torch.zeros(1, 4, 4), torch.zeros(1, 4, 3), torch.rand(4, 4), nms_method="fast")
 
