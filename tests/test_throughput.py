@@ -37,8 +37,8 @@ class _Net(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path, data_delay_s, step_delay_s, epochs=2):
-    cb = TrainingThroughput()
+def _fit(tmp_path, data_delay_s, step_delay_s, epochs=2, cb=None):
+    cb = cb or TrainingThroughput()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     # 6 batches of 4 per epoch; the loader in the main process, so a slow sample is a wait of the training loop
@@ -68,3 +68,57 @@ def test_throughput_survives_a_checkpoint_round_trip():
     again = TrainingThroughput()
     again.load_state_dict(cb.state_dict())
     assert again.epochs == cb.epochs and again.summary()["images_per_s_first_epoch"] == 10.0
+    # a device idle for a third of the loop while the host hardly waited for data: the host limits, not the loader
+    again.epochs.append({"epoch": 1, "images_per_s": 12.0, "data_wait_share": 0.02, "step_ms": 1.0,
+                         "device_idle_share": 0.33})
+    s = again.summary()
+    assert s["limited_by"].startswith("the host between and within steps") and "idle 33%" in s["limited_by"]
+    assert s["device_idle_share_last_epoch"] == 0.33
+
+
+class _EventClock:
+    """A stand-in for a CUDA timing event on this CPU-only machine: on a CPU the work is done when the host's
+    clock says so, so an event's time is the host's at its record."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, later) -> float:
+        return (later.t - self.t) * 1e3  # milliseconds, as torch.cuda.Event's
+
+
+class _AsIfOnAGpu(TrainingThroughput):
+    """The GPU path's bookkeeping (events around each step, two synchronisations per epoch) run on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def _cuda(self, pl_module) -> bool:
+        return True
+
+    def _new_event(self):
+        return _EventClock()
+
+    def _sync(self, pl_module) -> None:
+        self.syncs += 1
+
+
+@pytest.mark.parametrize("data_delay_s, step_delay_s, limited_by", [(0.02, 0.0, "data loading"),
+                                                                     (0.0, 0.05, "the training step")])
+def test_throughput_on_a_gpu_times_steps_with_events_and_syncs_twice_per_epoch(tmp_path, data_delay_s, step_delay_s,
+                                                                              limited_by):
+    """Without a synchronisation after every step (which would idle the device between steps): the steps are
+    timed by events read at the epoch's end, and the host synchronises three times per epoch (at its start, after
+    its first step, and at its end to read the events), whatever the number of steps. The device's idle share says
+    whether the device waited."""
+    cb = _fit(tmp_path, data_delay_s, step_delay_s, cb=_AsIfOnAGpu())
+    s = cb.summary()
+    assert cb.syncs == 2 * 3  # 2 epochs of 6 steps: 3 per epoch, not one per step
+    assert s["limited_by"].startswith(limited_by), s
+    ideal = 4 / (4 * data_delay_s + step_delay_s)
+    assert 0.3 * ideal <= s["images_per_s_last_epoch"] <= 1.05 * ideal, (ideal, s)
+    if limited_by == "data loading":
+        assert s["device_idle_share_last_epoch"] > 0.5 and s["data_wait_share_last_epoch"] > 0.5
+    else:
+        assert s["device_idle_share_last_epoch"] < 0.1 and s["step_ms_last_epoch"] >= 50
