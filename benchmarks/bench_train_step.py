@@ -3,6 +3,7 @@ vs torchvision's ``ssd300_vgg16`` in training mode (which computes its own loss)
 matching alone, batched vs the per-image loop it replaced.
 
 python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu] [--bf16] [--channels-last] [--compile]
+                                     [--cudnn-benchmark]   # + our step with cuDNN's autotuner (Trainer benchmark)
 python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
 python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
 """
@@ -147,6 +148,8 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="both networks and our input in channels-last")
     ap.add_argument("--compile", action="store_true",
                     help="also our step with the network compiled (torch.compile, as --model.compile true trains)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="also our step with torch.backends.cudnn.benchmark on (Trainer(benchmark=True)), timed last")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
@@ -188,15 +191,22 @@ def main() -> None:
         opt_c = torch.optim.SGD(compiled.parameters(), lr=1e-4, momentum=0.9)
         step_c = ssd_train_step(torch.compile(compiled), images, tgt_o, opt_c, loss_fn, dev, bf16=args.bf16)
         t_c = median_time(step_c, args.repeats, warmup=3)
+    if args.cudnn_benchmark:  # last: the flag stays on for the process; the warm-up steps run the autotuner
+        torch.backends.cudnn.benchmark = True
+        t_b = median_time(step_ours, args.repeats, warmup=3)
     form = f"{'bf16 autocast' if args.bf16 else 'fp32'}, {'channels-last' if args.channels_last else 'NCHW'}"
     print(row("SSD300 train step", "batch", "device", "form", "median s", "images/s"))
     print(row("ours", args.batch, args.device, form, f"{t_o:.3f}", f"{args.batch / t_o:.0f}"))
     if args.compile:
         print(row("ours, network compiled", args.batch, args.device, form, f"{t_c:.3f}", f"{args.batch / t_c:.0f}"))
+    if args.cudnn_benchmark:
+        print(row("ours, cudnn.benchmark", args.batch, args.device, form, f"{t_b:.3f}", f"{args.batch / t_b:.0f}"))
     print(row("torchvision ssd300_vgg16", args.batch, args.device, form, f"{t_t:.3f}", f"{args.batch / t_t:.0f}"))
     print(f"ratio torchvision/ours: {t_t / t_o:.2f}x (> 1: ours is faster)")
     if args.compile:
         print(f"ratio ours/ours compiled: {t_o / t_c:.2f}x")
+    if args.cudnn_benchmark:
+        print(f"ratio ours/ours with cudnn.benchmark: {t_o / t_b:.2f}x")
 
 
 if __name__ == "__main__":

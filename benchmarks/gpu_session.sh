@@ -45,9 +45,10 @@ print(\"device:\", torch.cuda.get_device_name() if torch.cuda.is_available() els
 import albumentations, jsonargparse, wandb, torch_pruning, faster_coco_eval, train  # everything a run imports
 print(\"imports ok\")'" ;;
     decode) step decode "$py" -m benchmarks.bench_gpu --only decode $(q "" "--batch 2 --repeats 1") ;;
-    networks) step networks "$py" -m benchmarks.bench_gpu --only networks $(q "" "--batch 2 --repeats 1") ;;
+    networks) step networks "$py" -m benchmarks.bench_gpu --only networks --compile $(q "" "--batch 2 --repeats 1") ;;
     widths) step widths "$py" -m benchmarks.bench_gpu --only widths --compile $(q "" "--batch 2 --repeats 1") ;;
-    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last $(q "--batch 32 --repeats 10 --compile" "--batch 2 --repeats 1") ;;
+    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last --cudnn-benchmark \
+        $(q "--batch 32 --repeats 10 --compile" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;
     loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 2 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
