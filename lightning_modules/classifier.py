@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import ClassBalance, EvalHooks, NetRunner, check_compile, check_loss_finite
+from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, check_compile, check_loss_finite,
+                                     log_training_loss)
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
                 "conv3_3": 256, "conv4_1": 512, "conv4_2": 512, "conv4_3": 512, "conv5_1": 512, "conv5_2": 512,
@@ -169,7 +170,7 @@ class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         check_loss_finite(  # every rank at once under DDP
             loss, self.global_step, advice="Training stopped; the last good checkpoint is kept (see the run's "
             "checkpoints/ folder). Lower --model.lr or lengthen --model.warmup_epochs.")
-        self.log("train/loss", loss, prog_bar=True)
+        log_training_loss(self, loss)
         return loss
 
     def class_balanced_loss(self) -> Tensor:

@@ -54,6 +54,31 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
                         category=PossibleUserWarning)
 
 
+def _reads_are_free(module) -> bool:
+    """Whether reading a logged tensor back costs nothing but the copy (on a CPU), not a wait for the device."""
+    return module.device.type == "cpu"
+
+
+def log_training_loss(module, value: Tensor, batch_size: int | None = None, lr: float | None = None) -> None:
+    """Log the training loss (``train/loss``) and the learning rate (``lr``) every step, and show them in the
+    progress bar without stalling a GPU.
+
+    Lightning turns every value logged with ``prog_bar=True`` into a Python number at the end of *every* batch
+    (``.item()``, whatever the progress bar), and a float logged every step becomes a device tensor first. On a GPU
+    that is a host synchronisation after the optimiser step: the device then idles while the host runs Lightning's
+    loop, fetches and copies the next batch and launches the next forward. So on a GPU the per-step values go to the
+    loggers only (converted every ``log_every_n_steps``) and the bar shows ``loss_epoch``, the previous epoch's mean
+    (accumulated on the device, read once per epoch); on a CPU, where reading is free, the bar shows the step's
+    values as before."""
+    each_step = _reads_are_free(module)
+    module.log("train/loss", value, prog_bar=each_step, batch_size=batch_size)
+    if not each_step:
+        module.log("loss_epoch", value.detach(), on_step=False, on_epoch=True, prog_bar=True, logger=False,
+                   batch_size=batch_size)
+    if lr is not None:
+        module.log("lr", lr, prog_bar=each_step, batch_size=batch_size)
+
+
 class EvalHooks:
     """Lightning's validation and test hooks, routed to the module's ``_eval_step(batch, stage)`` and
     ``_eval_epoch_end(stage)`` (stage ``"val"`` or ``"test"``)."""

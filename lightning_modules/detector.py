@@ -12,7 +12,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode, packed_field
 from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, NonFiniteLossError,  # noqa: F401 (public here)
-                                      check_compile, check_loss_finite)
+                                      check_compile, check_loss_finite, log_training_loss)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -186,10 +186,9 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
             "Training stopped; the last good checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr "
             "or lengthen the warm-up (--model.warmup_iters), and check the data for broken boxes.")
         bs = images.shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        log_training_loss(self, losses["loss"], bs, lr=self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/loss_loc", losses["loc"], batch_size=bs)
         self.log("train/loss_conf", losses["conf"], batch_size=bs)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return losses["loss"]
 
     def class_balanced_loss(self) -> Tensor:

@@ -122,3 +122,70 @@ def test_throughput_on_a_gpu_times_steps_with_events_and_syncs_twice_per_epoch(t
         assert s["device_idle_share_last_epoch"] > 0.5 and s["data_wait_share_last_epoch"] > 0.5
     else:
         assert s["device_idle_share_last_epoch"] < 0.1 and s["step_ms_last_epoch"] >= 50
+
+
+class _LoggingNet(_Net):
+    def training_step(self, batch, batch_idx):
+        from lightning_modules.common import log_training_loss
+
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        log_training_loss(self, loss, batch_size=len(x), lr=0.1)
+        return loss
+
+
+class _CountReads(pl.Callback):
+    """Counts the values Lightning reads back from logged tensors (``.item()``: a host sync on a GPU) from the
+    start of each training batch to the start of the next, epoch ends and validation excluded."""
+
+    def __init__(self):
+        self.reads, self.batches, self.active = 0, 0, False
+
+    def on_train_batch_start(self, *args):
+        self.active = True
+
+    def on_train_batch_end(self, *args):
+        self.batches += 1
+
+    def on_validation_start(self, *args):
+        self.active = False
+
+    def on_train_epoch_end(self, *args):  # the epoch's figures are read once per epoch: fine
+        self.active = False
+
+
+@pytest.mark.parametrize("reads_are_free", [True, False])
+def test_training_loss_reaches_the_bar_without_a_read_per_step_on_a_gpu(tmp_path, monkeypatch, reads_are_free):
+    """Lightning converts every ``prog_bar`` value to a number at every batch's end: a GPU would wait there for the
+    whole step. ``log_training_loss`` shows the step's loss in the bar on a CPU only; on a GPU (faked here: reads
+    are not free) the bar shows the previous epoch's mean and nothing is read back per step, while the loggers
+    still get ``train/loss`` and ``lr``."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lightning_modules.common as common
+
+    monkeypatch.setattr(common, "_reads_are_free", lambda module: reads_are_free)
+    counter = _CountReads()
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if counter.active and func is torch.ops.aten._local_scalar_dense.default and any(
+                    "logger_connector" in f.filename for f in traceback.extract_stack()):
+                counter.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[counter], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, log_every_n_steps=50)
+    with Reads():
+        trainer.fit(_LoggingNet(0.0), DataLoader(_Images(24, 0.0), batch_size=4, num_workers=0))
+    assert counter.batches == 12
+    if reads_are_free:  # the step's loss and lr, read at every batch's end
+        assert counter.reads >= 2 * counter.batches
+        assert {"train/loss", "lr"} <= trainer.progress_bar_metrics.keys()
+    else:
+        assert counter.reads == 0
+        assert "loss_epoch" in trainer.progress_bar_metrics and "train/loss" not in trainer.progress_bar_metrics
+    assert {"train/loss", "lr"} <= trainer.logged_metrics.keys()
