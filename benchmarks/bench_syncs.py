@@ -1,0 +1,129 @@
+"""Which operations of a real fit would make a GPU wait for the host, per training batch, and where they are.
+
+On a GPU the host queues kernels ahead of the device; an operation that needs a value back on the host (``.item()``,
+``int(t)``, ``.tolist()`` of a device tensor, ``nonzero``, a boolean-mask index, ``torch.equal``, ``unique``)
+blocks until the device has caught up. One in the middle of a step costs little (the backward's kernels are queued
+right after); one after the optimiser step leaves the device idle while the host runs Lightning's loop and fetches
+and copies the next batch. This runs the demo's fit (shrunk: a few batches per epoch, no logger) on the CPU under a
+``TorchDispatchMode`` that records every such operation with the place in our code, or Lightning's, that called it,
+between the start of a training batch and the end of the epoch's training batches (validation and epoch ends left
+out), and prints them per training batch.
+
+    python -m benchmarks.bench_syncs                 # the fit as it runs on a CPU
+    python -m benchmarks.bench_syncs --as-on-a-gpu   # what the module logs on a GPU (lightning_modules.common)
+
+On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` reports the real synchronisations; this is the CPU's view of
+the same code paths. Operations on CPU tensors (e.g. Adam's step counters, kept on the CPU) are listed too, though
+they do not wait for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import traceback
+
+import pytorch_lightning as pl
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::masked_select", "aten::_unique2",
+           "aten::unique_consecutive", "aten::unique_dim"}
+
+
+class SyncProbe(TorchDispatchMode):
+    """Counts the operations that would wait for a GPU, by (operation, caller), while ``active``."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = False
+        self.where: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            name = func._schema.name
+            if name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in args[1] if i is not None):
+                name = "aten::index (boolean mask)"
+            elif name == "aten::repeat_interleave" and "output_size" not in (kwargs or {}):
+                name = "aten::repeat_interleave (no output_size)"
+            if name in SYNCING or "(" in name:
+                self.where[(name, caller())] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def caller() -> str:
+    """The innermost frame outside torch: ``path:line function`` (paths from the repository or site-packages)."""
+    for f in reversed(traceback.extract_stack()[:-3]):
+        if "/torch/optim/" in f.filename:  # Adam's step counts, kept on the CPU on a GPU too
+            return "torch.optim's per-parameter step counts (CPU tensors: no GPU wait)"
+        if "/torch/" not in f.filename:
+            if "site-packages/" in f.filename:
+                path = f.filename.split("site-packages/")[-1]
+            else:
+                path = os.path.relpath(f.filename, ROOT)
+            return f"{path}:{f.lineno} {f.name}"
+    return "?"
+
+
+class Window(pl.Callback):
+    """Switches the probe on from each training batch's start to the epoch's validation or end."""
+
+    def __init__(self, probe: SyncProbe):
+        self.probe, self.batches = probe, 0
+
+    def on_train_batch_start(self, *args):
+        self.probe.active = True
+
+    def on_train_batch_end(self, *args):
+        self.batches += 1
+
+    def on_validation_start(self, *args):
+        self.probe.active = False
+
+    def on_train_epoch_end(self, *args):
+        self.probe.active = False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="experiments/demo.yaml")
+    ap.add_argument("--batches", type=int, default=4, help="training batches per epoch")
+    ap.add_argument("--as-on-a-gpu", action="store_true",
+                    help="log as the module does on a GPU (no per-step progress-bar values)")
+    args = ap.parse_args()
+
+    import lightning_modules.common as common
+    import train
+
+    if args.as_on_a_gpu:
+        common._reads_are_free = lambda module: False
+    probe = SyncProbe()
+    window = Window(probe)
+    init = pl.Trainer.__init__
+
+    @functools.wraps(init)  # LightningCLI reads the Trainer's options from this signature
+    def with_window(self, *a, **k):
+        k["callbacks"] = [window, *(k.get("callbacks") or [])]  # first: off before the others' epoch ends
+        init(self, *a, **k)
+
+    pl.Trainer.__init__ = with_window
+    try:
+        with probe:
+            train.main(["--config", args.config, "--trainer.logger", "false", "--trainer.limit_train_batches",
+                        str(args.batches), "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                        "--trainer.default_root_dir", "runs/bench_syncs", "--run_name", "probe"])
+    finally:
+        pl.Trainer.__init__ = init
+    print(f"\n{window.batches} training batches; operations that would wait for a GPU, per batch:\n")
+    print("| per batch | operation | called from |")
+    print("| --- | --- | --- |")
+    for (name, where), n in probe.where.most_common():
+        print(f"| {n / max(window.batches, 1):.2f} | {name} | {where} |")
+
+
+if __name__ == "__main__":
+    main()
