@@ -292,7 +292,8 @@ def test_dense_grouped_nms_is_greedy_nms_in_every_group(compiled):
     if compiled:  # the compiled matrices equal eager's bit for bit, on the ties and on random boxes
         for b, v, thr in ((grid, ok, 0.5), (grid, ok, 0.45), (boxes, valid, 0.45)):
             lt = torch.ones(b.shape[1], b.shape[1], dtype=torch.bool).triu_(1)
-            assert torch.equal(_compiled_suppression()(b, v, lt, thr, torch.float32), _suppression(b, v, lt, thr).float())
+            compiled_sup = _compiled_suppression()(b, v, lt, thr, torch.float32)
+            assert torch.equal(compiled_sup, _suppression(b, v, lt, thr).float())
     with pytest.raises(ValueError, match="nms_method must be"):
         decode(torch.zeros(1, 4, 4), torch.zeros(1, 4, 3), torch.rand(4, 4), nms_method="fast")
 
