@@ -10,6 +10,8 @@ does.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -181,6 +183,27 @@ def _compiled_suppression():
     return _COMPILED_SUPPRESSION
 
 
+_COMPILE_FAILED: str | None = None  # why torch.compile could not build the matrices here (then eager, once warned)
+
+
+def _compiled_suppression_or_none(boxes: Tensor, valid: Tensor, later: Tensor, iou_threshold: float,
+                                  dtype: torch.dtype) -> Tensor | None:
+    """The compiled matrix, or None where ``torch.compile`` cannot run (no C++ compiler or Triton, a Python it does
+    not support, a ``TorchDispatchMode`` active): then ``grouped_nms_dense`` builds it eagerly (the same matrix),
+    after one warning that says why."""
+    global _COMPILE_FAILED
+    if _COMPILE_FAILED is None:
+        try:
+            return _compiled_suppression()(boxes, valid, later, iou_threshold, dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 (any failure to compile: fall back, say so)
+            _COMPILE_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"decode(compile=True): torch.compile could not build the NMS matrices ({_COMPILE_FAILED}); "
+                          "building them eagerly instead (the same detections, slower)", RuntimeWarning, stacklevel=2)
+    return None
+
+
 _NMS_CHUNK = 1 << 24  # IoU entries computed at once by eager ``grouped_nms_dense`` (64 MB of float32 temporaries)
 
 
@@ -202,9 +225,8 @@ def grouped_nms_dense(boxes: Tensor, valid: Tensor, iou_threshold: float, compil
     dev = boxes.device
     dt = torch.float16 if dev.type == "cuda" else torch.float32  # 0/1 entries; sums <= K are exact either way
     later = torch.ones(k, k, dtype=torch.bool, device=dev).triu_(1)
-    if compiled:
-        sup = _compiled_suppression()(boxes, valid, later, float(iou_threshold), dt)
-    else:
+    sup = _compiled_suppression_or_none(boxes, valid, later, float(iou_threshold), dt) if compiled else None
+    if sup is None:
         sup = torch.empty(g, k, k, dtype=dt, device=dev)  # sup[g, i, j]: box i suppresses box j if i is kept
         step = max(1, _NMS_CHUNK // (k * k))
         for s in range(0, g, step):

@@ -305,3 +305,27 @@ def test_bench_gpu_width_rounding_goes_up_to_the_multiple_and_stops_at_dense():
     assert rounded_widths({"a": 56, "b": 97, "c": 1}, dense, 32) == {"a": 64, "b": 100, "c": 32}
     assert rounded_widths({"a": 56, "b": 97, "c": 1}, dense, 1) == {"a": 56, "b": 97, "c": 1}
     assert rounded_widths({"a": 57, "b": 16, "c": 500}, dense, 8) == {"a": 64, "b": 16, "c": 504}
+
+
+def test_compiled_decode_falls_back_to_eager_where_torch_compile_cannot_run(monkeypatch):
+    """Under a ``TorchDispatchMode`` (op counters, FLOP counters) torch.compile refuses to run: decode(compile=True)
+    then warns once, says why, and builds the matrices eagerly: the same detections."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lightning_modules.box_ops as box_ops
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(box_ops, "_COMPILE_FAILED", None)
+    torch.manual_seed(0)
+    m = build_ssd(300, 6, width_mult=0.0625)
+    loc, conf = torch.randn(2, m.priors.shape[0], 4) * 0.5, torch.randn(2, m.priors.shape[0], 6) * 2
+    want = decode(loc, conf, m.priors, nms_method="dense")
+    with Passthrough(), pytest.warns(RuntimeWarning, match="torch.compile could not build the NMS matrices"):
+        got = decode(loc, conf, m.priors, nms_method="dense", compile=True)
+    assert box_ops._COMPILE_FAILED
+    for g, w in zip(got, want):
+        for a, b in zip(_canonical(g), _canonical(w)):
+            assert torch.equal(a, b)
