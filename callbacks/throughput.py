@@ -46,7 +46,6 @@ class TrainingThroughput(Callback):
         self._images = 0
         self._last_end: float | None = None
         self._start: float | None = None
-        self._loop_start: float | None = None  # host clock at the end of the first step
 
     @staticmethod
     def _cuda(pl_module) -> bool:
@@ -83,8 +82,6 @@ class TrainingThroughput(Callback):
         end = time.perf_counter()
         if self._start is not None:
             self._steps.append(end - self._start)
-        if self._loop_start is None:
-            self._loop_start = end
         self._last_end = end
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         self._images += int(images.shape[0]) if hasattr(images, "shape") else 0

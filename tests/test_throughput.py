@@ -106,8 +106,8 @@ class _AsIfOnAGpu(TrainingThroughput):
 
 @pytest.mark.parametrize("data_delay_s, step_delay_s, limited_by", [(0.02, 0.0, "data loading"),
                                                                      (0.0, 0.05, "the training step")])
-def test_throughput_on_a_gpu_times_steps_with_events_and_syncs_twice_per_epoch(tmp_path, data_delay_s, step_delay_s,
-                                                                              limited_by):
+def test_throughput_on_a_gpu_times_steps_with_events_and_syncs_three_times_per_epoch(tmp_path, data_delay_s,
+                                                                                     step_delay_s, limited_by):
     """Without a synchronisation after every step (which would idle the device between steps): the steps are
     timed by events read at the epoch's end, and the host synchronises three times per epoch (at its start, after
     its first step, and at its end to read the events), whatever the number of steps. The device's idle share says
