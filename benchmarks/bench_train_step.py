@@ -5,6 +5,8 @@ matching alone, batched vs the per-image loop it replaced.
 python -m benchmarks.bench_train_step [--batch 4] [--repeats 5] [--device cpu] [--bf16] [--channels-last] [--compile]
                                      [--cudnn-benchmark]   # + our step with cuDNN's autotuner (Trainer benchmark)
 python -m benchmarks.bench_train_step --only match [--repeats 20]      # matching and the loss, batch 8 and 32
+                                      # (the loss "now" is sync-free on a GPU: MultiBoxLoss(sync_free=None); both forms)
+python -m benchmarks.bench_train_step --sync-debug   # a GPU: list the host syncs of our step (cuda sync debug mode)
 python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
 """
 
@@ -68,6 +70,45 @@ def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device, bf16: 
     return synced(step, dev)
 
 
+def sync_report(net, images, targets, opt, loss_fn, dev: torch.device, bf16: bool) -> None:
+    """Our step (forward, loss, backward, optimiser step; no synchronisation of its own) once under CUDA's sync debug
+    mode: every operation that made the host wait for the GPU, by the line of our code (or torch's) that called it."""
+    import collections
+    import traceback
+    import warnings
+
+    if dev.type != "cuda":
+        print("--sync-debug: needs a GPU (CUDA's sync debug mode); skipped")
+        return
+    where = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stack = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+            ours = [f for f in stack if "/torch/" not in f.filename and "site-packages" not in f.filename]
+            f = (ours or stack)[-1]
+            where[f"{f.filename.rsplit('/', 2)[-2:][-1]}:{f.lineno} {f.name}"] += 1
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():  # restores showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            with autocast(dev, bf16):
+                loc, conf = net(images)
+                loss = loss_fn(loc, conf, net.priors, targets)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    print(f"host syncs in one step of ours (CUDA sync debug mode): {sum(where.values())}")
+    for place, n in where.most_common():
+        print(f"  {n} x {place}")
+
+
 def loss_before(loc, conf, priors, targets, neg_pos_ratio=3):
     """The whole MultiBox loss as it was: per-image matching, hard negatives ranked by two full sorts."""
     import torch.nn.functional as F
@@ -87,10 +128,10 @@ def match_table(args, dev: torch.device) -> None:
     like VOC's (1-6 objects per image) and like facemask's crowds (1-40)."""
     g = torch.Generator().manual_seed(0)
     priors = default_boxes(300).to(dev)
-    loss_fn = MultiBoxLoss()
+    loss_fn, reads, free = MultiBoxLoss(), MultiBoxLoss(sync_free=False), MultiBoxLoss(sync_free=True)
     print(row("targets", "batch", "per-image matching ms", "batched matching ms", "speed-up", "whole loss before ms",
-              "whole loss now ms", "speed-up"))
-    print(row(*["---"] * 8))
+              "whole loss now ms", "speed-up", "with reads ms", "sync-free ms"))
+    print(row(*["---"] * 10))
     for kind, most in (("VOC-like (1-6 objects)", 6), ("crowded (1-40 objects)", 40)):
         for b in (8, 32):
             targets = []
@@ -106,13 +147,16 @@ def match_table(args, dev: torch.device) -> None:
             t_new = median_time(synced(lambda: loss_fn.match(priors, targets), dev), args.repeats)
             t_lold = median_time(synced(lambda: loss_before(loc, conf, priors, targets), dev), args.repeats)
             t_loss = median_time(synced(lambda: loss_fn(loc, conf, priors, targets), dev), args.repeats)
+            t_read = median_time(synced(lambda: reads(loc, conf, priors, targets), dev), args.repeats)
+            t_free = median_time(synced(lambda: free(loc, conf, priors, targets), dev), args.repeats)
             # the same loss, or no comparison; checked on the CPU, where the per-image matcher is deterministic (on
             # a GPU, which of several ground truths claiming one default box wins is up to the scatter's order)
             cpu_t = [{k: v.cpu() for k, v in t.items()} for t in targets]
             torch.testing.assert_close(loss_fn(loc.cpu(), conf.cpu(), priors.cpu(), cpu_t)["loss"],
                                        loss_before(loc.cpu(), conf.cpu(), priors.cpu(), cpu_t))
             print(row(kind, b, f"{t_old * 1e3:.2f}", f"{t_new * 1e3:.2f}", f"{t_old / t_new:.2f}x",
-                      f"{t_lold * 1e3:.2f}", f"{t_loss * 1e3:.2f}", f"{t_lold / t_loss:.2f}x"))
+                      f"{t_lold * 1e3:.2f}", f"{t_loss * 1e3:.2f}", f"{t_lold / t_loss:.2f}x", f"{t_read * 1e3:.2f}",
+                      f"{t_free * 1e3:.2f}"))
 
 
 def layout_table(args, dev: torch.device) -> None:
@@ -148,6 +192,8 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true", help="both networks and our input in channels-last")
     ap.add_argument("--compile", action="store_true",
                     help="also our step with the network compiled (torch.compile, as --model.compile true trains)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="a GPU: run our step once under torch.cuda.set_sync_debug_mode('warn') and list its syncs")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="also our step with torch.backends.cudnn.benchmark on (Trainer(benchmark=True)), timed last")
     args = ap.parse_args()
@@ -184,6 +230,8 @@ def main() -> None:
         opt_t.step()
 
     t_o = median_time(step_ours, args.repeats)
+    if args.sync_debug:
+        sync_report(ours, images, tgt_o, opt_o, loss_fn, dev, args.bf16)
     t_t = median_time(step_tv, args.repeats)
     if args.compile:  # a second copy of our network, compiled; the first calls compile it (three warm-ups)
         torch.manual_seed(0)

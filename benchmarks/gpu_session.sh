@@ -47,7 +47,7 @@ print(\"imports ok\")'" ;;
     decode) step decode "$py" -m benchmarks.bench_gpu --only decode $(q "" "--batch 2 --repeats 1") ;;
     networks) step networks "$py" -m benchmarks.bench_gpu --only networks --compile $(q "" "--batch 2 --repeats 1") ;;
     widths) step widths "$py" -m benchmarks.bench_gpu --only widths --compile $(q "" "--batch 2 --repeats 1") ;;
-    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last --cudnn-benchmark \
+    train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last --cudnn-benchmark --sync-debug \
         $(q "--batch 32 --repeats 10 --compile" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection._utils import BoxCoder, encode_boxes
 from torchvision.ops import batched_nms, box_convert, nms
 
 BOX_CODER = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
@@ -36,6 +36,27 @@ def packed_field(targets, key: str) -> tuple[Tensor, list[int]]:
     return (torch.cat(parts) if parts else torch.empty(0)), counts
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host numbers as a tensor on ``device`` without waiting for the device: ``torch.tensor(..., device=cuda)``
+    copies and then synchronises the stream; from pinned memory the copy is queued like a kernel."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+_CODER_WEIGHTS: dict = {}
+
+
+def encode(reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+    """``BOX_CODER.encode_single`` without its per-call ``torch.as_tensor(weights, device=...)`` (a blocking copy to
+    a GPU in every training step): the weights are made once per device and dtype."""
+    key = (reference_boxes.device, reference_boxes.dtype)
+    if key not in _CODER_WEIGHTS:
+        _CODER_WEIGHTS[key] = to_device(list(BOX_CODER.weights), reference_boxes.device, reference_boxes.dtype)
+    return encode_boxes(reference_boxes, proposals, _CODER_WEIGHTS[key])
+
+
 def box_iou_anchors(boxes: Tensor, anchors_t: Tensor) -> Tensor:
     """IoU of (T, 4) boxes with anchors given as (4, P) coordinate rows (x1, y1, x2, y2), both xyxy: (T, P). The
     same arithmetic in the same order as ``torchvision.ops.box_iou``, so the same values bit for bit, but in place
@@ -49,13 +70,24 @@ def box_iou_anchors(boxes: Tensor, anchors_t: Tensor) -> Tensor:
     return inter.div_((area_b[:, None] + area_a).sub_(inter))
 
 
+def _syncs_cost(device: torch.device) -> bool:
+    """Whether reading a value back to the host makes it wait for ``device`` (any device but the CPU)."""
+    return device.type != "cpu"
+
+
 class MultiBoxLoss:
     """Smooth-L1 localisation + softmax cross-entropy with 3:1 hard negatives, normalised by positives
     (Liu et al. 2016, eq. 1-3)."""
 
-    def __init__(self, iou_threshold: float = 0.5, neg_pos_ratio: int = 3):
+    def __init__(self, iou_threshold: float = 0.5, neg_pos_ratio: int = 3, sync_free: bool | None = None):
+        """``sync_free``: compute the loss without reading anything back to the host (no boolean-mask indexing, no
+        data-dependent sizes), as it runs on a GPU, where each such read makes the host wait for the device in the
+        middle of the step and would break a CUDA graph or a full-graph ``torch.compile``. None: on any device but
+        the CPU, where reading is free and a ``topk`` of the batch's largest count of hard negatives is ~6x faster
+        than ranking every box by a sort. Both give the same loss (tested)."""
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
+        self.sync_free = sync_free
 
     def match(self, priors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
         """Per default box: class target (0 = background) and regression target, each (N, P, ...).
@@ -76,7 +108,7 @@ class MultiBoxLoss:
                     torch.zeros(n, p, 4, dtype=anchors.dtype, device=dev))
         boxes = boxes.to(dev, anchors.dtype)
         labels = packed_field(targets, "labels")[0].to(dev, torch.long)
-        cnt = torch.tensor(counts, device=dev)
+        cnt = to_device(counts, dev)
         img = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)  # each gt's image
         gid = torch.arange(total, device=dev)
         iou = box_iou_anchors(boxes, anchors.t().contiguous())  # (T, P)
@@ -94,7 +126,7 @@ class MultiBoxLoss:
         # background boxes regress to their image's first gt (as before; unused by the loss); none: zeros
         gi = torch.where(fg, idx, (cnt.cumsum(0) - cnt)[:, None]).clamp(max=total - 1)
         cls_t = torch.where(fg, labels[gi] + 1, 0)
-        reg_t = BOX_CODER.encode_single(boxes[gi].reshape(-1, 4), anchors.repeat(n, 1)).view(n, p, 4)
+        reg_t = encode(boxes[gi].reshape(-1, 4), anchors.repeat(n, 1)).view(n, p, 4)
         return cls_t, torch.where((cnt > 0)[:, None, None], reg_t, 0.0)
 
     def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]],
@@ -105,26 +137,37 @@ class MultiBoxLoss:
         target class (the class-balanced loss of ``SSDDetector.class_balanced_loss``); None: every box counts 1."""
         with torch.no_grad():
             cls_t, reg_t = self.match(priors, targets)
+        sync_free = _syncs_cost(loc.device) if self.sync_free is None else self.sync_free
         pos = cls_t > 0
         num_pos = pos.sum()
-        if class_weights is None:
+        w_box = None if class_weights is None else class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P)
+        if sync_free:  # every box, the others' terms made exactly 0 (their gradient too: where, not a product)
+            sl1 = F.smooth_l1_loss(torch.where(pos[..., None], loc.float(), reg_t), reg_t, reduction="none").sum(-1)
+            loc_loss = (sl1 if w_box is None else sl1 * w_box).sum()
+        elif w_box is None:
             loc_loss = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
-        else:
-            w_box = class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P): each box's weight by its target
+        else:  # each box's weight by its target
             loc_loss = (F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="none").sum(-1) * w_box[pos]).sum()
         ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
         # Hard negatives: the (3 x positives) background boxes with the highest loss, per image: one top-k of the
         # batch's largest count instead of ranking every box by two full sorts (26x faster on a CPU at batch 32;
-        # the same boxes up to ties of equal loss, so the same loss value)
+        # the same boxes up to ties of equal loss, so the same loss value). Sync-free: every box's rank by one sort
+        # (the top-k's size would be read back from the device).
         with torch.no_grad():
             neg_ce = ce.masked_fill(pos, -1.0)
             k = self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
-            kmax = min(int(k.max()), neg_ce.shape[1])
-            _, hardest = neg_ce.topk(kmax, dim=1)
-            neg = torch.zeros_like(pos).scatter_(1, hardest, torch.arange(kmax, device=k.device) < k)
+            if sync_free:
+                order = neg_ce.argsort(dim=1, descending=True)
+                ranks = torch.arange(neg_ce.shape[1], device=k.device).expand_as(order)
+                neg = torch.empty_like(order).scatter_(1, order, ranks) < k
+            else:
+                kmax = min(int(k.max()), neg_ce.shape[1])
+                _, hardest = neg_ce.topk(kmax, dim=1)
+                neg = torch.zeros_like(pos).scatter_(1, hardest, torch.arange(kmax, device=k.device) < k)
         n = (num_pos.float() if normalize is None else normalize(num_pos.float())).clamp(min=1)
         loc_loss = loc_loss / n
-        conf_loss = (ce if class_weights is None else ce * w_box)[pos | neg].sum() / n
+        ce = ce if w_box is None else ce * w_box
+        conf_loss = (torch.where(pos | neg, ce, 0.0).sum() if sync_free else ce[pos | neg].sum()) / n
         return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos.float()}
 
 

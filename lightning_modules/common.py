@@ -75,8 +75,17 @@ def log_training_loss(module, value: Tensor, batch_size: int | None = None, lr: 
     if not each_step:
         module.log("loss_epoch", value.detach(), on_step=False, on_epoch=True, prog_bar=True, logger=False,
                    batch_size=batch_size)
-    if lr is not None:
+    # ``self.log`` makes a float a tensor on the module's device: on a GPU a blocking copy, which waits for the step's
+    # queued kernels. So there the learning rate is logged only at the steps the loggers write (as Lightning's own
+    # LearningRateMonitor does).
+    if lr is not None and (each_step or _logs_this_step(module)):
         module.log("lr", lr, prog_bar=each_step, batch_size=batch_size)
+
+
+def _logs_this_step(module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 class EvalHooks:
@@ -108,7 +117,12 @@ class ClassBalance:
     _last_step: tuple | None = None
 
     def _count_labels(self, labels: Tensor, num_classes: int) -> None:
-        counts = torch.bincount(labels.detach().flatten(), minlength=num_classes)[:num_classes]  # int64, any device
+        # a scatter, not ``bincount``: on a GPU bincount reads the labels' maximum back to size its output (a host
+        # sync in every training step); labels outside [0, num_classes) go to an extra bin that is dropped
+        labels = labels.detach().flatten().long()
+        labels = torch.where((labels >= 0) & (labels < num_classes), labels, num_classes)
+        counts = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device).scatter_add_(
+            0, labels, torch.ones_like(labels))[:num_classes]
         self._class_counts = counts if self._class_counts is None else self._class_counts.to(counts.device) + counts
 
     def _step_outputs(self) -> tuple:

@@ -201,6 +201,43 @@ def test_hard_negatives_three_to_one():
     torch.testing.assert_close(out["conf"], torch.tensor(4 * math.log(4)))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sync_free_loss_is_the_loss_without_a_read_back(weighted):
+    """The loss as it runs on a GPU (``sync_free``: every box's terms masked with ``where``, hard negatives ranked by
+    one sort) equals the CPU's (boolean-mask indexing, a top-k of the batch's largest count) in value and gradient:
+    with and without class weights, with an image without objects, and with uniform logits (every negative ties).
+    And it asks the host for nothing: no operation that would wait for a GPU (``benchmarks.bench_syncs``' list)."""
+    from benchmarks.bench_syncs import SyncProbe
+
+    torch.manual_seed(0)
+    priors = default_boxes(300)
+    targets = DetectionTargets.from_list([
+        {"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6], [0.1, 0.5, 0.3, 0.9]]), "labels": torch.tensor([1, 0])},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)},
+        {"boxes": torch.rand(9, 2).mul(0.5).repeat(1, 2).add(torch.tensor([0, 0, 0.3, 0.4])),
+         "labels": torch.randint(0, 3, (9,))}])
+    weights = torch.tensor([1.0, 0.5, 2.0, 3.0]) if weighted else None
+    for conf0 in (torch.randn(3, len(priors), 4) * 3, torch.zeros(3, len(priors), 4)):
+        results = {}
+        for sync_free in (False, True):
+            loc = (torch.randn(3, len(priors), 4, generator=torch.Generator().manual_seed(1))).requires_grad_()
+            conf = conf0.clone().requires_grad_()
+            probe = SyncProbe()
+            probe.active = sync_free
+            with probe:
+                out = MultiBoxLoss(sync_free=sync_free)(loc, conf, priors, targets, class_weights=weights)
+            assert not probe.where, dict(probe.where)
+            out["loss"].backward()
+            results[sync_free] = (out, loc.grad, conf.grad)
+        (a, ga_loc, ga_conf), (b, gb_loc, gb_conf) = results[False], results[True]
+        for key in ("loss", "loc", "conf", "num_pos"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gb_loc, ga_loc, rtol=1e-6, atol=1e-8)
+        if conf0.any():  # with ties (uniform logits) the two may pick different, equally hard negatives
+            torch.testing.assert_close(gb_conf, ga_conf, rtol=1e-6, atol=1e-8)
+        assert a["num_pos"] > 9
+
+
 def test_decode_respects_top_k_and_threshold():
     m = build_ssd(300, 6, width_mult=0.0625)
     loc, conf = m(torch.randn(2, 3, 300, 300))

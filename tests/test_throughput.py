@@ -159,7 +159,8 @@ def test_training_loss_reaches_the_bar_without_a_read_per_step_on_a_gpu(tmp_path
     """Lightning converts every ``prog_bar`` value to a number at every batch's end: a GPU would wait there for the
     whole step. ``log_training_loss`` shows the step's loss in the bar on a CPU only; on a GPU (faked here: reads
     are not free) the bar shows the previous epoch's mean and nothing is read back per step, while the loggers
-    still get ``train/loss`` and ``lr``."""
+    still get ``train/loss`` and ``lr``. Nor is the learning rate (a float) made a device tensor at every step
+    (a blocking copy to a GPU): only at the steps the loggers write."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -174,18 +175,24 @@ def test_training_loss_reaches_the_bar_without_a_read_per_step_on_a_gpu(tmp_path
             if counter.active and func is torch.ops.aten._local_scalar_dense.default and any(
                     "logger_connector" in f.filename for f in traceback.extract_stack()):
                 counter.reads += 1
+            if counter.active and func is torch.ops.aten.lift_fresh.default and any(
+                    f.name == "__to_tensor" for f in traceback.extract_stack()):  # self.log of a float
+                made.append(trainer.global_step)
             return func(*args, **(kwargs or {}))
 
+    made = []  # the steps at which a logged float became a tensor
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[counter], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, log_every_n_steps=50)
+                         default_root_dir=tmp_path, log_every_n_steps=5)
     with Reads():
         trainer.fit(_LoggingNet(0.0), DataLoader(_Images(24, 0.0), batch_size=4, num_workers=0))
     assert counter.batches == 12
     if reads_are_free:  # the step's loss and lr, read at every batch's end
         assert counter.reads >= 2 * counter.batches
         assert {"train/loss", "lr"} <= trainer.progress_bar_metrics.keys()
+        assert len(made) == 12
     else:
         assert counter.reads == 0
+        assert made == [4, 9]  # the 5th and the 10th step, the ones the loggers write
         assert "loss_epoch" in trainer.progress_bar_metrics and "train/loss" not in trainer.progress_bar_metrics
     assert {"train/loss", "lr"} <= trainer.logged_metrics.keys()
