@@ -7,6 +7,7 @@ per-image loop, and how many images each gives exactly the detections of greedy 
     python -m benchmarks.bench_gpu                      # on the GPU if there is one: batch 1 and 32
     python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
     python -m benchmarks.bench_gpu --only widths [--compile]             # kept widths rounded to 1/8/16/32/64
+    python -m benchmarks.bench_gpu --only widths --cudnn-benchmark       # the same with cuDNN's autotuner on
     python -m benchmarks.bench_gpu --only networks --compile             # + the compiled network and decoder
 
 The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
@@ -121,11 +122,16 @@ def main() -> None:
     ap.add_argument("--only", choices=("decode", "networks", "widths"), help="run one of the tables")
     ap.add_argument("--compile", action="store_true",
                     help="networks and widths tables: also time the compiled networks (and decoder)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark on for the whole run (cuDNN times its algorithms for each new "
+                         "shape and keeps the fastest; Trainer(benchmark=True)): does autotuning help narrow widths?")
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; batch 1 and {args.batch}; medians of {args.repeats}\n")
+    print(f"device: {name}; torch {torch.__version__}; batch 1 and {args.batch}; medians of {args.repeats}"
+          f"{'; cudnn.benchmark on' if args.cudnn_benchmark else ''}\n")
 
     if args.only == "widths":
         return widths_table(args, dev)
