@@ -8,6 +8,7 @@ per-image loop, and how many images each gives exactly the detections of greedy 
     python -m benchmarks.bench_gpu --device cpu --batch 2 --repeats 3   # the CPU-sized version
     python -m benchmarks.bench_gpu --only widths [--compile]             # kept widths rounded to 1/8/16/32/64
     python -m benchmarks.bench_gpu --only widths --cudnn-benchmark       # the same with cuDNN's autotuner on
+    python -m benchmarks.bench_gpu --only layers [--round-to 8]          # per layer: dense vs pruned-6det, batch 32
     python -m benchmarks.bench_gpu --only networks --compile             # + the compiled network and decoder
 
 The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
@@ -17,6 +18,12 @@ at batch 1 and the throughput batch; ``speed-up / MACs reduction`` near 1
 means the device turns the saved MACs into time. ``--compile`` adds the same networks under ``torch.compile``
 (``reduce-overhead``, i.e. CUDA graphs, on a GPU: batch-1 launch overhead removed); in the networks table it adds
 a compiled row (network compiled, and ``decode(compile=True)``: the NMS matrices built by one fused kernel).
+
+The ``layers`` table answers "where does the pruned network lose the speed its MACs promise": per convolution (with
+its ReLU and any pooling after it, from its start to the next convolution's; the last one also carries the heads), at
+the throughput batch in the inference form (bf16 + channels-last on a GPU), the dense and the pruned-6det network's
+time, their ratio against the MACs ratio, and what each layer achieves in TFLOP/s and in GB/s of its minimal memory
+traffic (input, output and weights once), i.e. whether it is compute- or memory-bound on this device.
 
 Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
 Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
@@ -119,7 +126,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch (batch 1 is always timed)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--classes", type=int, default=21, help="with background (VOC: 21)")
-    ap.add_argument("--only", choices=("decode", "networks", "widths"), help="run one of the tables")
+    ap.add_argument("--only", choices=("decode", "networks", "widths", "layers"), help="run one of the tables")
+    ap.add_argument("--round-to", type=int, default=8, help="layers: the pruned-6det widths rounded up to this")
     ap.add_argument("--compile", action="store_true",
                     help="networks and widths tables: also time the compiled networks (and decoder)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
@@ -135,6 +143,8 @@ def main() -> None:
 
     if args.only == "widths":
         return widths_table(args, dev)
+    if args.only == "layers":
+        return layers_table(args, dev)
 
     # --- decode + NMS alone: the two batched methods vs the per-image loop
     m = build_ssd(300, args.classes).to(dev).eval()
@@ -258,6 +268,79 @@ def widths_table(args, dev: torch.device) -> None:
                 speed = rate[label] / rate["dense"]
                 print(row(label, "yes" if compiled else "no", f"{macs[label] / 1e6:.0f}", f"{red:.2f}x", b,
                           f"{rate[label]:.1f}", f"{speed:.2f}x", f"{speed / red:.2f}"))
+
+
+
+def layers_table(args, dev: torch.device) -> None:
+    from benchmarks.bench_cpu_layers import _layer_macs
+    from lightning_modules.ssd import resolve_channels
+
+    dense_w = resolve_channels(300, None, 1.0)
+    fast = dev.type == "cuda"
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
+    elem = 2 if fast else 4  # bytes per value: bf16 on a GPU, fp32 on a CPU
+    pruned = f"pruned-6det, round_to {args.round_to}"
+    nets = {"dense": build_ssd(300, args.classes),
+            pruned: build_ssd(300, args.classes, channels=rounded_widths(P6DET, dense_w, args.round_to))}
+    x = torch.rand(args.batch, 3, 300, 300, device=dev).contiguous(memory_format=torch.channels_last)
+    macs, traffic, marks = {}, {}, {}
+    for key, net in nets.items():
+        net.to(dev).eval().to(memory_format=torch.channels_last)
+        macs[key] = _layer_macs(net, x)
+        shapes = {}
+        hooks = [conv.register_forward_hook(lambda m, i, o, name=name, shapes=shapes: shapes.__setitem__(
+            name, (i[0].numel(), o.numel(), m.weight.numel()))) for name, conv in net.layers.items()]
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+        traffic[key] = {n: elem * sum(v) for n, v in shapes.items()}
+        marks[key] = []
+        for name, conv in net.layers.items():
+            conv.register_forward_pre_hook(lambda m, i, name=name, mk=marks[key]: mk.append((name, _mark(dev))))
+    samples = {k: {n: [] for n in net.layers} for k, net in nets.items()}
+    with torch.no_grad(), ctx():
+        for r in range(args.repeats + 2):
+            for key, net in nets.items():
+                marks[key].clear()
+                net(x)
+                ends = marks[key] + [("<end>", _mark(dev))]
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if r >= 2:  # two warm-up rounds
+                    for (name, a), (_, b) in zip(ends, ends[1:]):
+                        samples[key][name].append(_elapsed_ms(a, b))
+    per = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in samples.items()}
+    print(f"per layer at batch {args.batch}, {'bf16 + ' if fast else 'fp32, '}channels-last, eager; ms from the "
+          f"conv's start to the next conv's (ReLU, pooling; the last also the heads)\n")
+    print(row("layer", "widths dense -> pruned (out)", "dense ms", "pruned ms", "time reduction", "MACs reduction",
+              "dense TFLOP/s", "dense GB/s", "pruned TFLOP/s", "pruned GB/s"))
+    print(row(*["---"] * 10))
+    d, q = nets["dense"], nets[pruned]
+    for name in d.layers:
+        td, tq = per["dense"][name], per[pruned][name]
+        md, mq = macs["dense"][name], macs[pruned][name]
+        print(row(name, f"{d.layers[name].out_channels} -> {q.layers[name].out_channels}", f"{td:.3f}", f"{tq:.3f}",
+                  f"{td / tq:.2f}x", f"{md / mq:.2f}x", f"{2 * md / td / 1e9:.2f}",
+                  f"{traffic['dense'][name] / td / 1e6:.0f}", f"{2 * mq / tq / 1e9:.2f}",
+                  f"{traffic[pruned][name] / tq / 1e6:.0f}"))
+    sd, sq = sum(per["dense"].values()), sum(per[pruned].values())
+    print(f"\nall layers: dense {sd:.2f} ms, pruned {sq:.2f} ms: {sd / sq:.2f}x at "
+          f"{sum(macs['dense'].values()) / sum(macs[pruned].values()):.2f}x fewer conv MACs")
+
+
+def _mark(dev: torch.device):
+    if dev.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    import time
+
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 #   there: device run, carry [".whl"], command: bash benchmarks/gpu_session.sh [STEP ...]
 #
 # Steps, in this order by default: env decode networks widths train match augment loader fit (and, only when named,
-# autotune: the widths table with cuDNN's autotuner on). One device command
+# layers: per-layer times of dense vs pruned-6det; autotune: the widths table with cuDNN's autotuner on). One device command
 # runs at most 10 minutes, so give each call a few steps (the sixteenth session: "env decode networks train match
 # augment widths" took 443 s on an H100, "fit" 148 s; a call starts in ~30 s). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
 # runs/gpu_session elsewhere); a step past STEP_TIMEOUT seconds (default 240, the fit 480) is stopped and the next
@@ -48,6 +48,7 @@ print(\"imports ok\")'" ;;
     decode) step decode "$py" -m benchmarks.bench_gpu --only decode $(q "" "--batch 2 --repeats 1") ;;
     networks) step networks "$py" -m benchmarks.bench_gpu --only networks --compile $(q "" "--batch 2 --repeats 1") ;;
     widths) step widths "$py" -m benchmarks.bench_gpu --only widths --compile $(q "" "--batch 2 --repeats 1") ;;
+    layers) step layers "$py" -m benchmarks.bench_gpu --only layers $(q "" "--batch 2 --repeats 1") ;;
     autotune) step autotune "$py" -m benchmarks.bench_gpu --only widths --compile --cudnn-benchmark \
         $(q "" "--batch 2 --repeats 1") ;;
     train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last --cudnn-benchmark --sync-debug \
@@ -74,7 +75,7 @@ print(\"imports ok\")'" ;;
         rm -rf runs/gpu/fit
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
-    *) echo "unknown step $1 (env decode networks widths autotune train match augment loader fit)" >&2; return 2 ;;
+    *) echo "unknown step $1 (env decode networks widths layers autotune train match augment loader fit)" >&2; return 2 ;;
     esac
 }
 
