@@ -58,8 +58,9 @@ def autocast(dev: torch.device, bf16: bool):
     return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device, bf16: bool = False):
-    """One training step of our SSD (forward, MultiBox loss, backward, optimiser step), synchronised on a GPU."""
+def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device, bf16: bool = False, sync: bool = True):
+    """One training step of our SSD (forward, MultiBox loss, backward, optimiser step), synchronised on a GPU unless
+    ``sync`` is false."""
     def step():
         with autocast(dev, bf16):
             loc, conf = net(images)
@@ -67,7 +68,7 @@ def ssd_train_step(net, images, targets, opt, loss_fn, dev: torch.device, bf16: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return synced(step, dev)
+    return synced(step, dev) if sync else step
 
 
 def sync_report(net, images, targets, opt, loss_fn, dev: torch.device, bf16: bool) -> None:
@@ -87,20 +88,16 @@ def sync_report(net, images, targets, opt, loss_fn, dev: torch.device, bf16: boo
             stack = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
             ours = [f for f in stack if "/torch/" not in f.filename and "site-packages" not in f.filename]
             f = (ours or stack)[-1]
-            where[f"{f.filename.rsplit('/', 2)[-2:][-1]}:{f.lineno} {f.name}"] += 1
+            where[f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"] += 1
 
+    step = ssd_train_step(net, images, targets, opt, loss_fn, dev, bf16, sync=False)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings():  # restores showwarning on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
-            with autocast(dev, bf16):
-                loc, conf = net(images)
-                loss = loss_fn(loc, conf, net.priors, targets)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
