@@ -45,26 +45,42 @@ def _layer_macs(net: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
     return macs
 
 
-def layer_times_ms(nets: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
+def _mark(device: torch.device):
+    """A point in time: a recorded CUDA event on a GPU (the device's clock), ``perf_counter`` elsewhere."""
+    if device.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+def layer_times_ms(nets: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int,
+                   warmup: int = 1) -> dict[str, dict[str, float]]:
     """Per network, per layer: median ms from the layer's conv start to the next conv's start (the last layer: to
-    the end of the forward pass, heads included)."""
+    the end of the forward pass, heads included); the networks interleaved round by round. On a GPU the marks are
+    CUDA events (device time, read after each forward)."""
+    dev = x.device
     samples: dict[str, dict[str, list[float]]] = {k: {n: [] for n in net.layers} for k, net in nets.items()}
     for net in nets.values():
-        marks: list[tuple[str, float]] = []
+        marks: list[tuple[str, object]] = []
         net._bench_marks = marks
         for name, conv in net.layers.items():
-            conv.register_forward_pre_hook(lambda m, i, name=name, marks=marks: marks.append((name, time.perf_counter())))
+            conv.register_forward_pre_hook(lambda m, i, name=name, marks=marks: marks.append((name, _mark(dev))))
     with torch.no_grad():
-        for net in nets.values():
-            net(x)
-        for _ in range(rounds):
+        for r in range(warmup + rounds):
             for key, net in nets.items():
                 net._bench_marks.clear()
                 net(x)
-                end = time.perf_counter()
-                marks = net._bench_marks + [("<end>", end)]
-                for (name, t0), (_, t1) in zip(marks, marks[1:]):
-                    samples[key][name].append((t1 - t0) * 1e3)
+                marks = net._bench_marks + [("<end>", _mark(dev))]
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if r >= warmup:
+                    for (name, t0), (_, t1) in zip(marks, marks[1:]):
+                        samples[key][name].append(_elapsed_ms(t0, t1))
     return {k: {n: statistics.median(v) for n, v in per.items()} for k, per in samples.items()}
 
 

@@ -272,7 +272,7 @@ def widths_table(args, dev: torch.device) -> None:
 
 
 def layers_table(args, dev: torch.device) -> None:
-    from benchmarks.bench_cpu_layers import _layer_macs
+    from benchmarks.bench_cpu_layers import _layer_macs, layer_times_ms
     from lightning_modules.ssd import resolve_channels
 
     dense_w = resolve_channels(300, None, 1.0)
@@ -283,7 +283,7 @@ def layers_table(args, dev: torch.device) -> None:
     nets = {"dense": build_ssd(300, args.classes),
             pruned: build_ssd(300, args.classes, channels=rounded_widths(P6DET, dense_w, args.round_to))}
     x = torch.rand(args.batch, 3, 300, 300, device=dev).contiguous(memory_format=torch.channels_last)
-    macs, traffic, marks = {}, {}, {}
+    macs, traffic = {}, {}
     for key, net in nets.items():
         net.to(dev).eval().to(memory_format=torch.channels_last)
         macs[key] = _layer_macs(net, x)
@@ -295,22 +295,8 @@ def layers_table(args, dev: torch.device) -> None:
         for h in hooks:
             h.remove()
         traffic[key] = {n: elem * sum(v) for n, v in shapes.items()}
-        marks[key] = []
-        for name, conv in net.layers.items():
-            conv.register_forward_pre_hook(lambda m, i, name=name, mk=marks[key]: mk.append((name, _mark(dev))))
-    samples = {k: {n: [] for n in net.layers} for k, net in nets.items()}
-    with torch.no_grad(), ctx():
-        for r in range(args.repeats + 2):
-            for key, net in nets.items():
-                marks[key].clear()
-                net(x)
-                ends = marks[key] + [("<end>", _mark(dev))]
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if r >= 2:  # two warm-up rounds
-                    for (name, a), (_, b) in zip(ends, ends[1:]):
-                        samples[key][name].append(_elapsed_ms(a, b))
-    per = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in samples.items()}
+    with ctx():
+        per = layer_times_ms(nets, x, args.repeats, warmup=2)
     print(f"per layer at batch {args.batch}, {'bf16 + ' if fast else 'fp32, '}channels-last, eager; ms from the "
           f"conv's start to the next conv's (ReLU, pooling; the last also the heads)\n")
     print(row("layer", "widths dense -> pruned (out)", "dense ms", "pruned ms", "time reduction", "MACs reduction",
@@ -327,20 +313,6 @@ def layers_table(args, dev: torch.device) -> None:
     sd, sq = sum(per["dense"].values()), sum(per[pruned].values())
     print(f"\nall layers: dense {sd:.2f} ms, pruned {sq:.2f} ms: {sd / sq:.2f}x at "
           f"{sum(macs['dense'].values()) / sum(macs[pruned].values()):.2f}x fewer conv MACs")
-
-
-def _mark(dev: torch.device):
-    if dev.type == "cuda":
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-    import time
-
-    return time.perf_counter()
-
-
-def _elapsed_ms(a, b) -> float:
-    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
 
 
 if __name__ == "__main__":

@@ -107,14 +107,12 @@ def main() -> None:
                     help="log as the module does on a GPU (no per-step progress-bar values)")
     args = ap.parse_args()
 
-    import lightning_modules.common as common
     import train
 
-    if args.as_on_a_gpu:
+    if args.as_on_a_gpu:  # the module's logging and the loss take their GPU paths
         import lightning_modules.box_ops as box_ops
 
-        common._reads_are_free = lambda module: False
-        box_ops._syncs_cost = lambda device: True
+        box_ops.reads_are_free = lambda device: False
     probe = SyncProbe()
     window = Window(probe)
     init = pl.Trainer.__init__

@@ -70,9 +70,10 @@ def box_iou_anchors(boxes: Tensor, anchors_t: Tensor) -> Tensor:
     return inter.div_((area_b[:, None] + area_a).sub_(inter))
 
 
-def _syncs_cost(device: torch.device) -> bool:
-    """Whether reading a value back to the host makes it wait for ``device`` (any device but the CPU)."""
-    return device.type != "cpu"
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of ``device`` back to the host costs nothing but the copy: on a CPU. On any other
+    device it waits for every kernel queued before it."""
+    return device.type == "cpu"
 
 
 class MultiBoxLoss:
@@ -137,7 +138,7 @@ class MultiBoxLoss:
         target class (the class-balanced loss of ``SSDDetector.class_balanced_loss``); None: every box counts 1."""
         with torch.no_grad():
             cls_t, reg_t = self.match(priors, targets)
-        sync_free = _syncs_cost(loc.device) if self.sync_free is None else self.sync_free
+        sync_free = not reads_are_free(loc.device) if self.sync_free is None else self.sync_free
         pos = cls_t > 0
         num_pos = pos.sum()
         w_box = None if class_weights is None else class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P)

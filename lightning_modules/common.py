@@ -56,7 +56,9 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\
 
 def _reads_are_free(module) -> bool:
     """Whether reading a logged tensor back costs nothing but the copy (on a CPU), not a wait for the device."""
-    return module.device.type == "cpu"
+    from lightning_modules import box_ops
+
+    return box_ops.reads_are_free(module.device)
 
 
 def log_training_loss(module, value: Tensor, batch_size: int | None = None, lr: float | None = None) -> None:
