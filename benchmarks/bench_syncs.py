@@ -3,15 +3,15 @@
 On a GPU the host queues kernels ahead of the device; an operation that needs a value back on the host (``.item()``,
 ``int(t)``, ``.tolist()`` of a device tensor, ``nonzero``, a boolean-mask index, ``torch.equal``, ``unique``,
 ``bincount``) blocks until the device has caught up, and so does a tensor made from host data on the device
-(``torch.tensor(x, device=cuda)``, a blocking copy). One in the middle of a step costs little (the backward's kernels are queued
-right after); one after the optimiser step leaves the device idle while the host runs Lightning's loop and fetches
-and copies the next batch. This runs the demo's fit (shrunk: a few batches per epoch, no logger) on the CPU under a
+(``torch.tensor(x, device=cuda)``, a blocking copy). One in the middle of a step costs little (the backward's
+kernels are queued right after); one after the optimiser step leaves the device idle while the host runs
+Lightning's loop and fetches and copies the next batch. This runs the demo's fit (shrunk: a few batches per epoch, no logger) on the CPU under a
 ``TorchDispatchMode`` that records every such operation with the place in our code, or Lightning's, that called it,
 between the start of a training batch and the end of the epoch's training batches (validation and epoch ends left
 out), and prints them per training batch.
 
     python -m benchmarks.bench_syncs                 # the fit as it runs on a CPU
-    python -m benchmarks.bench_syncs --as-on-a-gpu   # what the module logs on a GPU (lightning_modules.common)
+    python -m benchmarks.bench_syncs --as-on-a-gpu   # the module's logging and the loss as they run on a GPU
 
 On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` reports the real synchronisations; this is the CPU's view of
 the same code paths. Operations on CPU tensors (e.g. Adam's step counters, kept on the CPU) are listed too, though
