@@ -66,17 +66,37 @@ class SyncProbe(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def caller() -> str:
+class LaunchProbe(SyncProbe):
+    """Counts every operation that would launch a kernel on a GPU, by the file and function that called it, while
+    ``active``: the host's share of a step on a GPU grows with this count (a few microseconds of launch and Python
+    dispatch each). Not counted: views and aliases (``detach``), reads of a value (``.item()``: the sync probe's;
+    the optimiser's step counts, which stay on the CPU) and tensors made from host data. A multi-tensor (foreach)
+    operation counts once, though a GPU may launch it in a few chunks."""
+
+    NOT_LAUNCHES = ("aten::lift_fresh", "aten::_local_scalar_dense")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            returns = func._schema.returns
+            alias = returns[0].alias_info if returns else None
+            name = func._schema.name
+            if not (alias is not None and not alias.is_write) and name.startswith("aten::") \
+                    and name not in self.NOT_LAUNCHES:
+                self.where[(func._schema.name, caller(lines=False))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def caller(lines: bool = True) -> str:
     """The innermost frame outside torch: ``path:line function`` (paths from the repository or site-packages)."""
     for f in reversed(traceback.extract_stack()[:-3]):
         if "/torch/optim/" in f.filename:  # Adam's step counts, kept on the CPU on a GPU too
-            return "torch.optim's per-parameter step counts (CPU tensors: no GPU wait)"
+            return "torch.optim's per-parameter step counts (CPU tensors: no GPU wait)" if lines else "torch.optim step"
         if "/torch/" not in f.filename:
             if "site-packages/" in f.filename:
                 path = f.filename.split("site-packages/")[-1]
             else:
                 path = os.path.relpath(f.filename, ROOT)
-            return f"{path}:{f.lineno} {f.name}"
+            return f"{path}:{f.lineno} {f.name}" if lines else f"{path} {f.name}"
     return "?"
 
 
@@ -104,7 +124,10 @@ def main() -> None:
     ap.add_argument("--config", default="experiments/demo.yaml")
     ap.add_argument("--batches", type=int, default=4, help="training batches per epoch")
     ap.add_argument("--as-on-a-gpu", action="store_true",
-                    help="log as the module does on a GPU (no per-step progress-bar values)")
+                    help="the module's logging, the loss and the optimiser as on a GPU (no per-step progress-bar "
+                         "values, the sync-free loss, the multi-tensor optimiser step)")
+    ap.add_argument("--launches", action="store_true",
+                    help="count every operation that would launch a kernel on a GPU, by caller, instead")
     args = ap.parse_args()
 
     import train
@@ -113,7 +136,11 @@ def main() -> None:
         import lightning_modules.box_ops as box_ops
 
         box_ops.reads_are_free = lambda device: False
-    probe = SyncProbe()
+        # and the optimiser its multi-tensor (foreach) form, the default on a GPU (on a CPU: a loop over parameters)
+        import torch.optim.optimizer as optimizer
+
+        optimizer._get_foreach_kernels_supported_devices = lambda: ["cpu", "cuda"]
+    probe = LaunchProbe() if args.launches else SyncProbe()
     window = Window(probe)
     init = pl.Trainer.__init__
 
@@ -130,11 +157,24 @@ def main() -> None:
                         "--trainer.default_root_dir", "runs/bench_syncs", "--run_name", "probe"])
     finally:
         pl.Trainer.__init__ = init
+    batches = max(window.batches, 1)
+    if args.launches:
+        by_caller: collections.Counter = collections.Counter()
+        for (_, where), n in probe.where.items():
+            by_caller[where] += n
+        print(f"\n{window.batches} training batches; operations that would launch a GPU kernel, per batch: "
+              f"{sum(by_caller.values()) / batches:.1f}\n")
+        print("| per batch | called from |")
+        print("| --- | --- |")
+        for where, n in by_caller.most_common():
+            if n / batches >= 0.5:
+                print(f"| {n / batches:.1f} | {where} |")
+        return
     print(f"\n{window.batches} training batches; operations that would wait for a GPU, per batch:\n")
     print("| per batch | operation | called from |")
     print("| --- | --- | --- |")
     for (name, where), n in probe.where.most_common():
-        print(f"| {n / max(window.batches, 1):.2f} | {name} | {where} |")
+        print(f"| {n / batches:.2f} | {name} | {where} |")
 
 
 if __name__ == "__main__":

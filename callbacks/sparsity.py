@@ -246,6 +246,7 @@ class SparsityInduction(Callback):
             raise ValueError(f"taylor_loss: {taylor_loss} chooses the loss of a Taylor score: it needs channel_score "
                              f"taylor or taylor_gamma_g, got {channel_score!r}")
         self.taylor_loss = taylor_loss
+        self._l1_where: tuple | None = None  # _proximal_step's entry masks, with the terms they belong to
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -304,7 +305,8 @@ class SparsityInduction(Callback):
                 for t in (norms[n].weight, norms[n].bias) if t.shape == m.shape]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.channel_score.startswith("taylor") and self.taylor_loss == "train":
+        if (self.channel_score.startswith("taylor") and self.taylor_loss == "train"
+                and self._taylor_read_after(trainer.current_epoch)):
             self._accumulate_taylor(pl_module, None)
         phase = self.state.active_l1_phase(trainer.current_epoch)
         if phase is None or self.l1_lambda == 0 or self.l1_mode != "gradient":
@@ -348,21 +350,29 @@ class SparsityInduction(Callback):
     def _accumulate_taylor(self, pl_module, grads: dict | None) -> None:
         """Add this step's (gamma g_gamma + beta g_beta) ** 2 of every prunable channel: the raw training gradients
         (``grads`` None: this hook runs before clipping and before a gradient-side L1 term is added), or the given
-        ones (id(parameter) -> gradient: the class-balanced loss's)."""
+        ones (id(parameter) -> gradient: the class-balanced loss's). Only in the epochs whose sums are read
+        (``_taylor_read_after``), and as a few multi-tensor operations over all layers, not a few per layer: on a GPU
+        every operation is a kernel launch, and this runs every step."""
         norms, st = pl_module.model.norms, self.state
 
         def grad(t):
             return t.grad if grads is None else grads.get(id(t))
 
-        for name in self._taylor_layers(pl_module):
-            bn = norms[name]
-            if grad(bn.weight) is None:
-                continue
-            gb = grad(bn.bias) if bn.bias is not None else None
-            t = grad(bn.weight) * bn.weight + (gb * bn.bias if gb is not None else 0)
-            t = t.detach().float().pow(2)
-            prev = st.taylor.get(name)
-            st.taylor[name] = t if prev is None or prev.shape != t.shape else prev.to(t.device) + t
+        names = [n for n in self._taylor_layers(pl_module) if grad(norms[n].weight) is not None]
+        if names:
+            terms = torch._foreach_mul([grad(norms[n].weight).float() for n in names],
+                                       [norms[n].weight.float() for n in names])
+            with_bias = [i for i, n in enumerate(names) if norms[n].bias is not None and grad(norms[n].bias) is not None]
+            if with_bias:
+                torch._foreach_addcmul_([terms[i] for i in with_bias],
+                                        [grad(norms[names[i]].bias).float() for i in with_bias],
+                                        [norms[names[i]].bias.float() for i in with_bias])
+            torch._foreach_mul_(terms, terms)
+            prev = [st.taylor.get(n) for n in names]
+            running = [i for i, (p, t) in enumerate(zip(prev, terms)) if p is not None and p.shape == t.shape]
+            if running:
+                torch._foreach_add_([terms[i] for i in running], [prev[i].to(terms[i].device) for i in running])
+            st.taylor.update(zip(names, terms))
         st.taylor_steps += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -375,12 +385,25 @@ class SparsityInduction(Callback):
     @torch.no_grad()
     def _proximal_step(self, pl_module, phase, optimizer) -> None:
         """Soft-threshold after the optimiser step: |w| shrinks by lr * l1_lambda, stopping at exactly 0 (the
-        proximal operator of the L1 term, decoupled from the optimiser as AdamW decouples weight decay)."""
+        proximal operator of the L1 term, decoupled from the optimiser as AdamW decouples weight decay). Entries the
+        term does not act on (``l1_target="below_budget"``) shrink by 0, i.e. stay exactly as they are. A few
+        multi-tensor operations over every tensor of the term (on a GPU each operation is a kernel launch)."""
+        terms = self.l1_terms(pl_module, phase)
+        if not terms:
+            return
         lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        for w, m in self.l1_terms(pl_module, phase):
-            shrink = lr_of.get(id(w), 0.0) * self.l1_lambda
-            shrunk = w.sign() * (w.abs() - shrink).clamp(min=0)
-            w.copy_(shrunk if m is None else torch.where(m, shrunk, w))
+        ws = [w for w, _ in terms]
+        cached = self._l1_where  # which entries the term acts on, as 1.0 / 0.0: made again when the terms change
+        if (cached is None or cached[0] is not self.state.l1_candidates or len(cached[1]) != len(ws)
+                or any(a is not b for a, b in zip(cached[1], ws))):
+            self._l1_where = cached = (self.state.l1_candidates, ws,
+                                       [torch.ones_like(w) if m is None else m.to(w.dtype) for w, m in terms])
+        amount = torch._foreach_mul(cached[2], [lr_of.get(id(w), 0.0) * self.l1_lambda for w in ws])
+        magnitude = torch._foreach_abs(ws)
+        torch._foreach_sub_(magnitude, amount)
+        torch._foreach_clamp_min_(magnitude, 0.0)
+        torch._foreach_mul_(magnitude, torch._foreach_sign(ws))
+        torch._foreach_copy_(ws, magnitude)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         for i, phase in enumerate(self.state.phases):

@@ -273,6 +273,15 @@ def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
             assert torch.equal(t[~m], t0[~m])  # kept channels: untouched
             assert torch.allclose(t[m], t0[m].sign() * (t0[m].abs() - 0.02).clamp(min=0))
     assert cb.state_dict()["l1_candidates"].keys() == cand.keys()  # resumable mid-window
+    # re-chosen candidates (the next epoch's): the step acts on the new ones only, not on masks kept from before
+    after = {n: (norms[n].weight.detach().clone(), norms[n].bias.detach().clone()) for n in prunable}
+    cb.state.l1_candidates = {n: ~m for n, m in cand.items()}
+    cb.on_train_batch_end(trainer, det, None, None, 1)
+    for n in prunable:
+        for t, t1 in zip((norms[n].weight, norms[n].bias), after[n]):
+            m = cand[n]
+            assert torch.equal(t[m], t1[m])
+            assert torch.allclose(t[~m], t1[~m].sign() * (t1[~m].abs() - 0.02).clamp(min=0))
 
 
 def _channel_fixture(cb, layers, callbacks=()):
@@ -519,6 +528,10 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
     for n in prunable:
         assert torch.allclose(scores[n], expected[n] / 3)
     assert cb.state_dict()["taylor_steps"] == 3  # resumable: the epoch's sums are in the checkpoint
+    trainer.current_epoch = 2  # sums no epoch reads (the last L1 epoch's: the cut takes its candidates) are not made
+    cb.on_before_optimizer_step(trainer, det, opt)
+    assert cb.state.taylor_steps == 3
+    trainer.current_epoch = 0
     trainer.current_epoch = 1
     cb.state.dense_stats = {"params": 1}
     cb.on_train_epoch_start(trainer, det)
@@ -530,6 +543,44 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
         cb._channel_scores(det, 0)
     with pytest.raises(ValueError, match="needs sparsity_on: bn_scale"):
         SparsityInduction([{"layers": layers, "l1_epochs": [1, 2]}], channel_score="taylor")
+
+
+def test_per_step_taylor_sums_and_proximal_step_launch_a_few_operations_whatever_the_layer_count():
+    """The two things SparsityInduction does at every training step, the Taylor sums and the proximal L1 step, are a
+    few multi-tensor operations over all 23 layers (on a GPU each operation is a kernel launch, and one per layer and
+    term cost ~160 per step: benchmarks/README.md, "kernel launches per step")."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench_syncs import LaunchProbe
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    torch.manual_seed(0)
+    det = SSDDetector(["a"], width_mult=0.125, batch_norm=True)
+    layers = list(det.model.norms)
+    assert len(layers) >= 20
+    cb = SparsityInduction([{"layers": layers, "l1_epochs": [1, 3]}], l1_lambda=2.0, l1_mode="proximal",
+                           sparsity_on="bn_scale", target_sparsity=0.5, l1_target="below_budget",
+                           channel_score="taylor")
+    opt = torch.optim.AdamW(det.model.parameters(), lr=0.01)
+    trainer = SimpleNamespace(current_epoch=0, optimizers=[opt], strategy=SimpleNamespace(broadcast=lambda x, src=0: x))
+    det.model(torch.randn(2, 3, 300, 300))[0].pow(2).mean().backward()
+    probe = LaunchProbe()
+    with probe:
+        probe.active = True
+        cb.on_before_optimizer_step(trainer, det, opt)  # epoch 0: its sums choose epoch 1's candidates
+        cb.on_before_optimizer_step(trainer, det, opt)
+    assert cb.state.taylor_steps == 2 and set(cb.state.taylor) == set(layers)
+    assert 0 < sum(probe.where.values()) <= 2 * 6
+    trainer.current_epoch = 1
+    cb.state.dense_stats = {"params": 1}
+    cb.on_train_epoch_start(trainer, det)
+    cb.on_train_batch_end(trainer, det, None, None, 0)  # the first step makes the entry masks once
+    probe.where.clear()
+    with probe:
+        probe.active = True
+        cb.on_train_batch_end(trainer, det, None, None, 1)
+    assert 0 < sum(probe.where.values()) <= 8
 
 
 def test_taylor_gamma_g_is_the_geometric_mean_of_both_layer_relative_scores():
