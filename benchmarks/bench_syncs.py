@@ -11,7 +11,8 @@ between the start of a training batch and the end of the epoch's training batche
 out), and prints them per training batch.
 
     python -m benchmarks.bench_syncs                 # the fit as it runs on a CPU
-    python -m benchmarks.bench_syncs --as-on-a-gpu   # the module's logging and the loss as they run on a GPU
+    python -m benchmarks.bench_syncs --as-on-a-gpu   # the module's logging, the loss and the optimiser as on a GPU
+    python -m benchmarks.bench_syncs --as-on-a-gpu --launches  # instead: every operation that would launch a kernel
 
 On a GPU ``torch.cuda.set_sync_debug_mode("warn")`` reports the real synchronisations; this is the CPU's view of
 the same code paths. Operations on CPU tensors (e.g. Adam's step counters, kept on the CPU) are listed too, though
