@@ -362,7 +362,8 @@ class SparsityInduction(Callback):
         if names:
             terms = torch._foreach_mul([grad(norms[n].weight).float() for n in names],
                                        [norms[n].weight.float() for n in names])
-            with_bias = [i for i, n in enumerate(names) if norms[n].bias is not None and grad(norms[n].bias) is not None]
+            with_bias = [i for i, n in enumerate(names)
+                         if norms[n].bias is not None and grad(norms[n].bias) is not None]
             if with_bias:
                 torch._foreach_addcmul_([terms[i] for i in with_bias],
                                         [grad(norms[names[i]].bias).float() for i in with_bias],
