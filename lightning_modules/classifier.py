@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, check_compile, check_loss_finite,
+from lightning_modules.common import (ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile,
                                      log_training_loss)
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
@@ -112,7 +112,7 @@ def build_vgg16(num_classes: int = 10, channels: dict[str, int] | None = None, w
                  hidden=hidden or max(8, int(round(512 * width_mult))))
 
 
-class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
+class VGGClassifier(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningModule):
     """VGG16 classifier (see the module docstring for the variant), the usual CIFAR recipe: SGD lr 0.1, momentum
     0.9, weight decay 5e-4, lr x0.1 at 50 % and 75 % of the epochs (``lr_milestones`` as fractions), batch 64-128.
 
@@ -167,8 +167,8 @@ class VGGClassifier(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self._count_labels(labels, len(self.classes))
         self._last_step = (logits, labels)
-        check_loss_finite(  # every rank at once under DDP
-            loss, self.global_step, advice="Training stopped; the last good checkpoint is kept (see the run's "
+        self.guard_loss(  # every rank at once under DDP
+            loss, advice="Training stopped; the last good checkpoint is kept (see the run's "
             "checkpoints/ folder). Lower --model.lr or lengthen --model.warmup_epochs.")
         log_training_loss(self, loss)
         return loss

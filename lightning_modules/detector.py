@@ -11,8 +11,8 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode, packed_field
-from lightning_modules.common import (ClassBalance, EvalHooks, NetRunner, NonFiniteLossError,  # noqa: F401 (public here)
-                                      check_compile, check_loss_finite, log_training_loss)
+from lightning_modules.common import NonFiniteLossError  # noqa: F401 (public here)
+from lightning_modules.common import ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile, log_training_loss
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -20,7 +20,7 @@ from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 COCO_MAX_DETS = 100  # detections per image COCO's AP counts
 
 
-class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
+class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningModule):
     """SSD300/SSD512 detector.
 
     Args:
@@ -181,8 +181,8 @@ class SSDDetector(ClassBalance, NetRunner, EvalHooks, pl.LightningModule):
         losses = self.loss_fn(loc, conf, self.model.priors, targets, self._mean_over_ranks)
         self._count_labels(packed_field(targets, "labels")[0], len(self.classes))
         self._last_step = (loc, conf, targets)
-        check_loss_finite(  # every rank at once under DDP
-            losses["loss"], self.global_step, {"loc": losses["loc"], "conf": losses["conf"]},
+        self.guard_loss(  # every rank at once under DDP
+            losses["loss"], {"loc": losses["loc"], "conf": losses["conf"]},
             "Training stopped; the last good checkpoint is kept (see the run's checkpoints/ folder). Lower --model.lr "
             "or lengthen the warm-up (--model.warmup_iters), and check the data for broken boxes.")
         bs = images.shape[0]

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.throughput import TrainingThroughput
+from lightning_modules.common import LossGuard
 
 
 class _Images(Dataset):
@@ -196,3 +197,53 @@ def test_training_loss_reaches_the_bar_without_a_read_per_step_on_a_gpu(tmp_path
         assert made == [4, 9]  # the 5th and the 10th step, the ones the loggers write
         assert "loss_epoch" in trainer.progress_bar_metrics and "train/loss" not in trainer.progress_bar_metrics
     assert {"train/loss", "lr"} <= trainer.logged_metrics.keys()
+
+
+class _GuardedNet(LossGuard, _Net):
+    """A net whose loss turns NaN at global step 3, checked by ``LossGuard`` (the detector's and classifier's)."""
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        if self.global_step == 3:
+            loss = loss * float("nan")
+        self.guard_loss(loss, {"ce": loss}, advice="Lower the lr.")
+        return loss
+
+
+@pytest.mark.parametrize("reads_are_free", [True, False])
+def test_the_loss_check_waits_for_the_device_only_after_the_backward_is_queued(tmp_path, monkeypatch, reads_are_free):
+    """``LossGuard``: on a CPU the loss is checked in the training step; where reading it waits for the device (a GPU,
+    faked here) the check runs after the backward was queued (``on_after_backward``; on CUDA it waits on an event
+    after the loss only). Either way the run stops at the broken step with the message, before its optimiser step:
+    the weights are those after the last good step."""
+    import traceback
+
+    import lightning_modules.box_ops as box_ops
+    from lightning_modules.common import NonFiniteLossError
+
+    monkeypatch.setattr(box_ops, "reads_are_free", lambda device: reads_are_free)
+    net = _GuardedNet()
+    snapshots = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            snapshots[trainer.global_step] = [p.detach().clone() for p in module.parameters()]
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            snapshots["grads_finite_at_step_%d" % trainer.global_step] = all(
+                torch.isfinite(p.grad).all() for p in module.parameters())
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, callbacks=[Snapshot()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"training loss became nan at global step 3 \(ce nan\)\. Lower") as err:
+        trainer.fit(net, DataLoader(_Images(24, 0.0), batch_size=4, num_workers=0))
+    frames = [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert ("on_after_backward" in frames) != reads_are_free and ("training_step" in frames) == reads_are_free
+    assert "grads_finite_at_step_3" not in snapshots  # no callback saw the broken step's gradients
+    for p, q in zip(net.parameters(), snapshots[3]):  # no optimiser step after the last good one
+        assert torch.equal(p, q)
