@@ -53,29 +53,28 @@ class LossGuard:
     In the training step the read stops the host until the device has run the forward and the loss, and only then
     does it queue the backward's kernels, so the device idles at the start of every backward. ``guard_loss`` keeps the
     loss (on CUDA it also starts a copy of the "non-finite" flag to pinned host memory and records an event after
-    it), and ``on_after_backward`` reads it: on CUDA it waits only for that event (the loss, long computed by then),
-    while the backward's kernels run. Still before the optimiser step (and before any callback's
+    it), and ``on_after_backward`` reads it: on CUDA it waits only for that event (for the loss), while the
+    backward's kernels run. Still before the optimiser step (and before any callback's
     ``on_before_optimizer_step``), so the run still stops before a broken update; a non-finite loss's backward is
     computed and thrown away. Under DDP ``check_loss_finite``'s collective runs there, on every rank."""
 
     _pending_loss_check: tuple | None = None
 
     def guard_loss(self, loss: Tensor, parts: dict[str, Tensor] | None = None, advice: str = "") -> None:
-        from lightning_modules import box_ops
+        import torch.distributed as dist
 
         step = self.global_step
-        if box_ops.reads_are_free(loss.device):
+        if _reads_are_free(self):
             check_loss_finite(loss, step, parts, advice)
             return
         flag, ready = None, None
-        import torch.distributed as dist
-
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if loss.device.type == "cuda" and not distributed:
             flag = torch.empty((), dtype=torch.bool, pin_memory=True)
             flag.copy_(~torch.isfinite(loss.detach()), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
+        parts = {k: v.detach() for k, v in parts.items()} if parts else None
         self._pending_loss_check = (loss.detach(), parts, step, advice, flag, ready)
 
     def on_after_backward(self) -> None:
