@@ -548,7 +548,7 @@ def test_taylor_score_is_the_mean_squared_first_order_gate_term_of_the_last_epoc
 def test_per_step_taylor_sums_and_proximal_step_launch_a_few_operations_whatever_the_layer_count():
     """The two things SparsityInduction does at every training step, the Taylor sums and the proximal L1 step, are a
     few multi-tensor operations over all 23 layers (on a GPU each operation is a kernel launch, and one per layer and
-    term cost ~160 per step: benchmarks/README.md, "kernel launches per step")."""
+    term cost ~165 per step: benchmarks/README.md, "kernel launches per step")."""
     from types import SimpleNamespace
 
     from benchmarks.bench_syncs import LaunchProbe
