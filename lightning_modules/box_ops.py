@@ -80,15 +80,32 @@ class MultiBoxLoss:
     """Smooth-L1 localisation + softmax cross-entropy with 3:1 hard negatives, normalised by positives
     (Liu et al. 2016, eq. 1-3)."""
 
-    def __init__(self, iou_threshold: float = 0.5, neg_pos_ratio: int = 3, sync_free: bool | None = None):
+    def __init__(self, iou_threshold: float = 0.5, neg_pos_ratio: int = 3, sync_free: bool | None = None,
+                 compile: bool = False):
         """``sync_free``: compute the loss without reading anything back to the host (no boolean-mask indexing, no
         data-dependent sizes), as it runs on a GPU, where each such read makes the host wait for the device in the
         middle of the step and would break a CUDA graph or a full-graph ``torch.compile``. None: on any device but
         the CPU, where reading is free and a ``topk`` of the batch's largest count of hard negatives is ~6x faster
-        than ranking every box by a sort. Both give the same loss (tested)."""
+        than ranking every box by a sort. Both give the same loss (tested).
+
+        ``compile``: where the loss is sync-free, run the matching and the loss's terms (and so their backward)
+        through ``torch.compile`` as one graph (dynamic shapes: the number of ground truths of a batch varies, one
+        compilation serves them all): ~130 operations per step, each a kernel launch on a GPU, become a few fused
+        kernels. The same loss as eager up to float rounding (tested). Where the loss reads back (a CPU with
+        ``sync_free`` None or False) it stays eager: the top-k's size would break the graph."""
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
         self.sync_free = sync_free
+        self.compile = compile
+
+    def _targets(self, targets, dev: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, int] | None:
+        """The batch's ground truths as device tensors: boxes (T, 4), labels (T,), objects per image (N,), and N;
+        None when the batch has no object at all."""
+        boxes, counts = packed_field(targets, "boxes")
+        if sum(counts) == 0:
+            return None
+        labels = packed_field(targets, "labels")[0].to(dev, torch.long)
+        return boxes.to(dev, dtype), labels, to_device(counts, dev), len(counts)
 
     def match(self, priors: Tensor, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
         """Per default box: class target (0 = background) and regression target, each (N, P, ...).
@@ -101,34 +118,13 @@ class MultiBoxLoss:
         The same targets as the per-image matcher (tested), at a cost that grows with the number of ground truths,
         not with the most crowded image times the batch."""
         anchors = priors_xyxy(priors)
-        n, p, dev = len(targets), len(anchors), anchors.device
-        boxes, counts = packed_field(targets, "boxes")
-        total = sum(counts)
-        if total == 0:
-            return (torch.zeros(n, p, dtype=torch.long, device=dev),
-                    torch.zeros(n, p, 4, dtype=anchors.dtype, device=dev))
-        boxes = boxes.to(dev, anchors.dtype)
-        labels = packed_field(targets, "labels")[0].to(dev, torch.long)
-        cnt = to_device(counts, dev)
-        img = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)  # each gt's image
-        gid = torch.arange(total, device=dev)
-        iou = box_iou_anchors(boxes, anchors.t().contiguous())  # (T, P)
-        per_img = img[:, None].expand(total, p)
-        # each default box's best ground truth of its image: the best IoU, then the first gt that reaches it
-        best = torch.full((n, p), -1.0, device=dev).scatter_reduce_(0, per_img, iou, "amax")
-        rank = (iou != best.index_select(0, img)).to(iou.dtype).mul_(total).add_(gid.to(iou.dtype)[:, None])
-        first = torch.full((n, p), 2.0 * total, device=dev).scatter_reduce_(0, per_img, rank, "amin").long()
-        idx = torch.where(best >= self.iou_threshold, first, -1)
-        # each ground truth's best default box is matched to it (the later of several claims wins)
-        forced = torch.full((n * p,), -1, dtype=torch.long, device=dev).scatter_reduce_(
-            0, img * p + iou.argmax(dim=1), gid, "amax").view(n, p)
-        idx = torch.where(forced >= 0, forced, idx)
-        fg = idx >= 0
-        # background boxes regress to their image's first gt (as before; unused by the loss); none: zeros
-        gi = torch.where(fg, idx, (cnt.cumsum(0) - cnt)[:, None]).clamp(max=total - 1)
-        cls_t = torch.where(fg, labels[gi] + 1, 0)
-        reg_t = encode(boxes[gi].reshape(-1, 4), anchors.repeat(n, 1)).view(n, p, 4)
-        return cls_t, torch.where((cnt > 0)[:, None, None], reg_t, 0.0)
+        return self._match(anchors, self._targets(targets, anchors.device, anchors.dtype), len(targets))
+
+    def _match(self, anchors: Tensor, gts: tuple | None, n: int) -> tuple[Tensor, Tensor]:
+        if gts is None:  # no object in the batch: all background
+            return (torch.zeros(n, len(anchors), dtype=torch.long, device=anchors.device),
+                    torch.zeros(n, len(anchors), 4, dtype=anchors.dtype, device=anchors.device))
+        return _match_batch(anchors, *gts, self.iou_threshold)
 
     def __call__(self, loc: Tensor, conf: Tensor, priors: Tensor, targets: list[dict[str, Tensor]],
                  normalize=None, class_weights: Tensor | None = None) -> dict[str, Tensor]:
@@ -136,40 +132,106 @@ class MultiBoxLoss:
         so that the averaged gradient equals one process's on the whole global batch). ``class_weights`` (one per
         class target, index 0 = background) weighs each default box's localisation and confidence terms by its
         target class (the class-balanced loss of ``SSDDetector.class_balanced_loss``); None: every box counts 1."""
-        with torch.no_grad():
-            cls_t, reg_t = self.match(priors, targets)
         sync_free = not reads_are_free(loc.device) if self.sync_free is None else self.sync_free
-        pos = cls_t > 0
-        num_pos = pos.sum()
-        w_box = None if class_weights is None else class_weights.to(loc.device, torch.float32)[cls_t]  # (N, P)
-        if sync_free:  # every box, the others' terms made exactly 0 (their gradient too: where, not a product)
-            sl1 = F.smooth_l1_loss(torch.where(pos[..., None], loc.float(), reg_t), reg_t, reduction="none").sum(-1)
-            loc_loss = (sl1 if w_box is None else sl1 * w_box).sum()
-        elif w_box is None:
-            loc_loss = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
-        else:  # each box's weight by its target
-            loc_loss = (F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="none").sum(-1) * w_box[pos]).sum()
-        ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
-        # Hard negatives: the (3 x positives) background boxes with the highest loss, per image: one top-k of the
-        # batch's largest count instead of ranking every box by two full sorts (26x faster on a CPU at batch 32;
-        # the same boxes up to ties of equal loss, so the same loss value). Sync-free: every box's rank by one sort
-        # (the top-k's size would be read back from the device).
-        with torch.no_grad():
-            neg_ce = ce.masked_fill(pos, -1.0)
-            k = self.neg_pos_ratio * pos.sum(dim=1, keepdim=True)
-            if sync_free:
-                order = neg_ce.argsort(dim=1, descending=True)
-                ranks = torch.arange(neg_ce.shape[1], device=k.device).expand_as(order)
-                neg = torch.empty_like(order).scatter_(1, order, ranks) < k
-            else:
-                kmax = min(int(k.max()), neg_ce.shape[1])
-                _, hardest = neg_ce.topk(kmax, dim=1)
-                neg = torch.zeros_like(pos).scatter_(1, hardest, torch.arange(kmax, device=k.device) < k)
-        n = (num_pos.float() if normalize is None else normalize(num_pos.float())).clamp(min=1)
-        loc_loss = loc_loss / n
-        ce = ce if w_box is None else ce * w_box
-        conf_loss = (torch.where(pos | neg, ce, 0.0).sum() if sync_free else ce[pos | neg].sum()) / n
-        return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos.float()}
+        w = None if class_weights is None else class_weights.to(loc.device, torch.float32)
+        anchors = priors_xyxy(priors)
+        gts = self._targets(targets, anchors.device, anchors.dtype)
+        sums = None
+        if gts is not None and sync_free and self.compile:
+            sums = run_compiled("the MultiBox loss", _compiled_loss_sums, loc, conf, anchors, *gts, w,
+                                self.iou_threshold, self.neg_pos_ratio)
+        if sums is not None:
+            loc_sum, conf_sum, num_pos = sums
+        else:
+            with torch.no_grad():
+                cls_t, reg_t = self._match(anchors, gts, loc.shape[0])
+            loc_sum, conf_sum, num_pos = _loss_sums(loc, conf, cls_t, reg_t, w, self.neg_pos_ratio, sync_free)
+        n = (num_pos if normalize is None else normalize(num_pos)).clamp(min=1)
+        loc_loss, conf_loss = loc_sum / n, conf_sum / n
+        return {"loss": loc_loss + conf_loss, "loc": loc_loss, "conf": conf_loss, "num_pos": num_pos}
+
+
+def _match_batch(anchors: Tensor, boxes: Tensor, labels: Tensor, cnt: Tensor, n: int,
+           iou_threshold: float) -> tuple[Tensor, Tensor]:
+    """``MultiBoxLoss.match`` on device tensors: ``anchors`` (P, 4) xyxy, the batch's ``boxes`` (T, 4) and
+    ``labels`` (T,), T > 0, ``cnt`` (N,) objects per image. Sync-free, and every size but N comes from a tensor's
+    shape (so that a compiled graph serves every T)."""
+    total, p, dev = boxes.shape[0], anchors.shape[0], anchors.device
+    img = torch.repeat_interleave(torch.arange(n, device=dev), cnt, output_size=total)  # each gt's image
+    gid = torch.arange(total, device=dev)
+    iou = box_iou_anchors(boxes, anchors.t().contiguous())  # (T, P)
+    per_img = img[:, None].expand(total, p)
+    # each default box's best ground truth of its image: the best IoU, then the first gt that reaches it
+    best = torch.full((n, p), -1.0, device=dev).scatter_reduce_(0, per_img, iou, "amax")
+    rank = (iou != best.index_select(0, img)).to(iou.dtype).mul_(total).add_(gid.to(iou.dtype)[:, None])
+    first = torch.full((n, p), 2.0 * total, device=dev).scatter_reduce_(0, per_img, rank, "amin").long()
+    idx = torch.where(best >= iou_threshold, first, -1)
+    # each ground truth's best default box is matched to it (the later of several claims wins)
+    forced = torch.full((n * p,), -1, dtype=torch.long, device=dev).scatter_reduce_(
+        0, img * p + iou.argmax(dim=1), gid, "amax").view(n, p)
+    idx = torch.where(forced >= 0, forced, idx)
+    fg = idx >= 0
+    # background boxes regress to their image's first gt (as before; unused by the loss); none: zeros
+    gi = torch.where(fg, idx, (cnt.cumsum(0) - cnt)[:, None]).clamp(max=total - 1)
+    cls_t = torch.where(fg, labels[gi] + 1, 0)
+    reg_t = encode(boxes[gi].reshape(-1, 4), anchors.repeat(n, 1)).view(n, p, 4)
+    return cls_t, torch.where((cnt > 0)[:, None, None], reg_t, 0.0)
+
+
+def _loss_sums(loc: Tensor, conf: Tensor, cls_t: Tensor, reg_t: Tensor, w: Tensor | None, neg_pos_ratio: int,
+               sync_free: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The localisation and confidence sums (not yet divided by the positives) and the number of positives (float),
+    from each default box's targets; ``w``: one weight per class target, or None."""
+    pos = cls_t > 0
+    num_pos = pos.sum()
+    w_box = None if w is None else w[cls_t]  # (N, P)
+    if sync_free:  # every box, the others' terms made exactly 0 (their gradient too: where, not a product)
+        sl1 = F.smooth_l1_loss(torch.where(pos[..., None], loc.float(), reg_t), reg_t, reduction="none").sum(-1)
+        loc_sum = (sl1 if w_box is None else sl1 * w_box).sum()
+    elif w_box is None:
+        loc_sum = F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="sum")
+    else:  # each box's weight by its target
+        loc_sum = (F.smooth_l1_loss(loc[pos].float(), reg_t[pos], reduction="none").sum(-1) * w_box[pos]).sum()
+    ce = F.cross_entropy(conf.float().flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
+    # Hard negatives: the (3 x positives) background boxes with the highest loss, per image: one top-k of the
+    # batch's largest count instead of ranking every box by two full sorts (26x faster on a CPU at batch 32;
+    # the same boxes up to ties of equal loss, so the same loss value). Sync-free: every box's rank by one sort
+    # (the top-k's size would be read back from the device).
+    with torch.no_grad():
+        neg_ce = ce.masked_fill(pos, -1.0)
+        k = neg_pos_ratio * pos.sum(dim=1, keepdim=True)
+        if sync_free:
+            order = neg_ce.argsort(dim=1, descending=True)
+            ranks = torch.arange(neg_ce.shape[1], device=k.device).expand_as(order)
+            neg = torch.empty_like(order).scatter_(1, order, ranks) < k
+        else:
+            kmax = min(int(k.max()), neg_ce.shape[1])
+            _, hardest = neg_ce.topk(kmax, dim=1)
+            neg = torch.zeros_like(pos).scatter_(1, hardest, torch.arange(kmax, device=k.device) < k)
+    ce = ce if w_box is None else ce * w_box
+    conf_sum = torch.where(pos | neg, ce, 0.0).sum() if sync_free else ce[pos | neg].sum()
+    return loc_sum, conf_sum, num_pos.float()
+
+
+def _match_and_loss_sums(loc: Tensor, conf: Tensor, anchors: Tensor, boxes: Tensor, labels: Tensor, cnt: Tensor,
+                         n: int, w: Tensor | None, iou_threshold: float, neg_pos_ratio: int):
+    """The sync-free loss's sums from the ground truths: what ``torch.compile`` gets as one graph."""
+    with torch.no_grad():
+        cls_t, reg_t = _match_batch(anchors, boxes, labels, cnt, n, iou_threshold)
+    return _loss_sums(loc, conf, cls_t, reg_t, w, neg_pos_ratio, sync_free=True)
+
+
+_COMPILED_LOSS = None
+
+
+def _compiled_loss_sums():
+    """``_match_and_loss_sums`` through ``torch.compile``, forward and backward: dynamic shapes (one compilation,
+    ~12 s on a 2-core CPU, serves every batch size and number of ground truths), eager's rounding kept
+    (``_eager_rounding``: the IoUs meet the matching threshold where eager's do)."""
+    global _COMPILED_LOSS
+    if _COMPILED_LOSS is None:
+        _COMPILED_LOSS = torch.compile(_match_and_loss_sums, dynamic=True, fullgraph=True, options=_eager_rounding())
+    return _COMPILED_LOSS
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
@@ -202,49 +264,55 @@ def _suppression(boxes: Tensor, valid: Tensor, later: Tensor, iou_threshold: flo
     return sup if dtype is None else sup.to(dtype)
 
 
+def _eager_rounding() -> dict:
+    """Inductor options that keep eager's float rounding: no fused multiply-adds (``emulate_precision_casts``) and
+    IEEE division on a GPU (Triton's ``/`` is approximate otherwise; ``eager_numerics.division_rounding``, named
+    ``emulate_divison_rounding`` before torch 2.11): an IoU computed compiled then meets a threshold exactly where
+    eager's does."""
+    from torch._inductor import config
+
+    options = {}
+    if hasattr(config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+    if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
+        options["eager_numerics.division_rounding"] = True
+    elif hasattr(config, "emulate_divison_rounding"):
+        options["emulate_divison_rounding"] = True
+    return options
+
+
 _COMPILED_SUPPRESSION = None
 
 
 def _compiled_suppression():
     """``_suppression`` through ``torch.compile`` (dynamic shapes: compiled once, ~5-20 s, for every group count
-    and length), with Inductor told to keep eager's rounding: no fused multiply-adds (``emulate_precision_casts``)
-    and IEEE division on a GPU (Triton's ``/`` is approximate otherwise; ``eager_numerics.division_rounding``, named
-    ``emulate_divison_rounding`` before torch 2.11). So the same matrix bit for bit as eager (tested on a CPU;
+    and length), with Inductor told to keep eager's rounding (``_eager_rounding``). So the same matrix bit for bit
+    as eager (tested on a CPU;
     ``bench_gpu --only decode`` checks the detections on a GPU), with one pass over memory instead of ~16: 4.4x
     faster on a CPU for 104 groups of 400 boxes (166 against 38 ms)."""
     global _COMPILED_SUPPRESSION
     if _COMPILED_SUPPRESSION is None:
-        from torch._inductor import config
-
-        options = {}
-        if hasattr(config, "emulate_precision_casts"):
-            options["emulate_precision_casts"] = True
-        if hasattr(getattr(config, "eager_numerics", None), "division_rounding"):
-            options["eager_numerics.division_rounding"] = True
-        elif hasattr(config, "emulate_divison_rounding"):
-            options["emulate_divison_rounding"] = True
-        _COMPILED_SUPPRESSION = torch.compile(_suppression, dynamic=True, fullgraph=True, options=options)
+        _COMPILED_SUPPRESSION = torch.compile(_suppression, dynamic=True, fullgraph=True, options=_eager_rounding())
     return _COMPILED_SUPPRESSION
 
 
-_COMPILE_FAILED: str | None = None  # why torch.compile could not build the matrices here (then eager, once warned)
+_COMPILE_FAILED: dict[str, str] = {}  # what torch.compile could not build here, and why (then eager, once warned)
 
 
-def _compiled_suppression_or_none(boxes: Tensor, valid: Tensor, later: Tensor, iou_threshold: float,
-                                  dtype: torch.dtype) -> Tensor | None:
-    """The compiled matrix, or None where ``torch.compile`` cannot run (no C++ compiler or Triton, a Python it does
-    not support, a ``TorchDispatchMode`` active): then ``grouped_nms_dense`` builds it eagerly (the same matrix),
-    after one warning that says why."""
-    global _COMPILE_FAILED
-    if _COMPILE_FAILED is None:
-        try:
-            return _compiled_suppression()(boxes, valid, later, iou_threshold, dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 (any failure to compile: fall back, say so)
-            _COMPILE_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            warnings.warn(f"decode(compile=True): torch.compile could not build the NMS matrices ({_COMPILE_FAILED}); "
-                          "building them eagerly instead (the same detections, slower)", RuntimeWarning, stacklevel=2)
+def run_compiled(what: str, compiled, *args):
+    """``compiled()(*args)``, or None where ``torch.compile`` cannot run (no C++ compiler or Triton, a Python it does
+    not support, a ``TorchDispatchMode`` active): the caller then computes the same thing eagerly, after one warning
+    per ``what`` that says why."""
+    if what in _COMPILE_FAILED:
+        return None
+    try:
+        return compiled()(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any failure to compile: fall back, say so)
+        _COMPILE_FAILED[what] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        warnings.warn(f"torch.compile could not build {what} ({_COMPILE_FAILED[what]}); computing it eagerly instead "
+                      "(the same result, slower)", RuntimeWarning, stacklevel=3)
     return None
 
 
@@ -269,7 +337,8 @@ def grouped_nms_dense(boxes: Tensor, valid: Tensor, iou_threshold: float, compil
     dev = boxes.device
     dt = torch.float16 if dev.type == "cuda" else torch.float32  # 0/1 entries; sums <= K are exact either way
     later = torch.ones(k, k, dtype=torch.bool, device=dev).triu_(1)
-    sup = _compiled_suppression_or_none(boxes, valid, later, float(iou_threshold), dt) if compiled else None
+    sup = (run_compiled("the NMS matrices", _compiled_suppression, boxes, valid, later, float(iou_threshold), dt)
+           if compiled else None)
     if sup is None:
         sup = torch.empty(g, k, k, dtype=dt, device=dev)  # sup[g, i, j]: box i suppresses box j if i is kept
         step = max(1, _NMS_CHUNK // (k * k))

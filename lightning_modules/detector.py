@@ -48,8 +48,10 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
             tensor-core GPUs, with ``--trainer.precision bf16-mixed`` / ``16-mixed``); kept through surgeries.
         compile: run the network through ``torch.compile`` (true, or a mode: ``reduce-overhead`` adds CUDA graphs,
             ``max-autotune``); compiled afresh after every surgery. On a GPU the decoder's NMS matrices are then
-            built by one compiled kernel too (``box_ops.decode(compile=True)``, the same detections); the loss
-            stays eager.
+            built by one compiled kernel too (``box_ops.decode(compile=True)``, the same detections), and the
+            training loss (matching, its terms and hard negatives, and their backward: ~130 operations) runs as one
+            compiled graph (``MultiBoxLoss(compile=True)``; the same loss up to float rounding). On a CPU the loss
+            stays eager (its top-k form reads a size back, which a graph cannot).
         prior_sizes: default-box sizes: VOC's (None), ``"coco300"`` / ``"coco512"`` (the original SSD's COCO
             boxes), or ``{min_sizes: [...], max_sizes: [...]}`` in pixels, one per branch (e.g. small traffic signs).
     """
@@ -91,7 +93,7 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
                                     batch_norm, prior_sizes)
         if init_checkpoint:
             self.load_weights(init_checkpoint)
-        self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio)
+        self.loss_fn = MultiBoxLoss(neg_pos_ratio=neg_pos_ratio, compile=bool(compile))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.metrics = torch.nn.ModuleDict()

@@ -355,14 +355,85 @@ def test_compiled_decode_falls_back_to_eager_where_torch_compile_cannot_run(monk
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(box_ops, "_COMPILE_FAILED", None)
+    monkeypatch.setattr(box_ops, "_COMPILE_FAILED", {})
     torch.manual_seed(0)
     m = build_ssd(300, 6, width_mult=0.0625)
     loc, conf = torch.randn(2, m.priors.shape[0], 4) * 0.5, torch.randn(2, m.priors.shape[0], 6) * 2
     want = decode(loc, conf, m.priors, nms_method="dense")
     with Passthrough(), pytest.warns(RuntimeWarning, match="torch.compile could not build the NMS matrices"):
         got = decode(loc, conf, m.priors, nms_method="dense", compile=True)
-    assert box_ops._COMPILE_FAILED
+    assert "the NMS matrices" in box_ops._COMPILE_FAILED
     for g, w in zip(got, want):
         for a, b in zip(_canonical(g), _canonical(w)):
             assert torch.equal(a, b)
+
+
+def _random_targets(n: int, gen: torch.Generator, most: int = 5) -> DetectionTargets:
+    """``n`` images of 0 to ``most`` random boxes each (xyxy in [0, 1]), as the loaders pack them."""
+    ts = []
+    for _ in range(n):
+        k = int(torch.randint(0, most + 1, (), generator=gen))
+        lt = torch.rand(k, 2, generator=gen) * 0.6
+        ts.append({"boxes": torch.cat([lt, lt + torch.rand(k, 2, generator=gen) * 0.35 + 0.05], 1),
+                   "labels": torch.randint(0, 3, (k,), generator=gen)})
+    return DetectionTargets.from_list(ts)
+
+
+def test_compiled_loss_is_the_eager_loss_with_one_graph_for_every_batch(recwarn):
+    """``MultiBoxLoss(compile=True)`` (what ``--model.compile`` trains with on a GPU): the sync-free loss's matching
+    and terms as one compiled graph. The same loss and gradients as eager on batches of different sizes and numbers
+    of ground truths (images without objects included), with and without class weights, from one graph for each
+    (dynamic shapes: no recompilation per batch); a batch without any object takes the eager path (all background).
+    """
+    from torch._dynamo.utils import counters
+
+    import lightning_modules.box_ops as box_ops
+
+    torch._dynamo.reset()
+    priors = default_boxes(300)
+    gen = torch.Generator().manual_seed(0)
+    eager, compiled = MultiBoxLoss(sync_free=True), MultiBoxLoss(sync_free=True, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    empty = DetectionTargets.from_list([{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)}] * 2)
+    for weights in (None, torch.tensor([1.0, 0.5, 2.0, 3.0])):
+        for n, targets in ((6, _random_targets(6, gen)), (6, _random_targets(6, gen)), (3, _random_targets(3, gen)),
+                           (2, empty)):
+            loc0, conf0 = torch.randn(n, len(priors), 4, generator=gen), torch.randn(n, len(priors), 4, generator=gen) * 3
+            out = {}
+            for name, fn in (("eager", eager), ("compiled", compiled)):
+                loc, conf = loc0.clone().requires_grad_(), conf0.clone().requires_grad_()
+                res = fn(loc, conf, priors, targets, class_weights=weights)
+                res["loss"].backward()
+                out[name] = (res, loc.grad, conf.grad)
+            (a, ga_loc, ga_conf), (b, gb_loc, gb_conf) = out["eager"], out["compiled"]
+            for key in ("loss", "loc", "conf", "num_pos"):
+                torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(gb_loc, ga_loc, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(gb_conf, ga_conf, rtol=1e-5, atol=1e-8)
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # one per form (with / without weights), every batch
+    assert "the MultiBox loss" not in box_ops._COMPILE_FAILED
+    assert not [w for w in recwarn if "torch.compile could not" in str(w.message)]
+
+
+def test_compiled_loss_falls_back_to_eager_where_torch_compile_cannot_run(monkeypatch):
+    """Where torch.compile cannot run (here under a ``TorchDispatchMode``), ``MultiBoxLoss(compile=True)`` warns once,
+    says why, and computes the same loss eagerly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lightning_modules.box_ops as box_ops
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(box_ops, "_COMPILE_FAILED", {})
+    priors = default_boxes(300)
+    gen = torch.Generator().manual_seed(1)
+    targets = _random_targets(4, gen)
+    loc, conf = torch.randn(4, len(priors), 4, generator=gen), torch.randn(4, len(priors), 4, generator=gen)
+    want = MultiBoxLoss(sync_free=True)(loc, conf, priors, targets)
+    with Passthrough(), pytest.warns(RuntimeWarning, match="torch.compile could not build the MultiBox loss"):
+        got = MultiBoxLoss(sync_free=True, compile=True)(loc, conf, priors, targets)
+    assert "the MultiBox loss" in box_ops._COMPILE_FAILED
+    for key in ("loss", "loc", "conf", "num_pos"):
+        torch.testing.assert_close(got[key], want[key])
