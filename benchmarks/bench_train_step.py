@@ -8,6 +8,7 @@ python -m benchmarks.bench_train_step --only match [--repeats 20]      # matchin
                                       # (the loss "now" is sync-free on a GPU: MultiBoxLoss(sync_free=None); both forms)
 python -m benchmarks.bench_train_step --sync-debug   # a GPU: list the host syncs of our step (cuda sync debug mode)
 python -m benchmarks.bench_train_step --only layout --width 0.125 --batch 8   # our step in NCHW vs channels-last
+python -m benchmarks.bench_train_step --only loss [--batch 32] [--bf16]   # the sync-free loss eager vs compiled
 """
 
 from __future__ import annotations
@@ -177,18 +178,97 @@ def layout_table(args, dev: torch.device) -> None:
         print(row(layout, args.width, args.batch, args.device, f"{t:.0f}", f"{med['NCHW'] / t:.2f}x"))
 
 
+def loss_table(args, dev: torch.device) -> None:
+    """The sync-free MultiBox loss (the form a GPU trains with), forward and backward, eager against compiled
+    (``MultiBoxLoss(compile=True)``, what ``--model.compile`` uses on a GPU), on VOC-like targets (1-6 objects per
+    image) of a new random batch each round: wall time with the device's work (synchronised), the host's time to
+    issue it (the call and the backward return; then a synchronisation outside the timing), and on a GPU the kernels
+    each launches (``torch.profiler``). The two are timed alternately, after the compilation and two warm-up rounds;
+    the losses are checked equal first."""
+    import statistics
+    import time
+
+    from datamodules.targets import DetectionTargets
+
+    g = torch.Generator().manual_seed(0)
+    priors = default_boxes(300).to(dev)
+    fns = {"eager": MultiBoxLoss(sync_free=True), "compiled": MultiBoxLoss(sync_free=True, compile=True)}
+
+    def batch():
+        targets = []
+        for _ in range(args.batch):
+            n = int(torch.randint(1, 7, (), generator=g))
+            lt = torch.rand(n, 2, generator=g) * 0.8
+            wh = (torch.rand(n, 2, generator=g) * 0.5).clamp(min=0.02) * (1 - lt)
+            targets.append({"boxes": torch.cat([lt, lt + wh], 1), "labels": torch.randint(0, 20, (n,), generator=g)})
+        dtype = torch.bfloat16 if args.bf16 else torch.float32  # what the network hands the loss under autocast
+        loc = torch.randn(args.batch, len(priors), 4, generator=g).to(dev, dtype).requires_grad_()
+        conf = torch.randn(args.batch, len(priors), 21, generator=g).to(dev, dtype).requires_grad_()
+        return loc, conf, DetectionTargets.from_list(targets).to(dev)
+
+    def run(fn, inputs):
+        loc, conf, targets = inputs
+        loc.grad = conf.grad = None
+        out = fn(loc, conf, priors, targets)
+        out["loss"].backward()
+        return out
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    inputs = batch()
+    want, got = run(fns["eager"], inputs), run(fns["compiled"], inputs)  # the first compiled call compiles
+    for key in ("loss", "loc", "conf", "num_pos"):
+        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-4, atol=1e-5)
+    wall, host = {k: [] for k in fns}, {k: [] for k in fns}
+    for r in range(args.repeats + 2):
+        inputs = batch()
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            run(fn, inputs)
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+            if r >= 2:
+                host[name].append((t1 - t0) * 1e3)
+                wall[name].append((t2 - t0) * 1e3)
+    kernels = {}
+    if dev.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in fns.items():
+            inputs = batch()
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(fn, inputs)
+                sync()
+            kernels[name] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(row("sync-free MultiBox loss, forward + backward", "batch", "device", "inputs", "median ms (with the device)",
+              "host ms", "device operations"))
+    print(row(*["---"] * 7))
+    for name in fns:
+        print(row(name, args.batch, args.device, "bf16" if args.bf16 else "fp32", f"{statistics.median(wall[name]):.2f}",
+                  f"{statistics.median(host[name]):.2f}", kernels.get(name, "-")))
+    e, c = statistics.median(wall["eager"]), statistics.median(wall["compiled"])
+    print(f"ratio eager/compiled: {e / c:.2f}x (> 1: compiled is faster)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--only", choices=("match", "layout"),
-                    help="match: the loss's matching alone; layout: our step in NCHW vs channels-last")
+    ap.add_argument("--only", choices=("match", "layout", "loss"),
+                    help="match: the loss's matching alone; layout: our step in NCHW vs channels-last; loss: the "
+                         "sync-free loss eager vs compiled")
     ap.add_argument("--width", type=float, default=1.0, help="layout: width_mult (the demo: 0.125, BatchNorm)")
     ap.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast (the GPU configs' precision)")
     ap.add_argument("--channels-last", action="store_true", help="both networks and our input in channels-last")
     ap.add_argument("--compile", action="store_true",
-                    help="also our step with the network compiled (torch.compile, as --model.compile true trains)")
+                    help="also our step with the network and (on a GPU) the loss compiled (torch.compile, as "
+                         "--model.compile true trains)")
     ap.add_argument("--sync-debug", action="store_true",
                     help="a GPU: run our step once under torch.cuda.set_sync_debug_mode('warn') and list its syncs")
     ap.add_argument("--cudnn-benchmark", action="store_true",
@@ -200,6 +280,8 @@ def main() -> None:
         return match_table(args, dev)
     if args.only == "layout":
         return layout_table(args, dev)
+    if args.only == "loss":
+        return loss_table(args, dev)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.rand(args.batch, 3, 300, 300, device=dev).contiguous(memory_format=fmt)
     boxes = [torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.4, 0.1, 0.9, 0.5]], device=dev) for _ in range(args.batch)]
@@ -228,11 +310,12 @@ def main() -> None:
 
     t_o = median_time(step_ours, args.repeats)
     t_t = median_time(step_tv, args.repeats)
-    if args.compile:  # a second copy of our network, compiled; the first calls compile it (three warm-ups)
+    if args.compile:  # a second copy of our network, compiled, and the loss; the first calls compile (three warm-ups)
         torch.manual_seed(0)
         compiled = build_ssd(300, 21).to(dev).train().to(memory_format=fmt)
         opt_c = torch.optim.SGD(compiled.parameters(), lr=1e-4, momentum=0.9)
-        step_c = ssd_train_step(torch.compile(compiled), images, tgt_o, opt_c, loss_fn, dev, bf16=args.bf16)
+        loss_c = MultiBoxLoss(compile=True)  # on a GPU the sync-free loss as one graph, as --model.compile trains
+        step_c = ssd_train_step(torch.compile(compiled), images, tgt_o, opt_c, loss_c, dev, bf16=args.bf16)
         t_c = median_time(step_c, args.repeats, warmup=3)
     if args.cudnn_benchmark:  # last: the flag stays on for the process; the warm-up steps run the autotuner
         torch.backends.cudnn.benchmark = True
@@ -241,7 +324,7 @@ def main() -> None:
     print(row("SSD300 train step", "batch", "device", "form", "median s", "images/s"))
     print(row("ours", args.batch, args.device, form, f"{t_o:.3f}", f"{args.batch / t_o:.0f}"))
     if args.compile:
-        print(row("ours, network compiled", args.batch, args.device, form, f"{t_c:.3f}", f"{args.batch / t_c:.0f}"))
+        print(row("ours, network and loss compiled", args.batch, args.device, form, f"{t_c:.3f}", f"{args.batch / t_c:.0f}"))
     if args.cudnn_benchmark:
         print(row("ours, cudnn.benchmark", args.batch, args.device, form, f"{t_b:.3f}", f"{args.batch / t_b:.0f}"))
     print(row("torchvision ssd300_vgg16", args.batch, args.device, form, f"{t_t:.3f}", f"{args.batch / t_t:.0f}"))

@@ -4,7 +4,7 @@
 #   here:  bash benchmarks/gpu_wheels.sh                      # .whl/: the packages that machine's image lacks
 #   there: device run, carry [".whl"], command: bash benchmarks/gpu_session.sh [STEP ...]
 #
-# Steps, in this order by default: env decode networks widths train match augment loader fit (and, only when named,
+# Steps, in this order by default: env decode networks widths train match loss augment loader fit (and, only when named,
 # layers: per-layer times of dense vs pruned-6det; autotune: the widths table with cuDNN's autotuner on). One device command
 # runs at most 10 minutes, so give each call a few steps (the sixteenth session: "env decode networks train match
 # augment widths" took 443 s on an H100, "fit" 148 s; a call starts in ~30 s). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
@@ -54,6 +54,7 @@ print(\"imports ok\")'" ;;
     train) step train "$py" -m benchmarks.bench_train_step --bf16 --channels-last --cudnn-benchmark --sync-debug \
         $(q "--batch 32 --repeats 10 --compile" "--batch 2 --repeats 1") ;;
     match) step match "$py" -m benchmarks.bench_train_step --only match $(q "--repeats 20" "--repeats 1") ;;
+    loss) step loss "$py" -m benchmarks.bench_train_step --only loss --bf16 $(q "--batch 32 --repeats 20" "--batch 2 --repeats 1") ;;
     augment) step augment "$py" -m benchmarks.bench_augment $(q "--images 400 --repeats 3" "--images 8 --repeats 1") ;;
     loader) step loader "$py" -m benchmarks.bench_loader $(q "--workers 2 8 15 --epochs 2" "--workers 0 1 --batch 4 --epochs 1") ;;
     fit)
@@ -75,10 +76,10 @@ print(\"imports ok\")'" ;;
         rm -rf runs/gpu/fit
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
-    *) echo "unknown step $1 (env decode networks widths layers autotune train match augment loader fit)" >&2; return 2 ;;
+    *) echo "unknown step $1 (env decode networks widths layers autotune train match loss augment loader fit)" >&2; return 2 ;;
     esac
 }
 
-for s in "${@:-env decode networks widths train match augment loader fit}"; do
+for s in "${@:-env decode networks widths train match loss augment loader fit}"; do
     for one in $s; do run_step "$one" || exit; done
 done
