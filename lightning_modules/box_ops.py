@@ -152,7 +152,7 @@ class MultiBoxLoss:
 
 
 def _match_batch(anchors: Tensor, boxes: Tensor, labels: Tensor, cnt: Tensor, n: int,
-           iou_threshold: float) -> tuple[Tensor, Tensor]:
+                 iou_threshold: float) -> tuple[Tensor, Tensor]:
     """``MultiBoxLoss.match`` on device tensors: ``anchors`` (P, 4) xyxy, the batch's ``boxes`` (T, 4) and
     ``labels`` (T,), T > 0, ``cnt`` (N,) objects per image. Sync-free, and every size but N comes from a tensor's
     shape (so that a compiled graph serves every T)."""
