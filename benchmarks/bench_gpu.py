@@ -10,6 +10,8 @@ per-image loop, and how many images each gives exactly the detections of greedy 
     python -m benchmarks.bench_gpu --only widths --cudnn-benchmark       # the same with cuDNN's autotuner on
     python -m benchmarks.bench_gpu --only layers [--round-to 8]          # per layer: dense vs pruned-6det, batch 32
     python -m benchmarks.bench_gpu --only networks --compile             # + the compiled network and decoder
+    python -m benchmarks.bench_gpu --only trained --checkpoint RUN/export --images DIR [--compile]
+                                           # a trained detector end to end on real images (vs the same untrained)
 
 The ``widths`` table answers "which ``round_to`` should the selection use for this device": the pruned-6det widths
 rounded *up* to multiples of 8, 16, 32 and 64, each timed against the dense network in the fastest mode (bf16 +
@@ -24,6 +26,14 @@ its ReLU and any pooling after it, from its start to the next convolution's; the
 the throughput batch in the inference form (bf16 + channels-last on a GPU), the dense and the pruned-6det network's
 time, their ratio against the MACs ratio, and what each layer achieves in TFLOP/s and in GB/s of its minimal memory
 traffic (input, output and weights once), i.e. whether it is compute- or memory-bound on this device.
+
+The ``trained`` table answers "how fast is a trained detector end to end": the networks table decodes an untrained
+network's logits, where every class of every default box clears the 0.01 score threshold (decoding's worst case); a
+trained detector's are background almost everywhere. It loads a checkpoint or export folder (``--checkpoint``), runs
+its inference form (BatchNorm folded, channels-last; bf16 autocast on a GPU) on the first ``--batch`` images of
+``--images`` (resized; repeated if the folder has fewer), with its own decoding settings, and times the network alone
+and with decode + NMS, against the same architecture with freshly initialised weights; it also says how many
+(box, class) candidates clear the score threshold and how many detections come out per image.
 
 Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
 Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
@@ -126,7 +136,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch (batch 1 is always timed)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--classes", type=int, default=21, help="with background (VOC: 21)")
-    ap.add_argument("--only", choices=("decode", "networks", "widths", "layers"), help="run one of the tables")
+    ap.add_argument("--only", choices=("decode", "networks", "widths", "layers", "trained"),
+                    help="run one of the tables (trained: only when named)")
+    ap.add_argument("--checkpoint", help="trained: a checkpoint (.ckpt) or export folder of a trained detector")
+    ap.add_argument("--images", help="trained: a folder of images to run it on (e.g. a data set's JPEGImages)")
     ap.add_argument("--round-to", type=int, default=8, help="layers: the pruned-6det widths rounded up to this")
     ap.add_argument("--compile", action="store_true",
                     help="networks and widths tables: also time the compiled networks (and decoder)")
@@ -145,6 +158,8 @@ def main() -> None:
         return widths_table(args, dev)
     if args.only == "layers":
         return layers_table(args, dev)
+    if args.only == "trained":
+        return trained_table(args, dev)
 
     # --- decode + NMS alone: the two batched methods vs the per-image loop
     m = build_ssd(300, args.classes).to(dev).eval()
@@ -269,6 +284,65 @@ def widths_table(args, dev: torch.device) -> None:
                 print(row(label, "yes" if compiled else "no", f"{macs[label] / 1e6:.0f}", f"{red:.2f}x", b,
                           f"{rate[label]:.1f}", f"{speed:.2f}x", f"{speed / red:.2f}"))
 
+
+
+def trained_table(args, dev: torch.device) -> None:
+    import copy
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    from lightning_modules.common import deploy_copy
+    from lightning_modules.export import IMAGE_SUFFIXES, _read_image, load_detector
+
+    if not args.checkpoint or not args.images:
+        raise SystemExit("--only trained needs --checkpoint (a .ckpt or export folder) and --images (a folder)")
+    det = load_detector(args.checkpoint).to(dev)
+    hp, size = det.hparams, det.hparams.size
+    folder = Path(args.images)
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise SystemExit(f"--images {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+    files = (files * args.batch)[:args.batch]
+    pixels = np.stack([cv2.resize(_read_image(f), (size, size), interpolation=cv2.INTER_LINEAR) for f in files])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(dev)  # uint8, as the loaders deliver
+    untrained = copy.deepcopy(det.model)
+    torch.manual_seed(0)
+    for module in untrained.modules():
+        if module is not untrained and hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # BatchNorm too: running statistics 0 / 1, so it folds to nothing
+    nets = {"trained": deploy_copy(det.model).to(dev), "same widths, untrained": deploy_copy(untrained).to(dev)}
+    fast = dev.type == "cuda"
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
+    print(f"{args.checkpoint}: {sum(p.numel() for p in det.model.parameters()):,} parameters, {len(det.classes)} "
+          f"classes; images from {folder} ({len(set(files))} distinct); "
+          f"{'bf16 + ' if fast else 'fp32, '}channels-last, BatchNorm folded\n")
+    print(row("network", "compiled", "batch", "network img/s", "with decode+NMS img/s", "post-processing share",
+              "candidates / image", "detections / image"))
+    print(row(*["---"] * 8))
+    for compiled in (False, True) if args.compile else (False,):
+        for b in (1, args.batch):
+            x = images[:b]
+            for label, net in nets.items():
+                run = torch.compile(net, mode="reduce-overhead" if fast else None) if compiled else net
+
+                def forward():
+                    with torch.no_grad(), ctx():
+                        return run(det.preprocess(x).contiguous(memory_format=torch.channels_last))
+
+                def full():
+                    loc, conf = forward()
+                    return decode(loc, conf, net.priors, hp.conf_threshold, hp.nms_threshold, hp.top_k,
+                                  compile=compiled)
+
+                warm = 3 if compiled else 2
+                t_net, t_full = timed(forward, dev, args.repeats, warm), timed(full, dev, args.repeats, warm)
+                _, conf = forward()
+                candidates = (conf.float().softmax(-1)[..., 1:] > hp.conf_threshold).sum().item() / b
+                dets = sum(len(d["scores"]) for d in full()) / b
+                print(row(label, "yes" if compiled else "no", b, f"{b / t_net:.1f}", f"{b / t_full:.1f}",
+                          f"{1 - t_net / t_full:.0%}", f"{candidates:.0f}", f"{dets:.1f}"))
 
 
 def layers_table(args, dev: torch.device) -> None:

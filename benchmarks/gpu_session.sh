@@ -4,7 +4,7 @@
 #   here:  bash benchmarks/gpu_wheels.sh                      # .whl/: the packages that machine's image lacks
 #   there: device run, carry [".whl"], command: bash benchmarks/gpu_session.sh [STEP ...]
 #
-# Steps, in this order by default: env decode networks widths train match loss augment loader fit (and, only when named,
+# Steps, in this order by default: env decode networks widths train match loss augment loader fit trained (and, only when named,
 # layers: per-layer times of dense vs pruned-6det; autotune: the widths table with cuDNN's autotuner on). One device command
 # runs at most 10 minutes, so give each call a few steps (the sixteenth session: "env decode networks train match
 # augment widths" took 443 s on an H100, "fit" 148 s; a call starts in ~30 s). Each step prints to the console and to $OUT/<step>.txt ($OUT: what comes back from the device;
@@ -76,10 +76,13 @@ print(\"imports ok\")'" ;;
         rm -rf runs/gpu/fit
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
-    *) echo "unknown step $1 (env decode networks widths layers autotune train match loss augment loader fit)" >&2; return 2 ;;
+    trained)  # after fit, in the same call (a fresh machine has no runs/): the fit's model end to end on its images
+        step trained "$py" -m benchmarks.bench_gpu --only trained --compile --checkpoint runs/gpu/fit/export \
+            --images data/synthetic/VOCdevkit/VOC2007/JPEGImages $(q "" "--batch 2 --repeats 1") ;;
+    *) echo "unknown step $1 (env decode networks widths layers autotune train match loss augment loader fit trained)" >&2; return 2 ;;
     esac
 }
 
-for s in "${@:-env decode networks widths train match loss augment loader fit}"; do
+for s in "${@:-env decode networks widths train match loss augment loader fit trained}"; do
     for one in $s; do run_step "$one" || exit; done
 done
