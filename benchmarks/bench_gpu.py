@@ -32,8 +32,10 @@ network's logits, where every class of every default box clears the 0.01 score t
 trained detector's are background almost everywhere. It loads a checkpoint or export folder (``--checkpoint``), runs
 its inference form (BatchNorm folded, channels-last; bf16 autocast on a GPU) on the first ``--batch`` images of
 ``--images`` (resized; repeated if the folder has fewer), with its own decoding settings, and times the network alone
-and with decode + NMS, against the same architecture with freshly initialised weights; it also says how many
-(box, class) candidates clear the score threshold and how many detections come out per image.
+and with decode + NMS, against the same architecture with freshly initialised weights and against the full-width
+SSD (untrained); it also says how many (box, class) candidates clear the score threshold and how many detections
+come out per image. A derived row adds the trained model's decoding time to the full-width network's: what a trained
+full-width SSD would run at end to end, from the figures of this run.
 
 Timings: CUDA events on a GPU (after warm-up, synchronised), ``perf_counter`` on a CPU; medians of ``--repeats``.
 Throughput in images/s. Every row runs in this one process, so the ratios are what to read on a shared machine.
@@ -312,7 +314,9 @@ def trained_table(args, dev: torch.device) -> None:
     for module in untrained.modules():
         if module is not untrained and hasattr(module, "reset_parameters"):
             module.reset_parameters()  # BatchNorm too: running statistics 0 / 1, so it folds to nothing
-    nets = {"trained": deploy_copy(det.model).to(dev), "same widths, untrained": deploy_copy(untrained).to(dev)}
+    nets = {"trained": deploy_copy(det.model).to(dev), "same widths, untrained": deploy_copy(untrained).to(dev),
+            f"full SSD{size} width, untrained": deploy_copy(build_ssd(size, len(det.classes) + 1)).to(dev)}
+    decode_s = {}  # (compiled, batch) -> the trained model's decode + NMS seconds
     fast = dev.type == "cuda"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
     print(f"{args.checkpoint}: {sum(p.numel() for p in det.model.parameters()):,} parameters, {len(det.classes)} "
@@ -343,6 +347,12 @@ def trained_table(args, dev: torch.device) -> None:
                 dets = sum(len(d["scores"]) for d in full()) / b
                 print(row(label, "yes" if compiled else "no", b, f"{b / t_net:.1f}", f"{b / t_full:.1f}",
                           f"{1 - t_net / t_full:.0%}", f"{candidates:.0f}", f"{dets:.1f}"))
+                if label == "trained":
+                    decode_s[compiled, b] = t_full - t_net
+                elif label.startswith("full"):  # derived: that network's time plus the trained model's decoding
+                    print(row(f"full SSD{size} width + the trained model's decode+NMS time (derived)",
+                              "yes" if compiled else "no", b, f"{b / t_net:.1f}", f"{b / (t_net + decode_s[compiled, b]):.1f}",
+                              f"{decode_s[compiled, b] / (t_net + decode_s[compiled, b]):.0%}", "-", "-"))
 
 
 def layers_table(args, dev: torch.device) -> None:

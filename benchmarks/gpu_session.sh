@@ -77,7 +77,7 @@ print(\"imports ok\")'" ;;
         STEP_TIMEOUT=${STEP_TIMEOUT:-480} step fit "$py" train.py "${args[@]}"  # give it a call of its own
         cp runs/gpu/fit/summary.json "$out/fit_summary.json" 2>/dev/null || echo "=== fit: no summary.json" ;;
     trained)  # after fit, in the same call (a fresh machine has no runs/): the fit's model end to end on its images
-        step trained "$py" -m benchmarks.bench_gpu --only trained --compile --checkpoint runs/gpu/fit/export \
+        STEP_TIMEOUT=${STEP_TIMEOUT:-300} step trained "$py" -m benchmarks.bench_gpu --only trained --compile --checkpoint runs/gpu/fit/export \
             --images data/synthetic/VOCdevkit/VOC2007/JPEGImages $(q "" "--batch 2 --repeats 1") ;;
     *) echo "unknown step $1 (env decode networks widths layers autotune train match loss augment loader fit trained)" >&2; return 2 ;;
     esac
