@@ -133,6 +133,21 @@ class AssertCompiledMatchesEager(Callback):
                 f.write(f"{sum(pl_module.model.channels.values())}\n")
 
 
+class LossAsOnAGpu(Callback):
+    """The module's MultiBox loss in its GPU form (sync-free; so, under ``--model.compile``, the compiled graph) on a
+    CPU; at every epoch's end: under ``--model.compile`` the compiled loss was built and never fell back to eager."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.loss_fn.sync_free = True
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        from lightning_modules import box_ops
+
+        if pl_module.loss_fn.compile:
+            assert box_ops._COMPILED_LOSS is not None, "the compiled loss never ran"
+            assert "the MultiBox loss" not in box_ops._COMPILE_FAILED, box_ops._COMPILE_FAILED
+
+
 def shrunk_default_config(config: str, out_dir, params_x: float, macs_x: float):
     """A ``*_default.yaml`` config (the default method on the BatchNorm SSD) with its callbacks as written and only the
     schedule shrunk to 4 CPU epochs of 2 batches (fade over epochs 1-2, cut at the end of 2): the budgets stay. Checks

@@ -137,11 +137,13 @@ def test_bad_schedule_fails_at_start_up(tmp_path):
 @pytest.mark.slow  # torch.compile on CPU: a few compilations (~2-4 min)
 def test_compiled_training_recompiles_after_each_surgery(tmp_path):
     """--model.compile true: the fit runs the compiled network, every surgery recompiles it at the new widths (the
-    compiled output matches the eager one at every epoch start), and the checkpoint keeps the plain keys."""
+    compiled output matches the eager one at every epoch start), and the checkpoint keeps the plain keys. The loss
+    runs in its GPU form, so compiled too (through a surgery's reset of every compiled graph)."""
     cfg = shrunken_demo(tmp_path, max_epochs=3, schedule=[
         {"layers": ["conv4_3", "conv5_1", "conv5_2", "conv5_3", "conv6", "conv7"], "l1_epochs": [0, 1]}])
     raw = yaml.safe_load(cfg.read_text())
-    raw["trainer"]["callbacks"].insert(0, {"class_path": "tests.helpers.AssertCompiledMatchesEager"})
+    raw["trainer"]["callbacks"][:0] = [{"class_path": "tests.helpers.AssertCompiledMatchesEager"},
+                                       {"class_path": "tests.helpers.LossAsOnAGpu"}]
     cfg.write_text(yaml.safe_dump(raw))
     log = tmp_path / "compile.log"
     proc = run_train(["--config", str(cfg), "--run_name", "c", "--model.compile", "true"],
