@@ -350,9 +350,10 @@ def trained_table(args, dev: torch.device) -> None:
                 if label == "trained":
                     decode_s[compiled, b] = t_full - t_net
                 elif label.startswith("full"):  # derived: that network's time plus the trained model's decoding
+                    t_end = t_net + decode_s[compiled, b]
                     print(row(f"full SSD{size} width + the trained model's decode+NMS time (derived)",
-                              "yes" if compiled else "no", b, f"{b / t_net:.1f}", f"{b / (t_net + decode_s[compiled, b]):.1f}",
-                              f"{decode_s[compiled, b] / (t_net + decode_s[compiled, b]):.0%}", "-", "-"))
+                              "yes" if compiled else "no", b, f"{b / t_net:.1f}", f"{b / t_end:.1f}",
+                              f"{decode_s[compiled, b] / t_end:.0%}", "-", "-"))
 
 
 def layers_table(args, dev: torch.device) -> None:

@@ -249,8 +249,8 @@ def loss_table(args, dev: torch.device) -> None:
               "host ms", "device operations"))
     print(row(*["---"] * 7))
     for name in fns:
-        print(row(name, args.batch, args.device, "bf16" if args.bf16 else "fp32", f"{statistics.median(wall[name]):.2f}",
-                  f"{statistics.median(host[name]):.2f}", kernels.get(name, "-")))
+        print(row(name, args.batch, args.device, "bf16" if args.bf16 else "fp32",
+                  f"{statistics.median(wall[name]):.2f}", f"{statistics.median(host[name]):.2f}", kernels.get(name, "-")))
     e, c = statistics.median(wall["eager"]), statistics.median(wall["compiled"])
     print(f"ratio eager/compiled: {e / c:.2f}x (> 1: compiled is faster)")
 
@@ -324,7 +324,8 @@ def main() -> None:
     print(row("SSD300 train step", "batch", "device", "form", "median s", "images/s"))
     print(row("ours", args.batch, args.device, form, f"{t_o:.3f}", f"{args.batch / t_o:.0f}"))
     if args.compile:
-        print(row("ours, network and loss compiled", args.batch, args.device, form, f"{t_c:.3f}", f"{args.batch / t_c:.0f}"))
+        print(row("ours, network and loss compiled", args.batch, args.device, form, f"{t_c:.3f}",
+                  f"{args.batch / t_c:.0f}"))
     if args.cudnn_benchmark:
         print(row("ours, cudnn.benchmark", args.batch, args.device, form, f"{t_b:.3f}", f"{args.batch / t_b:.0f}"))
     print(row("torchvision ssd300_vgg16", args.batch, args.device, form, f"{t_t:.3f}", f"{args.batch / t_t:.0f}"))

@@ -394,11 +394,13 @@ def test_compiled_loss_is_the_eager_loss_with_one_graph_for_every_batch(recwarn)
     gen = torch.Generator().manual_seed(0)
     eager, compiled = MultiBoxLoss(sync_free=True), MultiBoxLoss(sync_free=True, compile=True)
     graphs = counters["stats"]["unique_graphs"]
-    empty = DetectionTargets.from_list([{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)}] * 2)
+    empty = DetectionTargets.from_list(
+        [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.long)}] * 2)
     for weights in (None, torch.tensor([1.0, 0.5, 2.0, 3.0])):
         for n, targets in ((6, _random_targets(6, gen)), (6, _random_targets(6, gen)), (3, _random_targets(3, gen)),
                            (2, empty)):
-            loc0, conf0 = torch.randn(n, len(priors), 4, generator=gen), torch.randn(n, len(priors), 4, generator=gen) * 3
+            loc0 = torch.randn(n, len(priors), 4, generator=gen)
+            conf0 = torch.randn(n, len(priors), 4, generator=gen) * 3
             out = {}
             for name, fn in (("eager", eager), ("compiled", compiled)):
                 loc, conf = loc0.clone().requires_grad_(), conf0.clone().requires_grad_()
