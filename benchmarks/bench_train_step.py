@@ -121,6 +121,18 @@ def loss_before(loc, conf, priors, targets, neg_pos_ratio=3):
     return loc_loss / n + ce[pos | neg].sum() / n
 
 
+def random_targets(batch: int, most: int, g: torch.Generator, dev: torch.device) -> list[dict]:
+    """``batch`` images of 1 to ``most`` random boxes each (xyxy in [0, 1]) of 20 classes."""
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, most + 1, (), generator=g))
+        lt = torch.rand(n, 2, generator=g) * 0.8
+        wh = (torch.rand(n, 2, generator=g) * 0.5).clamp(min=0.02) * (1 - lt)
+        targets.append({"boxes": torch.cat([lt, lt + wh], 1).to(dev),
+                        "labels": torch.randint(0, 20, (n,), generator=g).to(dev)})
+    return targets
+
+
 def match_table(args, dev: torch.device) -> None:
     """Matching (and the whole loss) per batch: the batched ``MultiBoxLoss.match`` vs ``match_per_image``, on targets
     like VOC's (1-6 objects per image) and like facemask's crowds (1-40)."""
@@ -132,13 +144,7 @@ def match_table(args, dev: torch.device) -> None:
     print(row(*["---"] * 10))
     for kind, most in (("VOC-like (1-6 objects)", 6), ("crowded (1-40 objects)", 40)):
         for b in (8, 32):
-            targets = []
-            for _ in range(b):
-                n = int(torch.randint(1, most + 1, (), generator=g))
-                lt = torch.rand(n, 2, generator=g) * 0.8
-                wh = (torch.rand(n, 2, generator=g) * 0.5).clamp(min=0.02) * (1 - lt)
-                targets.append({"boxes": torch.cat([lt, lt + wh], 1).to(dev),
-                                "labels": torch.randint(0, 20, (n,), generator=g).to(dev)})
+            targets = random_targets(b, most, g, dev)
             loc = torch.randn(b, len(priors), 4, device=dev)
             conf = torch.randn(b, len(priors), 21, device=dev)
             t_old = median_time(synced(lambda: match_per_image(priors, targets), dev), args.repeats)
@@ -195,12 +201,7 @@ def loss_table(args, dev: torch.device) -> None:
     fns = {"eager": MultiBoxLoss(sync_free=True), "compiled": MultiBoxLoss(sync_free=True, compile=True)}
 
     def batch():
-        targets = []
-        for _ in range(args.batch):
-            n = int(torch.randint(1, 7, (), generator=g))
-            lt = torch.rand(n, 2, generator=g) * 0.8
-            wh = (torch.rand(n, 2, generator=g) * 0.5).clamp(min=0.02) * (1 - lt)
-            targets.append({"boxes": torch.cat([lt, lt + wh], 1), "labels": torch.randint(0, 20, (n,), generator=g)})
+        targets = random_targets(args.batch, 6, g, torch.device("cpu"))
         dtype = torch.bfloat16 if args.bf16 else torch.float32  # what the network hands the loss under autocast
         loc = torch.randn(args.batch, len(priors), 4, generator=g).to(dev, dtype).requires_grad_()
         conf = torch.randn(args.batch, len(priors), 21, generator=g).to(dev, dtype).requires_grad_()
