@@ -315,7 +315,9 @@ def trained_table(args, dev: torch.device) -> None:
         if module is not untrained and hasattr(module, "reset_parameters"):
             module.reset_parameters()  # BatchNorm too: running statistics 0 / 1, so it folds to nothing
     nets = {"trained": deploy_copy(det.model).to(dev), "same widths, untrained": deploy_copy(untrained).to(dev),
-            f"full SSD{size} width, untrained": deploy_copy(build_ssd(size, len(det.classes) + 1)).to(dev)}
+            f"full SSD{size} width, untrained": deploy_copy(build_ssd(  # the trained model's configuration, dense
+                size, len(det.classes) + 1, num_branches=det.model.num_branches, batch_norm=hp.get("batch_norm", False),
+                prior_sizes=hp.get("prior_sizes"))).to(dev)}
     decode_s = {}  # (compiled, batch) -> the trained model's decode + NMS seconds
     fast = dev.type == "cuda"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if fast else contextlib.nullcontext
