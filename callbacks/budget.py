@@ -78,3 +78,47 @@ def architecture_cost(model: nn.Module, widths: dict[str, int], measure: str) ->
 
     macs, _ = tp.utils.count_ops_and_params(arch.eval(), arch.example_input())
     return int(macs)
+
+
+class BilinearCost:
+    """Parameters and MACs of ``model``'s architecture as functions of the widths of ``names`` (every other layer
+    at its present width), evaluated without building a network.
+
+    In a chain of convolutions, heads and linear layers both measures are *bilinear* in the widths: a convolution
+    costs (its width) x (its input's width) x (a constant), a BatchNorm, a head or a bias (a width) x (a constant).
+    So ``cost(w) = cost(b) + sum_n g_n (w_n - b_n) + sum_(a, c) h_ac (w_a - b_a)(w_c - b_c)`` over the pairs where
+    ``c`` reads ``a``'s channels, exactly, with ``b`` all ones (the cheapest network to build). The coefficients
+    come from ``architecture_cost`` itself (the contract's ``at_widths``): one network at ``b``, one per layer with
+    that layer one wider, one per pair with both one wider. ``exact_at(widths)`` checks a prediction against
+    ``architecture_cost``: a network whose cost is not of this form (widths tied across layers, a channel read
+    twice) fails it, and the caller keeps what it had.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], measures: tuple[str, ...]):
+        self.model, self.names, self.measures = model, list(names), tuple(measures)
+        by_module = {id(m): n for n, m in model.layers.items()}
+        varying = set(self.names)
+        self.pairs = sorted({(a, by_module[id(c)]) for a in self.names for c in model.consumers(a)
+                             if by_module.get(id(c)) in varying})
+        self.base = {n: 1 for n in self.names}
+
+        def cost(**wider: int) -> dict[str, int]:
+            widths = {**model.channels, **self.base, **wider}
+            return {m: architecture_cost(model, widths, m) for m in self.measures}
+
+        self.at_base = cost()
+        one = {n: cost(**{n: 2}) for n in self.names}
+        both = {(a, c): cost(**{a: 2, c: 2}) for a, c in self.pairs}
+        self.linear = {m: {n: one[n][m] - self.at_base[m] for n in self.names} for m in self.measures}
+        self.bilinear = {m: {(a, c): both[a, c][m] - one[a][m] - one[c][m] + self.at_base[m] for a, c in self.pairs}
+                         for m in self.measures}
+
+    def __call__(self, widths: dict[str, int], measure: str) -> int:
+        d = {n: widths[n] - 1 for n in self.names}
+        lin = self.linear[measure]
+        return (self.at_base[measure] + sum(lin[n] * d[n] for n in self.names)
+                + sum(h * d[a] * d[c] for (a, c), h in self.bilinear[measure].items()))
+
+    def exact_at(self, widths: dict[str, int]) -> bool:
+        arch = dict(self.model.channels, **widths)
+        return all(self(widths, m) == architecture_cost(self.model, arch, m) for m in self.measures)

@@ -5,12 +5,14 @@ It declares the pruning schedule and owns the state the three pruning callbacks 
 
 from __future__ import annotations
 
+import warnings
+
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from callbacks.budget import architecture_cost, channel_macs, consumer_weight, kept_widths
+from callbacks.budget import BilinearCost, architecture_cost, channel_macs, consumer_weight, kept_widths
 from callbacks.report import measure_model
 from callbacks.selection import kept_width, prunable_layers
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, callback_order_check, validate_schedule
@@ -176,6 +178,7 @@ class SparsityInduction(Callback):
         l1_target: str = "all",
         target_channels: dict[str, int] | None = None,
         fill_budget: bool = False,
+        fill_swap: bool = False,
         taylor_loss: str = "train",
     ):
         if threshold_mode not in ("target_sparsity", "max_map_drop"):
@@ -240,6 +243,9 @@ class SparsityInduction(Callback):
         if fill_budget and not budget:
             raise ValueError("fill_budget spends what a budget leaves: give target_params(_x) and/or target_macs(_x)")
         self.fill_budget = fill_budget
+        if fill_swap and not fill_budget:
+            raise ValueError("fill_swap improves on fill_budget's fill: set fill_budget: true as well")
+        self.fill_swap = fill_swap
         if taylor_loss not in ("train", "class_balanced"):
             raise ValueError(f"taylor_loss must be 'train' or 'class_balanced', got {taylor_loss!r}")
         if taylor_loss != "train" and not channel_score.startswith("taylor"):
@@ -582,12 +588,25 @@ class SparsityInduction(Callback):
         """``fill_budget``: channels per layer after putting back, best-scored block first, every block of
         ``round_to`` channels that keeps the architecture within all budgets (widths as FilterSelection keeps them).
         A block that does not fit never fits later (putting channels back elsewhere only adds cost), so each layer is
-        priced at most once more than it grows."""
+        priced at most once more than it grows. Then, with ``fill_swap``, ``_swap`` trades blocks between layers."""
         budgets = self._budgets()
         widths = {n: kept_width(c, scores[n].numel(), min_width, round_to) for n, c in counts.items()}
         ranked = {n: sc.sort(descending=True, stable=True).values for n, sc in scores.items()}
+
+        def fits(trial: dict[str, int]) -> bool:
+            arch = dict(model.channels, **trial)
+            return all(architecture_cost(model, arch, m) <= b for m, (b, _) in budgets.items())
+
+        widths = self._greedy_fill(widths, ranked, fits, min_width, round_to)
+        return self._swap(model, widths, ranked, min_width, round_to) if self.fill_swap else widths
+
+    @staticmethod
+    def _greedy_fill(widths: dict[str, int], ranked: dict[str, Tensor], fits, min_width: int, round_to: int,
+                     frozen: frozenset = frozenset()) -> dict[str, int]:
+        """Put back the best-scored next block of ``round_to`` channels over the layers not ``frozen`` while
+        ``fits(widths)``; a layer whose next block does not fit is not tried again."""
         step = max(round_to, 1)
-        full = set()
+        full = set(frozen)
         while True:
             blocks = {n: float(ranked[n][widths[n]: widths[n] + step].mean()) for n in widths
                       if n not in full and widths[n] < ranked[n].numel()}
@@ -595,11 +614,55 @@ class SparsityInduction(Callback):
                 return widths
             n = max(blocks, key=blocks.get)
             trial = dict(widths, **{n: kept_width(widths[n] + step, ranked[n].numel(), min_width, round_to)})
-            arch = dict(model.channels, **trial)
-            if all(architecture_cost(model, arch, m) <= b for m, (b, _) in budgets.items()):
+            if fits(trial):
                 widths = trial
             else:
                 full.add(n)
+
+    def _swap(self, model, widths: dict[str, int], ranked: dict[str, Tensor], min_width: int, round_to: int
+              ) -> dict[str, int]:
+        """``fill_swap``: after the greedy fill one budget is spent and the other often is not (the MACs budget binds
+        and ~10-20 % of the parameter budget is left on facemask). Trade: take one block of ``round_to`` channels out
+        of a layer, greedily fill the others again, and keep the trade that adds the most score in all (the sum of
+        the kept channels' scores: what the fill ranks by); repeat until no trade adds any. A block of an expensive
+        early layer can so buy several blocks of cheap late ones. Every trade strictly adds score, so it ends.
+
+        Candidates are priced with ``BilinearCost`` (no network built per trial); the result is checked against
+        ``architecture_cost`` and dropped, with a warning, if that disagrees."""
+        budgets = self._budgets()
+        cost = BilinearCost(model, list(widths), tuple(budgets))
+        if not cost.exact_at(widths):
+            warnings.warn("fill_swap: this network's parameters / MACs are not bilinear in its widths (tied or shared "
+                          "channels?); keeping the greedy fill", stacklevel=2)
+            return widths
+        total = {n: torch.cat([r.new_zeros(1), r.double().cumsum(0)]).tolist() for n, r in ranked.items()}
+
+        def value(w: dict[str, int]) -> float:
+            return sum(total[n][w[n]] for n in w)
+
+        def fits(w: dict[str, int]) -> bool:
+            return all(cost(w, m) <= b for m, (b, _) in budgets.items())
+
+        step = max(round_to, 1)
+        best, best_value = widths, value(widths)
+        while True:
+            trades = []
+            for n, w in best.items():
+                fewer = kept_width(w - step, ranked[n].numel(), min_width, round_to)
+                if fewer < w:
+                    trial = self._greedy_fill(dict(best, **{n: fewer}), ranked, fits, min_width, round_to,
+                                              frozenset({n}))
+                    trades.append((value(trial), trial))
+            got, trial = max(trades, key=lambda t: t[0], default=(best_value, best))
+            if got <= best_value + 1e-9:
+                break
+            best, best_value = trial, got
+        arch = dict(model.channels, **best)
+        if any(architecture_cost(model, arch, m) > b for m, (b, _) in budgets.items()):  # BilinearCost was wrong
+            warnings.warn("fill_swap: the traded widths exceed a budget when the network is built; keeping the greedy "
+                          "fill", stacklevel=2)
+            return widths
+        return best
 
     @torch.no_grad()
     def _tau_for_budget(self, trainer, pl_module, scores: dict[str, Tensor], steps: int = 14) -> float:

@@ -758,6 +758,82 @@ def test_fill_budget_spends_both_budgets_to_the_last_block_that_fits():
         SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", fill_budget=True)
 
 
+@pytest.mark.parametrize("net", ["ssd300", "vgg16"])
+def test_bilinear_cost_is_architecture_cost_at_any_widths(net):
+    """BilinearCost prices params and MACs without building a network; at random widths of every prunable layer it
+    gives architecture_cost's figures exactly (SSD300 with heads on the source layers, VGG16 with the
+    linear layer after the flatten)."""
+    import random
+
+    from callbacks.budget import BilinearCost, architecture_cost
+    from lightning_modules.classifier import VGGClassifier
+    from lightning_modules.detector import SSDDetector
+
+    model = (VGGClassifier(list("abc"), size=32, width_mult=0.25) if net == "vgg16" else
+             SSDDetector(["a", "b"], size=int(net[3:]), width_mult=0.125, batch_norm=True)).model
+    names = [n for n in model.layer_names() if n in model.norms]
+    cost = BilinearCost(model, names, ("params", "macs"))
+    assert len(cost.pairs) == len(names) - 1  # each trunk layer reads the one before it
+    rng = random.Random(0)
+    for _ in range(3):
+        widths = {n: rng.randint(1, model.channels[n]) for n in names}
+        arch = dict(model.channels, **widths)
+        assert cost(widths, "params") == architecture_cost(model, arch, "params")
+        assert cost(widths, "macs") == architecture_cost(model, arch, "macs")
+
+
+def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
+    """fill_swap: after the greedy fill, one block out of a layer and the others refilled while that adds score in
+    all. From the same tau, the result meets both budgets (built and counted), has more total score than the greedy
+    fill, no single such trade would add more, and a network whose cost BilinearCost cannot reproduce keeps the
+    greedy fill, with a warning."""
+    import warnings
+
+    from callbacks.budget import BilinearCost, architecture_cost
+    from callbacks.selection import kept_width
+    from callbacks.sparsity import SparsityInduction, masks_for_tau
+
+    det, layers, trainer, dense = _budget_fixture()
+    model = det.model
+    budget = {"params": dense["params"] / 4.0, "macs": dense["macs"] / 3.0}
+    cbs = {swap: SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale",
+                                   target_params_x=4.0, target_macs_x=3.0, fill_budget=True, fill_swap=swap)
+           for swap in (False, True)}
+    for cb in cbs.values():
+        cb.state.dense_stats = dict(dense)
+    scores = cbs[True]._channel_scores(det, 0)
+    tau = cbs[True]._channel_tau(trainer, det, 0, scores)
+    counts = {n: int(m.sum()) for n, m in masks_for_tau(scores, tau).items()}
+    greedy = cbs[False]._fill(model, scores, counts, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        swapped = cbs[True]._fill(model, scores, counts, 8, 8)
+    ranked = {n: sc.sort(descending=True, stable=True).values for n, sc in scores.items()}
+
+    def value(w):
+        return sum(float(ranked[n][: w[n]].double().sum()) for n in w)
+
+    arch = dict(model.channels, **swapped)
+    assert all(architecture_cost(model, arch, m) <= budget[m] for m in budget)
+    assert value(swapped) > value(greedy) + 1e-6
+    cost = BilinearCost(model, list(swapped), ("params", "macs"))
+    for n in swapped:  # a local optimum: no one-block trade out of any layer adds score
+        fewer = kept_width(swapped[n] - 8, model.channels[n], 8, 8)
+        if fewer < swapped[n]:
+            trial = SparsityInduction._greedy_fill(dict(swapped, **{n: fewer}), ranked,
+                                                   lambda w: all(cost(w, m) <= budget[m] for m in budget), 8, 8,
+                                                   frozenset({n}))
+            assert value(trial) <= value(swapped) + 1e-6, n
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BilinearCost, "__init__", lambda self, *a: None)
+        mp.setattr(BilinearCost, "exact_at", lambda self, widths: False)
+        with pytest.warns(UserWarning, match="not bilinear"):
+            assert cbs[True]._swap(model, greedy, ranked, 8, 8) == greedy
+    with pytest.raises(ValueError, match="fill_swap improves"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
+                          fill_swap=True)
+
+
 def test_restarted_learning_rate_ramps_to_the_peak_then_decays_to_zero():
     from callbacks.retrain import check_retrain_lr, restarted_factor
 
