@@ -35,7 +35,7 @@ from callbacks.state import ScheduleError
 from callbacks.throughput import TrainingThroughput
 from datamodules.voc import DataError, data_classes
 from lightning_modules.common import COMPILE_MODES
-from lightning_modules.detector import NonFiniteLossError
+from lightning_modules.common import NonFiniteLossError
 from lightning_modules.export import AtomicCheckpointIO, CheckpointError, export_detector, load_detector, predict_folder
 from lightning_modules.ssd import WeightsMismatchError
 

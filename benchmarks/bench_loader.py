@@ -27,7 +27,7 @@ from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
 from benchmarks.common import row
-from datamodules.voc import SyntheticSpec, VOCDataModule, collate
+from datamodules.voc import SyntheticSpec, VOCDataModule
 
 
 def collate_as_list(batch: list):

@@ -11,14 +11,13 @@ each parameter, SSD's branch dropping) comes from the network through the prunin
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from callbacks.report import measure_model
 from callbacks.distributed import check_ranks, rewrap_ddp

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from lightning_modules.checkpoints import AtomicCheckpointIO, CheckpointError, model_state_dict, read_checkpoint  # noqa: F401

@@ -17,7 +17,7 @@ import yaml
 from callbacks.surgery import prune_filters
 from datamodules.classification import CIFAR10DataModule, GTSRBDataModule
 from datamodules.voc import DataError
-from lightning_modules.classifier import VGG16, build_vgg16
+from lightning_modules.classifier import build_vgg16
 from lightning_modules.contract import PrunableNet
 from tests.conftest import run_train
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from datamodules.coco import COCODataModule
 from datamodules.gtsdb import GTSRB_CLASSES, SUPER_CATEGORIES, GTSDBDataModule

@@ -175,7 +175,6 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
 
 
 def test_wandb_offline_without_credentials(tmp_path):
-    env = {"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": ""}
     # fast_dev_run would replace the logger by a dummy: run the demo's epochs on one batch each instead
     args = _demo_args(tmp_path, "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1")
     args = args[: args.index("--trainer.logger")] + args[args.index("--trainer.logger") + 2:]

@@ -1,6 +1,5 @@
 """The VOC loader on data written in the real on-disk layout, and its errors for bad input."""
 
-import warnings
 
 import numpy as np
 import pytest
