@@ -147,6 +147,10 @@ class SparsityInduction(Callback):
     no block fits any more, so with two budgets the model ends at one of them and may stay under the other: e.g. on
     facemask (`benchmarks/sweep/tcbf.yaml`, seeds 3 and 4) at 4.5x / 4.7x params with the MACs exactly at theirs
     (198.94 M against 198.95 M), because every block left would have cost MACs the budget no longer had.
+    ``fill_swap`` then trades: one block out of a layer, the other layers filled greedily again, kept when the kept
+    channels' scores add up to more; repeated until no trade adds any (a local search of the two-budget knapsack).
+    A block of an expensive early layer can so buy several blocks of cheap late ones. Trades are priced by
+    ``callbacks.budget.BilinearCost`` (exact, without building a network) and the result checked by building it.
 
     Every channel mask (the candidates, the threshold, ``target_channels``) keeps exactly the width the surgery keeps:
     at least ``FilterSelection.min_width``, rounded up to its ``round_to``, the best-scored channels. A channel that
