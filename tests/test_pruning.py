@@ -785,8 +785,8 @@ def test_bilinear_cost_is_architecture_cost_at_any_widths(net):
 def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
     """fill_swap: after the greedy fill, one block out of a layer and the others refilled while that adds score in
     all. From the same tau, the result meets both budgets (built and counted), has more total score than the greedy
-    fill, no single such trade would add more, and a network whose cost BilinearCost cannot reproduce keeps the
-    greedy fill, with a warning."""
+    fill, no single such trade would add more, and a network whose cost BilinearCost cannot reproduce (or whose traded
+    widths overrun a budget once built) keeps the greedy fill, with a warning."""
     import warnings
 
     from callbacks.budget import BilinearCost, architecture_cost
@@ -828,6 +828,12 @@ def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
         mp.setattr(BilinearCost, "__init__", lambda self, *a: None)
         mp.setattr(BilinearCost, "exact_at", lambda self, widths: False)
         with pytest.warns(UserWarning, match="not bilinear"):
+            assert cbs[True]._swap(model, greedy, ranked, 8, 8) == greedy
+    with pytest.MonkeyPatch.context() as mp:  # prices 20 % low: the trades overrun a budget once built
+        price = BilinearCost.__call__
+        mp.setattr(BilinearCost, "__call__", lambda self, w, m: int(0.8 * price(self, w, m)))
+        mp.setattr(BilinearCost, "exact_at", lambda self, widths: True)
+        with pytest.warns(UserWarning, match="exceed a budget when the network is built"):
             assert cbs[True]._swap(model, greedy, ranked, 8, 8) == greedy
     with pytest.raises(ValueError, match="fill_swap improves"):
         SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
