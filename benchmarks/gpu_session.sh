@@ -25,6 +25,7 @@ if [ -n "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_gpu_session}
 quick=${QUICK:-}
 q() { if [ -n "$quick" ]; then echo "$2"; else echo "$1"; fi; }  # q FULL QUICK: the arguments for this mode
 
@@ -34,6 +35,9 @@ step() {  # step NAME COMMAND...: run it under the time limit, console and $out/
     timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$out/$name.txt"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || echo "=== $name: exit $rc$([ "$rc" -eq 124 ] && echo ' (timed out)')" | tee -a "$out/$name.txt"
+    # a step stopped mid-compile can leave a half-written kernel in the inductor cache, which every later compiled
+    # step then fails to load ("file too short"): start the next step with an empty cache
+    [ "$rc" -ne 124 ] || rm -rf "$TORCHINDUCTOR_CACHE_DIR"
 }
 
 run_step() {
