@@ -25,7 +25,7 @@ if [ -n "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_gpu_session}
+export TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_gpu_session  # its own: a timed-out step empties it (step below)
 quick=${QUICK:-}
 q() { if [ -n "$quick" ]; then echo "$2"; else echo "$1"; fi; }  # q FULL QUICK: the arguments for this mode
 
