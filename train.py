@@ -190,8 +190,11 @@ def main(args: list[str] | None = None) -> Path:
             final["coco_map"] = float(results[0]["test/coco_map"])
         if hasattr(model, "ap_per_class"):
             final["ap50_per_class"] = model.ap_per_class.get("test")  # null: the class has no test objects
-        dense = next((cb.state.dense_stats for cb in trainer.callbacks
-                      if getattr(getattr(cb, "state", None), "dense_stats", None)), None)
+        # the architecture before the first cut, as the pruning callbacks recorded it: ours in their shared pruning
+        # state, a one-shot baseline (benchmarks/baselines.py) on itself
+        recorded = (getattr(cb, "dense_stats", None) or getattr(getattr(cb, "state", None), "dense_stats", None)
+                    for cb in trainer.callbacks)
+        dense = next((stats for stats in recorded if stats), None)
         # no pruning: the architecture is the final one (its accuracy is final's, not a figure "before pruning")
         dense = dict(dense) if dense else {k: v for k, v in final.items()
                                            if k not in (quality, "top5", "coco_map", "ap50_per_class")}

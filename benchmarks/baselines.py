@@ -19,6 +19,7 @@ import torch
 import torch_pruning as tp
 from pytorch_lightning.callbacks import Callback, ModelPruning
 
+from callbacks.report import measure_model
 from callbacks.retrain import LRRestartState, check_retrain_lr, restart_lr
 from callbacks.surgery import prune_filters
 
@@ -123,13 +124,16 @@ class OneShotFilterPruning(LRRestartState, Callback):
         self.params_tolerance = params_tolerance
         self.done = False
         self.reached: dict | None = None  # what the equal-params search got: {target, params, ratio, within}
+        # the architecture before the cut, for the run's report (train.py reads it as it reads ours' pruning state)
+        self.dense_stats: dict | None = None
 
     def state_dict(self) -> dict:
-        return {"done": self.done, "reached": self.reached, **super().state_dict()}
+        return {"done": self.done, "reached": self.reached, "dense_stats": self.dense_stats, **super().state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.done = state["done"]
         self.reached = state.get("reached")
+        self.dense_stats = state.get("dense_stats")
         super().load_state_dict(state)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,6 +154,7 @@ class OneShotFilterPruning(LRRestartState, Callback):
                               f"{self.params_tolerance:.0%}): the closest is {got:,} at ratio {ratio:.3f}; this is not "
                               f"an equal-{measure} comparison", stacklevel=2)
             sel = tp_global_selection(model, size, ratio, self.round_to)
+        self.dense_stats = measure_model(trainer, pl_module, with_map=False)
         prune_filters(model, sel, trainer.optimizers[0])
         pl_module.hparams["channels"] = model.channels
         if self.retrain_lr == "restart":

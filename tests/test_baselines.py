@@ -68,6 +68,10 @@ def test_baselines_prune_inside_a_fit(tmp_path, kind):
 
     model = load_detector(tmp_path / "runs" / kind / "export").model
     params = sum(p.numel() for p in model.parameters())
+    if kind != "modelpruning":  # the report's dense side: the architecture before the cut, timed beside the final one
+        assert s["dense"]["params"] == 529_028 > s["final"]["params"] == params
+        assert s["compression"]["params_x"] == pytest.approx(529_028 / params, abs=1e-4)
+        assert s["dense_channels"]["conv6"] > s["channels"]["conv6"] and s["dense"]["latency_ms"] > 0
     if kind == "modelpruning":  # unstructured: same size, zeros inside
         assert s["final"]["params"] == 529_028
         zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -183,3 +187,6 @@ def test_one_shot_baseline_with_restart_resumes_bit_for_bit(tmp_path):
     assert a["state_dict"]["model.layers.conv6.weight"].shape[0] == 40
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    full, resumed = (json.loads((tmp_path / f"runs/{n}/summary.json").read_text()) for n in ("full", "resumed"))
+    assert resumed["dense_channels"] == full["dense_channels"] != full["channels"]  # the dense side survives a resume
+    assert resumed["compression"]["params_x"] == full["compression"]["params_x"] > 1
