@@ -59,6 +59,8 @@ METHODS = ("dense", "dense_restart", "ours", "paper", "l1norm", "tp_params", "tp
 
 
 def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
+    """The config of run ``name`` (``<method>-s<seed>``), written to ``out/<name>.yaml``: one file a run, since a
+    baseline's target comes from its seed's run of ours, and benches of several seeds may share ``out`` at once."""
     cfg = yaml.safe_load(base.read_text())
     cbs = [cb for cb in cfg["trainer"]["callbacks"] if keep_pruning or not cb["class_path"].endswith(PRUNING)]
     cfg["trainer"]["callbacks"] = extra_callbacks + cbs
@@ -90,21 +92,24 @@ def _callback_state(run: Path, name: str) -> dict | None:
 def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dict]:
     base, paper = ROOT / args.config, ROOT / args.paper_config
     runs: dict[str, dict] = {}
-    dense = _run(out, f"dense-s{seed}", _config(base, out, "dense", [], keep_pruning=False), seed, train_args, None)
     ref = str(out / f"dense-s{seed}")
-    runs["dense"] = dense
-    ours = _run(out, f"ours-s{seed}", _config(base, out, "ours", [], keep_pruning=True), seed, train_args, ref)
-    runs["ours"] = ours
+
+    def launch(method: str, callbacks: list[dict], keep_pruning: bool, config: Path = base, extra: tuple | list[str] = (),
+               reference: str | None = ref) -> dict:
+        name = f"{method}-s{seed}"
+        cfg = _config(config, out, name, callbacks, keep_pruning)
+        return _run(out, name, cfg, seed, [*train_args, *extra], reference)
+
+    runs["dense"] = launch("dense", [], keep_pruning=False, reference=None)
+    runs["ours"] = ours = launch("ours", [], keep_pruning=True)
     if "dense_restart" in args.methods:
         state = _callback_state(out / f"ours-s{seed}", "SparsityInduction") or {}
         epoch = (state.get("surgeries") or [{}])[-1].get("epoch", args.prune_epoch)
         settings = {k: v for k, v in retrain_settings(base, restart=False).items() if k != "retrain_lr"}
         cb = {"class_path": "benchmarks.baselines.ScheduleRestart", "init_args": {"epoch": epoch, **settings}}
-        runs["dense_restart"] = _run(out, f"dense_restart-s{seed}", _config(base, out, "dense_restart", [cb], False),
-                                     seed, train_args, ref)
+        runs["dense_restart"] = launch("dense_restart", [cb], keep_pruning=False)
     if "paper" in args.methods:
-        runs["paper"] = _run(out, f"paper-s{seed}", _config(paper, out, "paper", [], keep_pruning=True), seed,
-                             train_args, ref)
+        runs["paper"] = launch("paper", [], keep_pruning=True, config=paper)
     one_shot = {
         "l1norm": {"criterion": "l1norm", "channels": ours["channels"]},
         "tp_params": {"criterion": "tp_global_magnitude", "target_params": ours["final"]["params"]},
@@ -115,27 +120,28 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
     for name, init in one_shot.items():
         if name in args.methods:
             cb = {"class_path": "benchmarks.baselines.OneShotFilterPruning", "init_args": {**init, "epoch": args.prune_epoch}}
-            runs[name] = _run(out, f"{name}-s{seed}", _config(base, out, name, [cb], keep_pruning=False), seed,
-                              train_args, ref)
+            runs[name] = launch(name, [cb], keep_pruning=False)
             state = _callback_state(out / f"{name}-s{seed}", "OneShotFilterPruning")
-            runs[name]["reached"] = (state or {}).get("reached")
+            runs[name]["reached"] = reached = (state or {}).get("reached") or {}
+            target = init.get("target_params") or init.get("target_macs")
+            if target and reached.get("target") != target:  # a finished run is reused as it is: it must be this one
+                raise RuntimeError(f"{out / f'{name}-s{seed}'} was pruned to {reached.get('target')}, not to this "
+                                   f"seed's ours ({target:,}): a stale run (was ours re-run?); remove it")
     if "scratch" in args.methods:
         override, got = uniform_widths(out / f"dense-s{seed}" / "export", ours["final"]["params"])
-        runs["scratch"] = _run(out, f"scratch-s{seed}", _config(base, out, "scratch", [], keep_pruning=False), seed,
-                               [*train_args, *override], ref)
+        runs["scratch"] = launch("scratch", [], keep_pruning=False, extra=override)
         target = ours["final"]["params"]
         runs["scratch"]["reached"] = {"measure": "params", "got": got, "target": target,
                                       "within": abs(got - target) <= 0.03 * target}
     if "scratch_widths" in args.methods:
-        runs["scratch_widths"] = _run(out, f"scratch_widths-s{seed}", _config(base, out, "scratch_widths", [], False),
-                                      seed, [*train_args, *architecture_args(Path(ours["export"]["json"]).parent)], ref)
+        runs["scratch_widths"] = launch("scratch_widths", [], keep_pruning=False,
+                                        extra=architecture_args(Path(ours["export"]["json"]).parent))
     if "modelpruning" in args.methods:
         dense_model = load_exported_net(out / f"dense-s{seed}" / "export")
         conv_weights = sum(m.weight.numel() for m in dense_model.modules() if isinstance(m, torch.nn.Conv2d))
         amount = round((ours["dense"]["params"] - ours["final"]["params"]) / conv_weights, 4)
         cb = {"class_path": "benchmarks.baselines.ModelPruningOnce", "init_args": {"amount": amount, "prune_epoch": args.prune_epoch}}
-        runs["modelpruning"] = _run(out, f"modelpruning-s{seed}", _config(base, out, "modelpruning", [cb], False), seed,
-                                    train_args, ref)
+        runs["modelpruning"] = launch("modelpruning", [cb], keep_pruning=False)
     return runs
 
 

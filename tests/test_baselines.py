@@ -190,3 +190,36 @@ def test_one_shot_baseline_with_restart_resumes_bit_for_bit(tmp_path):
     full, resumed = (json.loads((tmp_path / f"runs/{n}/summary.json").read_text()) for n in ("full", "resumed"))
     assert resumed["dense_channels"] == full["dense_channels"] != full["channels"]  # the dense side survives a resume
     assert resumed["compression"]["params_x"] == full["compression"]["params_x"] > 1
+
+
+def test_bench_writes_one_config_per_run_and_refuses_a_stale_baseline(tmp_path, monkeypatch):
+    """Benches of several seeds may share one --out at once: each run's config is its own file (a baseline's target
+    comes from its seed's run of ours), and a finished baseline pruned to another target is not reused silently."""
+    import argparse
+
+    from benchmarks import bench_methods as bm
+
+    ours_params = {0: 280_608, 1: 426_248}
+    reached = {}
+
+    def fake_run(out, name, cfg, seed, train_args, reference):
+        assert cfg == out / f"{name}.yaml"
+        if name.startswith("tp_params"):
+            init = yaml.safe_load(cfg.read_text())["trainer"]["callbacks"][0]["init_args"]
+            reached[seed] = {"target": init["target_params"]}
+        return {"final": {"params": ours_params[seed], "macs": 1}, "channels": {}}
+
+    monkeypatch.setattr(bm, "_run", fake_run)
+    monkeypatch.setattr(bm, "_callback_state", lambda run, name: {"reached": reached.get(int(run.name[-1]))})
+    args = argparse.Namespace(config="experiments/demo.yaml", paper_config="experiments/demo_paper.yaml",
+                              methods=["dense", "ours", "tp_params"], prune_epoch=3)
+    for seed in (0, 1):
+        bm.run_seed(args, tmp_path, seed, [])
+    for seed in (0, 1):
+        init = yaml.safe_load((tmp_path / f"tp_params-s{seed}.yaml").read_text())["trainer"]["callbacks"][0]["init_args"]
+        assert init["target_params"] == ours_params[seed]
+    reached[1] = {"target": ours_params[0]}  # seed 1's baseline on disk was pruned to seed 0's target
+    monkeypatch.setattr(bm, "_run", lambda out, name, cfg, seed, *a: {"final": {"params": ours_params[seed], "macs": 1},
+                                                                       "channels": {}})
+    with pytest.raises(RuntimeError, match="stale"):
+        bm.run_seed(args, tmp_path, 1, [])
