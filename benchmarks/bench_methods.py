@@ -94,8 +94,8 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
     runs: dict[str, dict] = {}
     ref = str(out / f"dense-s{seed}")
 
-    def launch(method: str, callbacks: list[dict], keep_pruning: bool, config: Path = base, extra: tuple | list[str] = (),
-               reference: str | None = ref) -> dict:
+    def launch(method: str, callbacks: list[dict], keep_pruning: bool, config: Path = base,
+               extra: tuple | list[str] = (), reference: str | None = ref) -> dict:
         name = f"{method}-s{seed}"
         cfg = _config(config, out, name, callbacks, keep_pruning)
         return _run(out, name, cfg, seed, [*train_args, *extra], reference)

@@ -219,7 +219,7 @@ def test_bench_writes_one_config_per_run_and_refuses_a_stale_baseline(tmp_path, 
         init = yaml.safe_load((tmp_path / f"tp_params-s{seed}.yaml").read_text())["trainer"]["callbacks"][0]["init_args"]
         assert init["target_params"] == ours_params[seed]
     reached[1] = {"target": ours_params[0]}  # seed 1's baseline on disk was pruned to seed 0's target
-    monkeypatch.setattr(bm, "_run", lambda out, name, cfg, seed, *a: {"final": {"params": ours_params[seed], "macs": 1},
-                                                                       "channels": {}})
+    monkeypatch.setattr(bm, "_run", lambda out, name, cfg, seed, *a: {"final": {"params": ours_params[seed],
+                                                                                 "macs": 1}, "channels": {}})
     with pytest.raises(RuntimeError, match="stale"):
         bm.run_seed(args, tmp_path, 1, [])
