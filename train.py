@@ -235,6 +235,9 @@ def main(args: list[str] | None = None) -> Path:
             "ranks_consistent": ranks["ranks_consistent"],
             "test_metrics": {k: float(v) for k, v in results[0].items()},
         }
+        budgets = (cb.budget_report(final) for cb in trainer.callbacks if hasattr(cb, "budget_report"))
+        if report := next((b for b in budgets if b), None):  # which of the pruning budgets binds
+            summary["budgets"] = report
         if not evaluate and (training := throughput.summary()):
             summary["training"] = training
         if cli.config.reference:

@@ -282,11 +282,11 @@ def compare(patterns: list[str], out: Path) -> dict[str, Path | list[Path]]:
 
 
 def flat_summary(summary: dict) -> dict:
-    """``summary.json``'s sections as the flat keys W&B dashboards use: ``final/*``, ``dense/*``, ``compression/*``
-    and, with ``--reference``, ``reference/*`` and ``drop/*`` (nested dicts such as ``ap50_per_class`` one level
-    deeper: ``final/ap50_per_class/<class>``)."""
+    """``summary.json``'s sections as the flat keys W&B dashboards use: ``final/*``, ``dense/*``, ``compression/*``,
+    with a pruning budget ``budgets/*`` and, with ``--reference``, ``reference/*`` and ``drop/*`` (nested dicts such
+    as ``ap50_per_class`` one level deeper: ``final/ap50_per_class/<class>``)."""
     flat = {}
-    for section in ("final", "dense", "compression", "reference", "drop"):
+    for section in ("final", "dense", "compression", "budgets", "reference", "drop"):
         for k, v in (summary.get(section) or {}).items():
             if isinstance(v, dict):
                 flat.update({f"{section}/{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str))})

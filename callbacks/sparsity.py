@@ -586,6 +586,21 @@ class SparsityInduction(Callback):
                         if n})
         return budgets
 
+    def budget_report(self, final: dict) -> dict | None:
+        """What each budget allowed and what the final model costs, for ``summary.json``: ``{measure: {"budget",
+        "from", "final", "spent", "final_x"}}`` per budget (``spent``: final / budget, 1.0 at the limit; ``final_x``:
+        dense / final) and ``binding``, the measure spent the most. With two budgets one binds and the other is met
+        with room to spare, so a "4x params" config may end at 6x: e.g. at ``width_mult`` 0.25 the 2.9x MACs budget
+        binds and leaves 4-6x fewer params (benchmarks/README.md, "A twice-wider network on facemask"). None
+        without a budget."""
+        budgets = self._budgets() if self.state.dense_stats else {}
+        if not budgets:
+            return None
+        dense = self.state.dense_stats
+        report = {m: {"budget": round(b), "from": src, "final": int(final[m]), "spent": round(final[m] / b, 4),
+                      "final_x": round(dense[m] / final[m], 4)} for m, (b, src) in budgets.items()}
+        return {**report, "binding": max(budgets, key=lambda m: report[m]["spent"])}
+
     @torch.no_grad()
     def _fill(self, model, scores: dict[str, Tensor], counts: dict[str, int], min_width: int, round_to: int
               ) -> dict[str, int]:

@@ -243,5 +243,14 @@ def test_default_configs_prune_to_their_budgets(tmp_path, config, fixture, param
     s = json.loads((tmp_path / "runs" / "d" / "summary.json").read_text())
     assert s["compression"]["params_x"] >= params_x and s["compression"]["macs_x"] >= macs_x
     assert s["compression"]["params_x"] < params_x * 1.3  # fill_budget spends the budget, it does not undershoot it
+    # summary.json says what each budget allowed and which one binds
+    budgets = s["budgets"]
+    for measure, x in (("params", params_x), ("macs", macs_x)):
+        b = budgets[measure]
+        assert b["from"] == f"dense / {x}" and b["budget"] == round(s["dense"][measure] / x)
+        assert b["final"] == s["final"][measure] and b["spent"] == pytest.approx(b["final"] / b["budget"], abs=1e-4)
+        assert b["spent"] <= 1
+        assert b["final_x"] == s["compression"][f"{measure}_x"]
+    assert budgets["binding"] == max(("params", "macs"), key=lambda m: budgets[m]["spent"])
     spec = json.loads(Path(s["export"]["json"]).read_text())
     assert spec["priors"]["min_sizes"][0] == (21 if "coco" in config else 12)

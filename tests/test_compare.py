@@ -165,7 +165,7 @@ def test_compare_demo_dense_and_two_targets_end_to_end_with_wandb_keys(tmp_path)
     assert {"method": "ours", "dataset": "synthetic", "model": "SSD300 x0.125", "seed": 0}.items() <= wb["config"].items()
     expected = flat_summary(s)
     assert {"final/map50", "final/params", "dense/params", "dense/map50_before_pruning", "compression/params_x",
-            "compression/macs_x"} <= set(expected)
+            "compression/macs_x", "budgets/params/spent", "budgets/macs/spent", "budgets/binding"} <= set(expected)
     for k, v in expected.items():
         assert wb["summary"][k] == pytest.approx(v) if isinstance(v, float) else wb["summary"][k] == v, k
     assert wb["summary"]["widths/_type"] == "table-file" and wb["summary"]["widths/nrows"] == len(s["dense_channels"])
