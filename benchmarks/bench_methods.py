@@ -12,6 +12,10 @@ Rows (``--methods``, any subset, in this order):
   by filter L1 norm, then retraining;
 * ``tp_params`` / ``tp_macs`` — Torch-Pruning's global magnitude pruner (group L1), one shot at ``--prune_epoch``, its
   ratio searched to ours' final parameter count / MACs (whether it got within 3 % is reported);
+* ``ours_at_tp`` — ours with its budgets replaced by Torch-Pruning's operating point: ``tp_params``' final parameter
+  count *and* MACs, as absolute budgets (``target_params`` / ``target_macs``). Where TP at equal params ends with
+  fewer MACs than ours (its global ranking cuts the costly high-resolution layers), this compares the two at TP's size
+  and speed at once; needs ``tp_params``;
 * ``tp_params_restart`` — ``tp_params`` retrained with ours' learning-rate restart (``StructuredSurgery``'s
   ``retrain_lr`` settings in the config): separates what the retraining schedule gives from what the pruning does;
 * ``scratch`` — no pruning at all: the dense config with every width scaled by one factor, searched so that the
@@ -54,15 +58,22 @@ from benchmarks.common import row
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNING = ("SparsityInduction", "FilterSelection", "StructuredSurgery")
-METHODS = ("dense", "dense_restart", "ours", "paper", "l1norm", "tp_params", "tp_params_restart", "tp_macs", "scratch",
-           "scratch_widths", "modelpruning")
+METHODS = ("dense", "dense_restart", "ours", "paper", "l1norm", "tp_params", "tp_params_restart", "tp_macs",
+           "ours_at_tp", "scratch", "scratch_widths", "modelpruning")
+BUDGET_KEYS = ("target_params_x", "target_macs_x", "target_params", "target_macs")
 
 
-def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool) -> Path:
+def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_pruning: bool,
+            budget: dict | None = None) -> Path:
     """The config of run ``name`` (``<method>-s<seed>``), written to ``out/<name>.yaml``: one file a run, since a
-    baseline's target comes from its seed's run of ours, and benches of several seeds may share ``out`` at once."""
+    baseline's target comes from its seed's run of ours, and benches of several seeds may share ``out`` at once.
+    ``budget`` (e.g. ``{"target_params": n, "target_macs": m}``) replaces ``SparsityInduction``'s budgets."""
     cfg = yaml.safe_load(base.read_text())
     cbs = [cb for cb in cfg["trainer"]["callbacks"] if keep_pruning or not cb["class_path"].endswith(PRUNING)]
+    for cb in cbs if budget else ():
+        if cb["class_path"].endswith("SparsityInduction"):
+            init = cb.setdefault("init_args", {})
+            cb["init_args"] = {**{k: v for k, v in init.items() if k not in BUDGET_KEYS}, **budget}
     cfg["trainer"]["callbacks"] = extra_callbacks + cbs
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["default_root_dir"] = str(out)
@@ -95,9 +106,9 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
     ref = str(out / f"dense-s{seed}")
 
     def launch(method: str, callbacks: list[dict], keep_pruning: bool, config: Path = base,
-               extra: tuple | list[str] = (), reference: str | None = ref) -> dict:
+               extra: tuple | list[str] = (), reference: str | None = ref, budget: dict | None = None) -> dict:
         name = f"{method}-s{seed}"
-        cfg = _config(config, out, name, callbacks, keep_pruning)
+        cfg = _config(config, out, name, callbacks, keep_pruning, budget)
         return _run(out, name, cfg, seed, [*train_args, *extra], reference)
 
     runs["dense"] = launch("dense", [], keep_pruning=False, reference=None)
@@ -127,6 +138,15 @@ def run_seed(args, out: Path, seed: int, train_args: list[str]) -> dict[str, dic
             if target and reached.get("target") != target:  # a finished run is reused as it is: it must be this one
                 raise RuntimeError(f"{out / f'{name}-s{seed}'} was pruned to {reached.get('target')}, not to this "
                                    f"seed's ours ({target:,}): a stale run (was ours re-run?); remove it")
+    if "ours_at_tp" in args.methods:
+        tp = runs["tp_params"]["final"]
+        budget = {"target_params": int(tp["params"]), "target_macs": int(tp["macs"])}
+        runs["ours_at_tp"] = launch("ours_at_tp", [], keep_pruning=True, budget=budget)
+        reported = runs["ours_at_tp"].get("budgets") or {}
+        given = {f"target_{m}": b["budget"] for m, b in reported.items() if m != "binding"}
+        if given and given != budget:  # a finished run is reused as it is: it must be this one
+            raise RuntimeError(f"{out / f'ours_at_tp-s{seed}'} was pruned to {given}, not to this seed's tp_params "
+                               f"({budget}): a stale run (was tp_params re-run?); remove it")
     if "scratch" in args.methods:
         override, got = uniform_widths(out / f"dense-s{seed}" / "export", ours["final"]["params"])
         runs["scratch"] = launch("scratch", [], keep_pruning=False, extra=override)
@@ -237,6 +257,10 @@ def main() -> None:
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.methods = args.methods.split(",")
+    if unknown := set(args.methods) - set(METHODS):
+        ap.error(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if "ours_at_tp" in args.methods and "tp_params" not in args.methods:
+        ap.error("ours_at_tp is pruned to tp_params' operating point: add tp_params to --methods")
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]

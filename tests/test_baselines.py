@@ -223,3 +223,41 @@ def test_bench_writes_one_config_per_run_and_refuses_a_stale_baseline(tmp_path, 
                                                                                  "macs": 1}, "channels": {}})
     with pytest.raises(RuntimeError, match="stale"):
         bm.run_seed(args, tmp_path, 1, [])
+
+
+def test_bench_prunes_ours_to_torch_pruning_operating_point(tmp_path, monkeypatch):
+    """``ours_at_tp``: ours with its budgets replaced by tp_params' final params and MACs (absolute budgets, no
+    ``_x`` budgets left), a finished run pruned to another point refused; ``--methods`` is checked up front."""
+    import argparse
+    import subprocess
+    import sys
+
+    from benchmarks import bench_methods as bm
+
+    tp_final = {"params": 283_744, "macs": 380_567_432}
+    budgets = {}
+
+    def fake_run(out, name, cfg, seed, train_args, reference):
+        final = tp_final if name.startswith("tp_params") else {"params": 280_608, "macs": 700_280_776}
+        return {"final": final, "channels": {}, "budgets": budgets.get(name, {})}
+
+    monkeypatch.setattr(bm, "_run", fake_run)
+    monkeypatch.setattr(bm, "_callback_state", lambda run, name: {"reached": {"target": 280_608}})
+    args = argparse.Namespace(config="experiments/demo.yaml", paper_config="experiments/demo_paper.yaml",
+                              methods=["dense", "ours", "tp_params", "ours_at_tp"], prune_epoch=3)
+    bm.run_seed(args, tmp_path, 0, [])
+    cfg = yaml.safe_load((tmp_path / "ours_at_tp-s0.yaml").read_text())
+    init = next(cb["init_args"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("SparsityInduction"))
+    assert (init["target_params"], init["target_macs"]) == (283_744, 380_567_432)
+    assert "target_params_x" not in init and "target_macs_x" not in init
+    assert init["l1_target"] == "below_budget" and init["fill_budget"] is True  # the rest of ours as it is
+    ours = yaml.safe_load((tmp_path / "ours-s0.yaml").read_text())
+    classes = [[cb["class_path"] for cb in c["trainer"]["callbacks"]] for c in (ours, cfg)]
+    assert classes[0] == classes[1]
+    budgets["ours_at_tp-s0"] = {"params": {"budget": 283_744}, "macs": {"budget": 700_280_776}, "binding": "macs"}
+    with pytest.raises(RuntimeError, match="stale"):
+        bm.run_seed(args, tmp_path, 0, [])
+    for methods, message in (("dense,ours,ours_at_tp", "add tp_params"), ("dense,ours,tp", "unknown method")):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_methods", "--methods", methods,
+                               "--out", str(tmp_path / "x")], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
