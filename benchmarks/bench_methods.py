@@ -72,8 +72,8 @@ def _config(base: Path, out: Path, name: str, extra_callbacks: list[dict], keep_
     cbs = [cb for cb in cfg["trainer"]["callbacks"] if keep_pruning or not cb["class_path"].endswith(PRUNING)]
     for cb in cbs if budget else ():
         if cb["class_path"].endswith("SparsityInduction"):
-            init = cb.setdefault("init_args", {})
-            cb["init_args"] = {**{k: v for k, v in init.items() if k not in BUDGET_KEYS}, **budget}
+            kept = {k: v for k, v in (cb.get("init_args") or {}).items() if k not in BUDGET_KEYS}
+            cb["init_args"] = {**kept, **budget}
     cfg["trainer"]["callbacks"] = extra_callbacks + cbs
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["default_root_dir"] = str(out)
