@@ -96,7 +96,10 @@ class SparsityInduction(Callback):
     how strongly the consumers read the channel (``"gamma_g"``: paper A's G_i, as a magnitude over the next conv and
     the detection heads), optionally divided by its layer's mean score (``score_norm="layer_mean"``, as Torch-Pruning's
     mean normaliser: a layer whose scales L1 training shrank as a whole is not wiped out), divided by (the channel's
-    relative MAC cost) ** ``cost_exponent`` (0: cost-blind); or ``"group_l1"``, the mean L1 norm of everything the
+    relative MAC cost) ** ``cost_exponent`` (0: cost-blind; ``"balance"``, with a params and a MACs budget: the
+    exponent in [0, 1] at which the pruned model spends both budgets alike, searched each time channels are ranked and
+    logged as ``prune/phase<i>/cost_exponent``; cost-blind, a tight MACs budget binds and leaves parameters unspent,
+    fully priced the params budget does and MACs are left); or ``"group_l1"``, the mean L1 norm of everything the
     channel's removal deletes (its filter, bias, BatchNorm scale and shift, and its columns in every consumer):
     Torch-Pruning's ``GroupMagnitudeImportance(p=1)`` (DepGraph, Fang et al. 2023), here as a channel score; or
     ``"taylor"``, the first-order Taylor estimate of the loss change when the channel's BatchNorm output is removed,
@@ -172,7 +175,7 @@ class SparsityInduction(Callback):
         search_steps: int = 6,
         threshold_norm: str = "rms",
         sparsity_on: str = "weights",
-        cost_exponent: float = 0.0,
+        cost_exponent: float | str = 0.0,
         channel_score: str = "gamma",
         score_norm: str = "none",
         target_params_x: float | None = None,
@@ -219,6 +222,11 @@ class SparsityInduction(Callback):
         for k, v in {"target_params_x": target_params_x, "target_macs_x": target_macs_x}.items():
             if v is not None and v <= 1.0:
                 raise ValueError(f"{k} is a compression ratio against the dense model and must be > 1, got {v}")
+        if isinstance(cost_exponent, str) and cost_exponent != "balance":
+            raise ValueError(f"cost_exponent is a number (0: cost-blind) or 'balance', got {cost_exponent!r}")
+        if cost_exponent == "balance" and not ((target_params_x or target_params) and (target_macs_x or target_macs)):
+            raise ValueError("cost_exponent: balance spends a params and a MACs budget alike: give both "
+                             "(target_params(_x) and target_macs(_x))")
         self.cost_exponent = cost_exponent
         if channel_score not in ("gamma", "gamma_g", "group_l1", "taylor", "taylor_gamma_g"):
             raise ValueError("channel_score must be 'gamma', 'gamma_g', 'group_l1', 'taylor' or 'taylor_gamma_g', "
@@ -523,11 +531,18 @@ class SparsityInduction(Callback):
                           * layer_relative(g * consumer_weight(model, n))).sqrt() for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
             gammas = {n: layer_relative(g) for n, g in gammas.items()}
-        if self.cost_exponent:  # MAC-aware ranking: |gamma| / (relative MAC cost of the channel) ** cost_exponent
-            cost = channel_macs(model)
-            mean = sum(cost[n] for n in gammas) / len(gammas)
-            gammas = {n: g / (max(cost[n], 1.0) / mean) ** self.cost_exponent for n, g in gammas.items()}
-        return gammas
+        if isinstance(self.cost_exponent, str):  # "balance": priced in _channel_masks, once the exponent is known
+            return gammas
+        return self._priced(model, gammas, self.cost_exponent)
+
+    @staticmethod
+    def _priced(model, scores: dict[str, Tensor], exponent: float) -> dict[str, Tensor]:
+        """MAC-aware ranking: each score / (the relative MAC cost of one of its layer's channels) ** ``exponent``."""
+        if not exponent:
+            return scores
+        cost = channel_macs(model)
+        mean = sum(cost[n] for n in scores) / len(scores)
+        return {n: g / (max(cost[n], 1.0) / mean) ** exponent for n, g in scores.items()}
 
     def _taylor_score(self, name: str, gamma: Tensor) -> Tensor:
         acc = self.state.taylor.get(name)
@@ -546,6 +561,11 @@ class SparsityInduction(Callback):
         models at ``round_to: 8`` before this was fixed: benchmarks/README.md, "Dead channels")."""
         scores = self._channel_scores(pl_module, index)
         min_width, round_to = self._selection_rounding(trainer)
+        if self.cost_exponent == "balance":
+            exponent = float(trainer.strategy.broadcast(
+                self._balanced_exponent(trainer, pl_module, scores, min_width, round_to), src=0))
+            scores = self._priced(pl_module.model, scores, exponent)
+            pl_module.log(f"prune/phase{index}/cost_exponent", exponent)
         if self.target_channels:
             counts = {n: int(self.target_channels.get(n, sc.numel())) for n, sc in scores.items()}
             tau = float("nan")
@@ -560,6 +580,41 @@ class SparsityInduction(Callback):
             keep[sc.argsort(descending=True, stable=True)[: kept_width(counts[n], sc.numel(), min_width, round_to)]] = True
             masks[n] = keep
         return masks, tau
+
+    def _widths_for(self, trainer, pl_module, scores: dict[str, Tensor], min_width: int, round_to: int
+                    ) -> dict[str, int]:
+        """The widths the selection keeps when ``scores`` are thresholded for the budget(s) (and filled)."""
+        tau = self._tau_for_budget(trainer, pl_module, scores)
+        counts = {n: int(m.sum()) for n, m in masks_for_tau(scores, tau).items()}
+        if self.fill_budget:
+            return self._fill(pl_module.model, scores, counts, min_width, round_to)
+        return {n: kept_width(c, scores[n].numel(), min_width, round_to) for n, c in counts.items()}
+
+    def _balanced_exponent(self, trainer, pl_module, scores: dict[str, Tensor], min_width: int, round_to: int,
+                           steps: int = 6) -> float:
+        """``cost_exponent: balance``: the exponent in [0, 1] at which the pruned architecture spends its params and
+        its MACs budget alike (bisection on spent MACs - spent params, ``steps`` halvings; the evaluated exponent
+        whose two spent fractions are closest). Cost-blind (0) the MACs budget binds when it is the tighter of the
+        two in the costly high-resolution layers; the more the ranking prices MACs, the more of them it spares and
+        the more parameters it keeps instead, until the params budget binds."""
+        budgets = self._budgets()
+        model = pl_module.model
+
+        def gap(exponent: float) -> float:
+            widths = dict(model.channels, **self._widths_for(trainer, pl_module, self._priced(model, scores, exponent),
+                                                             min_width, round_to))
+            spent = {m: architecture_cost(model, widths, m) / b for m, (b, _) in budgets.items()}
+            return spent["macs"] - spent["params"]
+
+        tried = {0.0: gap(0.0), 1.0: gap(1.0)}
+        if tried[0.0] <= 0 or tried[1.0] >= 0:  # already balanced or params-bound cost-blind; MACs-bound even at 1
+            return min(tried, key=lambda e: abs(tried[e]))
+        lo, hi = 0.0, 1.0
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            tried[mid] = gap(mid)
+            lo, hi = (mid, hi) if tried[mid] > 0 else (lo, mid)
+        return min(tried, key=lambda e: abs(tried[e]))
 
     @staticmethod
     def _selection_rounding(trainer) -> tuple[int, int]:

@@ -782,6 +782,48 @@ def test_bilinear_cost_is_architecture_cost_at_any_widths(net):
         assert cost(widths, "macs") == architecture_cost(model, arch, "macs")
 
 
+def test_balanced_cost_exponent_spends_both_budgets_alike():
+    """cost_exponent: balance: where the cost-blind ranking meets the MACs budget with parameters to spare (the
+    costly high-resolution layers score highest), the exponent searched in [0, 1] spends the two budgets more alike
+    than cost-blind (0) or fully priced (1) ranking does, the masks meet both budgets, and the exponent is logged.
+    Without two budgets, or with another word, the config is refused."""
+    from callbacks.budget import architecture_cost
+    from callbacks.sparsity import SparsityInduction
+
+    det, layers, trainer, dense = _budget_fixture()
+    model = det.model
+    with torch.no_grad():  # the early, costly layers score highest: cost-blind, the MACs budget binds first
+        for i, n in enumerate(layers):
+            model.norms[n].weight.mul_(4.0 if i < 7 else 1.0)
+    logged = {}
+    det.log = lambda key, value, **kw: logged.__setitem__(key, value)
+    budget = {"params": dense["params"] / 3.0, "macs": dense["macs"] / 3.0}
+
+    def spent(exponent):
+        cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=3.0,
+                               target_macs_x=3.0, fill_budget=True, cost_exponent=exponent)
+        cb.state.dense_stats = dict(dense)
+        masks, _ = cb._channel_masks(trainer, det, 0)
+        arch = dict(model.channels, **{n: int(m.sum()) for n, m in masks.items()})
+        return {m: architecture_cost(model, arch, m) / budget[m] for m in budget}
+
+    ends = {e: spent(e) for e in (0.0, 1.0)}
+    assert ends[0.0]["macs"] > ends[0.0]["params"] + 0.05  # cost-blind: MACs bind, params left
+    assert ends[1.0]["params"] > ends[1.0]["macs"] + 0.05  # fully priced: the other way round
+    balanced = spent("balance")
+    exponent = logged["prune/phase0/cost_exponent"]
+    assert 0.0 < exponent < 1.0
+    assert max(balanced.values()) <= 1.0
+    gap = abs(balanced["macs"] - balanced["params"])
+    assert gap < min(abs(s["macs"] - s["params"]) for s in ends.values())
+    with pytest.raises(ValueError, match="give both"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=3.0,
+                          cost_exponent="balance")
+    with pytest.raises(ValueError, match="a number"):
+        SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=3.0,
+                          target_macs_x=3.0, cost_exponent="auto")
+
+
 def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
     """fill_swap: after the greedy fill, one block out of a layer and the others refilled while that adds score in
     all. From the same tau, the result meets both budgets (built and counted), has more total score than the greedy
