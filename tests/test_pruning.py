@@ -801,7 +801,7 @@ def test_balanced_cost_exponent_spends_both_budgets_alike():
 
     def spent(exponent):
         cb = SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=3.0,
-                               target_macs_x=3.0, fill_budget=True, cost_exponent=exponent)
+                               target_macs_x=3.0, cost_exponent=exponent)
         cb.state.dense_stats = dict(dense)
         masks, _ = cb._channel_masks(trainer, det, 0)
         arch = dict(model.channels, **{n: int(m.sum()) for n, m in masks.items()})
