@@ -152,8 +152,9 @@ class SparsityInduction(Callback):
     (198.94 M against 198.95 M), because every block left would have cost MACs the budget no longer had.
     ``fill_swap`` then trades: one block out of a layer, the other layers filled greedily again, kept when the kept
     channels' scores add up to more; repeated until no trade adds any (a local search of the two-budget knapsack).
-    A block of an expensive early layer can so buy several blocks of cheap late ones. Trades are priced by
-    ``callbacks.budget.BilinearCost`` (exact, without building a network) and the result checked by building it.
+    A block of an expensive early layer can so buy several blocks of cheap late ones. The candidates of the threshold
+    search, the fill, the trades and ``cost_exponent: balance`` are priced by ``callbacks.budget.BilinearCost``
+    (exact, without building a network; made once per architecture) and the chosen widths checked by building them.
 
     Every channel mask (the candidates, the threshold, ``target_channels``) keeps exactly the width the surgery keeps:
     at least ``FilterSelection.min_width``, rounded up to its ``round_to``, the best-scored channels. A channel that
@@ -265,6 +266,7 @@ class SparsityInduction(Callback):
                              f"taylor or taylor_gamma_g, got {channel_score!r}")
         self.taylor_loss = taylor_loss
         self._l1_where: tuple | None = None  # _proximal_step's entry masks, with the terms they belong to
+        self._pricer_cache: tuple | None = None  # (architecture, measures) -> BilinearCost or None: _pricer
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -574,12 +576,48 @@ class SparsityInduction(Callback):
             counts = {n: int(m.sum()) for n, m in masks_for_tau(scores, tau).items()}
             if self.fill_budget:
                 counts = trainer.strategy.broadcast(self._fill(pl_module.model, scores, counts, min_width, round_to), src=0)
+            if not self._priced_widths_hold(pl_module.model, counts, min_width, round_to):
+                return self._channel_masks(trainer, pl_module, index)  # again, every candidate built and counted
         masks = {}
         for n, sc in scores.items():
             keep = torch.zeros_like(sc, dtype=torch.bool)
             keep[sc.argsort(descending=True, stable=True)[: kept_width(counts[n], sc.numel(), min_width, round_to)]] = True
             masks[n] = keep
         return masks, tau
+
+    def _pricer(self, model) -> BilinearCost | None:
+        """``BilinearCost`` of the budgets' measures over every layer's width, made once per architecture (the
+        masks of an L1 window do not change it; a surgery does), or None where it does not reproduce
+        ``architecture_cost`` at the present widths (then every candidate is built and counted). With it the
+        threshold search, the fill, the swap and ``cost_exponent: balance`` price thousands of candidate widths
+        without building a network: at full SSD300 width a build and MAC count takes ~1-2 s on a CPU core."""
+        measures = tuple(self._budgets())
+        key = (tuple(model.channels.items()), measures)
+        if self._pricer_cache is None or self._pricer_cache[0] != key:
+            cost = BilinearCost(model, list(model.channels), measures)
+            self._pricer_cache = (key, cost if cost.exact_at(dict(model.channels)) else None)
+        return self._pricer_cache[1]
+
+    def _cost(self, model, widths: dict[str, int], measure: str) -> int:
+        """``architecture_cost`` at ``widths`` (the layers not named at their present width), priced by ``_pricer``
+        where it can."""
+        pricer, widths = self._pricer(model), dict(model.channels, **widths)
+        return pricer(widths, measure) if pricer else architecture_cost(model, widths, measure)
+
+    def _priced_widths_hold(self, model, counts: dict[str, int], min_width: int, round_to: int) -> bool:
+        """The chosen widths, built and counted, meet every budget; if the pricing said so wrongly, it is dropped
+        for this architecture (with a warning) and False returned, so the caller chooses again without it."""
+        budgets = self._budgets()
+        if not budgets or self._pricer(model) is None:
+            return True
+        widths = dict(model.channels, **{n: kept_width(c, model.channels[n], min_width, round_to)
+                                         for n, c in counts.items()})
+        if all(architecture_cost(model, widths, m) <= b for m, (b, _) in budgets.items()):
+            return True
+        warnings.warn("the priced widths exceed a budget when the network is built; choosing again with every "
+                      "candidate built and counted", stacklevel=2)
+        self._pricer_cache = (self._pricer_cache[0], None)
+        return False
 
     def _widths_for(self, trainer, pl_module, scores: dict[str, Tensor], min_width: int, round_to: int
                     ) -> dict[str, int]:
@@ -603,7 +641,7 @@ class SparsityInduction(Callback):
         def gap(exponent: float) -> float:
             widths = dict(model.channels, **self._widths_for(trainer, pl_module, self._priced(model, scores, exponent),
                                                              min_width, round_to))
-            spent = {m: architecture_cost(model, widths, m) / b for m, (b, _) in budgets.items()}
+            spent = {m: self._cost(model, widths, m) / b for m, (b, _) in budgets.items()}
             return spent["macs"] - spent["params"]
 
         tried = {0.0: gap(0.0), 1.0: gap(1.0)}
@@ -669,7 +707,7 @@ class SparsityInduction(Callback):
 
         def fits(trial: dict[str, int]) -> bool:
             arch = dict(model.channels, **trial)
-            return all(architecture_cost(model, arch, m) <= b for m, (b, _) in budgets.items())
+            return all(self._cost(model, arch, m) <= b for m, (b, _) in budgets.items())
 
         widths = self._greedy_fill(widths, ranked, fits, min_width, round_to)
         return self._swap(model, widths, ranked, min_width, round_to) if self.fill_swap else widths
@@ -704,8 +742,8 @@ class SparsityInduction(Callback):
         Candidates are priced with ``BilinearCost`` (no network built per trial); the result is checked against
         ``architecture_cost`` and dropped, with a warning, if that disagrees."""
         budgets = self._budgets()
-        cost = BilinearCost(model, list(widths), tuple(budgets))
-        if not cost.exact_at(widths):
+        cost = self._pricer(model)
+        if cost is None:
             warnings.warn("fill_swap: this network's parameters / MACs are not bilinear in its widths (tied or shared "
                           "channels?); keeping the greedy fill", stacklevel=2)
             return widths
@@ -715,7 +753,7 @@ class SparsityInduction(Callback):
             return sum(total[n][w[n]] for n in w)
 
         def fits(w: dict[str, int]) -> bool:
-            return all(cost(w, m) <= b for m, (b, _) in budgets.items())
+            return all(self._cost(model, w, m) <= b for m, (b, _) in budgets.items())
 
         step = max(round_to, 1)
         best, best_value = widths, value(widths)
@@ -750,7 +788,7 @@ class SparsityInduction(Callback):
         def over_budget(sparsity: float) -> dict[str, int]:
             """The measures whose budget the architecture at ``sparsity`` exceeds, with their cost."""
             widths = kept_widths(model, masks_for_tau(scores, tau_for_sparsity(scores, sparsity)), min_width, round_to)
-            cost = {m: architecture_cost(model, widths, m) for m in budgets}
+            cost = {m: self._cost(model, widths, m) for m in budgets}
             return {m: c for m, c in cost.items() if c > budgets[m][0]}
 
         lo, hi = 0.0, 0.99

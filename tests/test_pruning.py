@@ -782,6 +782,40 @@ def test_bilinear_cost_is_architecture_cost_at_any_widths(net):
         assert cost(widths, "macs") == architecture_cost(model, arch, "macs")
 
 
+def test_priced_budget_search_keeps_the_widths_of_building_every_candidate():
+    """The threshold search and the fill price candidate widths with one BilinearCost per architecture (no network
+    built per candidate) and choose exactly the widths that building and counting every candidate chooses. Pricing
+    that says "fits" wrongly is caught when the chosen widths are built: a warning, and the choice made again with
+    every candidate built."""
+    from callbacks.budget import BilinearCost, architecture_cost
+    from callbacks.sparsity import SparsityInduction
+
+    det, layers, trainer, dense = _budget_fixture()
+    model = det.model
+    budget = {"params": dense["params"] / 4.0, "macs": dense["macs"] / 2.9}
+
+    def choose(priced: bool, cb=None):
+        cb = cb or SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale",
+                                     target_params_x=4.0, target_macs_x=2.9, fill_budget=True)
+        cb.state.dense_stats = dict(dense)
+        if not priced:
+            cb._pricer = lambda model: None
+        masks, _ = cb._channel_masks(trainer, det, 0)
+        return {n: int(m.sum()) for n, m in masks.items()}
+
+    built = choose(priced=False)
+    assert choose(priced=True) == built
+    arch = dict(model.channels, **built)
+    assert all(architecture_cost(model, arch, m) <= budget[m] for m in budget)
+    with pytest.MonkeyPatch.context() as mp:  # prices 20 % low: the chosen widths overrun a budget once built
+        price = BilinearCost.__call__
+        mp.setattr(BilinearCost, "__call__", lambda self, w, m: int(0.8 * price(self, w, m)))
+        assert choose(priced=True) == built  # caught by the check at the present widths: every candidate built
+        mp.setattr(BilinearCost, "exact_at", lambda self, widths: True)  # a pricing that passed its check
+        with pytest.warns(UserWarning, match="priced widths exceed a budget"):
+            assert choose(priced=True) == built
+
+
 def test_balanced_cost_exponent_spends_both_budgets_alike():
     """cost_exponent: balance: where the cost-blind ranking meets the MACs budget with parameters to spare (the
     costly high-resolution layers score highest), the exponent searched in [0, 1] spends the two budgets more alike
@@ -869,12 +903,14 @@ def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BilinearCost, "__init__", lambda self, *a: None)
         mp.setattr(BilinearCost, "exact_at", lambda self, widths: False)
+        cbs[True]._pricer_cache = None  # made once per architecture: made again under the patch
         with pytest.warns(UserWarning, match="not bilinear"):
             assert cbs[True]._swap(model, greedy, ranked, 8, 8) == greedy
     with pytest.MonkeyPatch.context() as mp:  # prices 20 % low: the trades overrun a budget once built
         price = BilinearCost.__call__
         mp.setattr(BilinearCost, "__call__", lambda self, w, m: int(0.8 * price(self, w, m)))
         mp.setattr(BilinearCost, "exact_at", lambda self, widths: True)
+        cbs[True]._pricer_cache = None
         with pytest.warns(UserWarning, match="exceed a budget when the network is built"):
             assert cbs[True]._swap(model, greedy, ranked, 8, 8) == greedy
     with pytest.raises(ValueError, match="fill_swap improves"):
