@@ -70,8 +70,12 @@ def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, 
 
 
 def architecture_cost(model: nn.Module, widths: dict[str, int], measure: str) -> int:
-    """Parameters or MACs (one input) of ``model``'s architecture at ``widths`` (the contract's ``at_widths``)."""
-    arch = model.at_widths(widths)
+    """Parameters or MACs (one input) of ``model``'s architecture at ``widths`` (the contract's ``at_widths``).
+
+    The network is built under a forked RNG: its initialisation draws nothing from the training's random stream,
+    so how many candidates a budget search counts cannot change the run's later data order or dropout masks."""
+    with torch.random.fork_rng(devices=[]):
+        arch = model.at_widths(widths)
     if measure == "params":
         return sum(p.numel() for p in arch.parameters())
     import torch_pruning as tp

@@ -780,6 +780,9 @@ def test_bilinear_cost_is_architecture_cost_at_any_widths(net):
         arch = dict(model.channels, **widths)
         assert cost(widths, "params") == architecture_cost(model, arch, "params")
         assert cost(widths, "macs") == architecture_cost(model, arch, "macs")
+    before = torch.get_rng_state()  # counting draws nothing from the training's random stream
+    architecture_cost(model, dict(model.channels), "params")
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_priced_budget_search_keeps_the_widths_of_building_every_candidate():
