@@ -742,8 +742,7 @@ class SparsityInduction(Callback):
         Candidates are priced with ``BilinearCost`` (no network built per trial); the result is checked against
         ``architecture_cost`` and dropped, with a warning, if that disagrees."""
         budgets = self._budgets()
-        cost = self._pricer(model)
-        if cost is None:
+        if self._pricer(model) is None:
             warnings.warn("fill_swap: this network's parameters / MACs are not bilinear in its widths (tied or shared "
                           "channels?); keeping the greedy fill", stacklevel=2)
             return widths
