@@ -72,8 +72,10 @@ def kept_widths(model: nn.Module, masks: dict[str, Tensor], min_width: int = 1, 
 def architecture_cost(model: nn.Module, widths: dict[str, int], measure: str) -> int:
     """Parameters or MACs (one input) of ``model``'s architecture at ``widths`` (the contract's ``at_widths``).
 
-    The network is built under a forked RNG: its initialisation draws nothing from the training's random stream,
-    so how many candidates a budget search counts cannot change the run's later data order or dropout masks."""
+    The network is built under a forked RNG, so a budget search leaves the global torch RNG as it found it. The data
+    order and augmentation never read it (``TrainSampler`` seeds them from the run's seed and the epoch) and the
+    networks here have no dropout, but anything that draws from it later would otherwise depend on how many
+    candidates a search counted."""
     with torch.random.fork_rng(devices=[]):
         arch = model.at_widths(widths)
     if measure == "params":
