@@ -533,16 +533,16 @@ class SparsityInduction(Callback):
                           * layer_relative(g * consumer_weight(model, n))).sqrt() for n, g in gammas.items()}
         if self.score_norm == "layer_mean":  # each layer's scores relative to its mean: no layer collapses as a whole
             gammas = {n: layer_relative(g) for n, g in gammas.items()}
-        if isinstance(self.cost_exponent, str):  # "balance": priced in _channel_masks, once the exponent is known
+        if isinstance(self.cost_exponent, str) or not self.cost_exponent:  # "balance": priced in _channel_masks
             return gammas
-        return self._priced(model, gammas, self.cost_exponent)
+        return self._priced(gammas, channel_macs(model), self.cost_exponent)
 
     @staticmethod
-    def _priced(model, scores: dict[str, Tensor], exponent: float) -> dict[str, Tensor]:
-        """MAC-aware ranking: each score / (the relative MAC cost of one of its layer's channels) ** ``exponent``."""
+    def _priced(scores: dict[str, Tensor], cost: dict[str, float], exponent: float) -> dict[str, Tensor]:
+        """MAC-aware ranking: each score / (``cost``, the MACs of one of its layer's channels, relative to the mean
+        over the scored layers) ** ``exponent``."""
         if not exponent:
             return scores
-        cost = channel_macs(model)
         mean = sum(cost[n] for n in scores) / len(scores)
         return {n: g / (max(cost[n], 1.0) / mean) ** exponent for n, g in scores.items()}
 
@@ -564,9 +564,10 @@ class SparsityInduction(Callback):
         scores = self._channel_scores(pl_module, index)
         min_width, round_to = self._selection_rounding(trainer)
         if self.cost_exponent == "balance":
+            cost = channel_macs(pl_module.model)
             exponent = float(trainer.strategy.broadcast(
-                self._balanced_exponent(trainer, pl_module, scores, min_width, round_to), src=0))
-            scores = self._priced(pl_module.model, scores, exponent)
+                self._balanced_exponent(trainer, pl_module, scores, cost, min_width, round_to), src=0))
+            scores = self._priced(scores, cost, exponent)
             pl_module.log(f"prune/phase{index}/cost_exponent", exponent)
         if self.target_channels:
             counts = {n: int(self.target_channels.get(n, sc.numel())) for n, sc in scores.items()}
@@ -628,8 +629,8 @@ class SparsityInduction(Callback):
             return self._fill(pl_module.model, scores, counts, min_width, round_to)
         return {n: kept_width(c, scores[n].numel(), min_width, round_to) for n, c in counts.items()}
 
-    def _balanced_exponent(self, trainer, pl_module, scores: dict[str, Tensor], min_width: int, round_to: int,
-                           steps: int = 6) -> float:
+    def _balanced_exponent(self, trainer, pl_module, scores: dict[str, Tensor], cost: dict[str, float],
+                           min_width: int, round_to: int, steps: int = 6) -> float:
         """``cost_exponent: balance``: the exponent in [0, 1] at which the pruned architecture spends its params and
         its MACs budget alike (bisection on spent MACs - spent params, ``steps`` halvings; the evaluated exponent
         whose two spent fractions are closest). Cost-blind (0) the MACs budget binds when it is the tighter of the
@@ -639,7 +640,7 @@ class SparsityInduction(Callback):
         model = pl_module.model
 
         def gap(exponent: float) -> float:
-            widths = dict(model.channels, **self._widths_for(trainer, pl_module, self._priced(model, scores, exponent),
+            widths = dict(model.channels, **self._widths_for(trainer, pl_module, self._priced(scores, cost, exponent),
                                                              min_width, round_to))
             spent = {m: self._cost(model, widths, m) / b for m, (b, _) in budgets.items()}
             return spent["macs"] - spent["params"]
