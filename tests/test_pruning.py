@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from callbacks.selection import prunable_layers, select_filters, splevel
+from callbacks.selection import kept_width, prunable_layers, select_filters, splevel
 from callbacks.sparsity import masks_for_tau, normalised_magnitudes, tau_for_sparsity
 from callbacks.state import Phase, PruningState, ScheduleError, apply_masks, validate_schedule
 from callbacks.surgery import drop_branches, prune_filters
@@ -97,6 +97,25 @@ def test_selection_updates_next_layer_statistics_and_honours_widths():
     z[:3] = 1  # 13 prunable -> keep 3, rounded up to 8
     assert len(select_filters({"z": z}, ["z"], {"z": None}, 0.5, 0.5, 0.5, round_to=8)["z"]) == 8
 
+
+
+def test_rounding_up_puts_back_the_least_sparse_of_the_selected_filters():
+    """13 of 16 filters are selected (sparsity 0.35-0.95, in shuffled order); keeping 3 rounds up to 8, so the 5
+    selected filters with the fewest zeros go back and the 8 sparsest stay selected."""
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    w = torch.ones(16, 20, 1, 1)
+    for rank, i in enumerate(perm[:13].tolist()):
+        w[i, : 7 + rank] = 0  # the rank-th of the selected has 7 + rank zeros of 20
+    sel = select_filters({"z": w}, ["z"], {"z": None}, s_F=0.35, s_F_min=0.35, s_G=1.0, round_to=8)
+    assert sel["z"] == sorted(perm[5:13].tolist())
+
+
+def test_kept_width_never_exceeds_the_layer():
+    """A layer narrower than min_width (or than round_to) keeps all it has, never more: the widths a budget prices
+    and the surgery builds are real widths."""
+    assert kept_width(0, 4, min_width=8) == 4 and kept_width(0, 4, min_width=8, round_to=8) == 4
+    assert kept_width(3, 4, min_width=1, round_to=8) == 4 and kept_width(0, 16, min_width=8) == 8
+    assert select_filters({"z": torch.zeros(4, 3, 1, 1)}, ["z"], {"z": None}, 0.5, 0.5, 0.5, min_width=8)["z"] == []
 
 def test_improved_global_threshold_is_layer_normalised():
     small = torch.randn(1000) * 1e-3  # a wide layer with small weights

@@ -201,6 +201,40 @@ def test_hard_negatives_three_to_one():
     torch.testing.assert_close(out["conf"], torch.tensor(4 * math.log(4)))
 
 
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_hard_negatives_are_never_positives(sync_free):
+    """Positives that the network gets badly wrong have the highest cross-entropy of all boxes; they must still
+    not take a hard negative's place: the loss counts every positive once and 3 x positives *background* boxes."""
+    import torch.nn.functional as F
+
+    loss = MultiBoxLoss(sync_free=sync_free)
+    priors = default_boxes(300)
+    targets = [{"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[0.5, 0.1, 0.9, 0.4], [0.1, 0.5, 0.3, 0.9]]), "labels": torch.tensor([0, 2])}]
+    cls_t, _ = loss.match(priors, targets)
+    conf = torch.zeros(2, len(priors), 4)
+    conf[..., 0] = torch.where(cls_t > 0, 10.0, 0.0)  # every positive confidently called background
+    out = loss(torch.zeros(2, len(priors), 4), conf, priors, targets)
+    ce = F.cross_entropy(conf.flatten(0, 1), cls_t.flatten(), reduction="none").view_as(cls_t)
+    n_pos = int((cls_t > 0).sum())
+    assert n_pos >= 3 and out["num_pos"] == n_pos
+    # each positive's CE (~10) + 3 negatives per positive at log(4) each (zero logits)
+    torch.testing.assert_close(out["conf"], (ce[cls_t > 0].sum() + 3 * n_pos * math.log(4)) / n_pos)
+
+
+def test_a_default_box_at_exactly_the_matching_threshold_is_matched():
+    """SSDMatcher's rule is IoU >= 0.5 (torchvision's Matcher drops only IoUs below the threshold): a default box
+    whose IoU with a ground truth is exactly 0.5 takes that ground truth, as in the per-image matcher."""
+    from benchmarks.bench_train_step import match_per_image
+
+    # (cx, cy, w, h): [0, 0, 1, 1] (IoU 1: the gt's best), [0, 0, 0.5, 1] (IoU exactly 0.5), [0.75, 0, 1, 1] (0.25)
+    priors = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 1.0], [0.875, 0.5, 0.25, 1.0]])
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([3])}]
+    cls_t, _ = MultiBoxLoss().match(priors, targets)
+    assert cls_t.tolist() == [[4, 4, 0]]
+    assert torch.equal(cls_t, match_per_image(priors, targets)[0])
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sync_free_loss_is_the_loss_without_a_read_back(weighted):
     """The loss as it runs on a GPU (``sync_free``: every box's terms masked with ``where``, hard negatives ranked by
@@ -248,6 +282,20 @@ def test_decode_respects_top_k_and_threshold():
         assert d["labels"].min() >= 0 and d["labels"].max() < 5
         assert (d["boxes"] >= 0).all() and (d["boxes"] <= 1).all()
 
+
+
+@pytest.mark.parametrize("nms_method", ["sorted", "dense"])
+def test_decode_keeps_only_scores_above_the_confidence_threshold(nms_method):
+    """The Caffe SSD rule is score > threshold: with the threshold set to an image's best score of a class, that
+    detection (the first NMS would keep) is dropped by both NMS methods."""
+    torch.manual_seed(0)
+    priors = default_boxes(300)
+    loc, conf = torch.randn(2, len(priors), 4), torch.randn(2, len(priors), 4)
+    best = float(conf.softmax(dim=-1)[0, :, 1].max())
+    dets = decode(loc, conf, priors, conf_threshold=best, nms_method=nms_method)
+    assert all((d["scores"] > best).all() for d in dets)
+    assert not ((dets[0]["labels"] == 0) & (dets[0]["scores"] == best)).any()
+    assert len(decode(loc, conf, priors, conf_threshold=best - 1e-6, nms_method=nms_method)[0]["scores"]) > 0
 
 def _canonical(d):
     order = sorted(range(len(d["scores"])), key=lambda i: (-float(d["scores"][i]), int(d["labels"][i]),
