@@ -255,6 +255,30 @@ def test_proximal_l1_shrinks_by_lr_lambda_and_stops_at_zero():
     assert torch.allclose(w, expected)
 
 
+
+def test_gradient_l1_adds_lambda_times_the_sign_to_the_gradient_in_its_window():
+    """Paper A's L1 term (l1_mode "gradient"): inside the phase's window each weight's gradient gains
+    lambda * sign(w), so an SGD step shrinks every magnitude; outside it the gradient is left alone."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+    from lightning_modules.detector import SSDDetector
+
+    cb = SparsityInduction([{"layers": ["conv5_1"], "l1_epochs": [0, 1]}], l1_lambda=0.5, l1_mode="gradient")
+    det = SSDDetector(["a"], width_mult=0.125)
+    w = det.model.layers["conv5_1"].weight
+    w.grad = torch.zeros_like(w)
+    trainer = SimpleNamespace(current_epoch=0)
+    cb.on_before_optimizer_step(trainer, det, None)
+    torch.testing.assert_close(w.grad, 0.5 * w.detach().sign())
+    before = w.detach().abs().sum()
+    torch.optim.SGD([w], lr=1e-3).step()
+    assert w.detach().abs().sum() < before
+    w.grad = torch.zeros_like(w)
+    trainer.current_epoch = 1  # outside the window
+    cb.on_before_optimizer_step(trainer, det, None)
+    assert not w.grad.any()
+
 def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
     """l1_target below_budget: the lowest-ranked channels (here half of them, by |gamma|) are the candidates; the
     proximal step shrinks their gamma and beta and leaves every other channel exactly as the optimiser left it."""
@@ -879,6 +903,18 @@ def test_balanced_cost_exponent_spends_both_budgets_alike():
         SparsityInduction([{"layers": layers, "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=3.0,
                           target_macs_x=3.0, cost_exponent="auto")
 
+
+
+def test_greedy_fill_puts_back_the_best_scored_block_first():
+    """fill_budget's greedy fill, on two layers cut to 8 channels and a budget with room for one more block of 8:
+    the block goes to the layer whose next 8 channels score higher, wherever that layer stands in the order."""
+    from callbacks.sparsity import SparsityInduction
+
+    ranked = {"a": torch.tensor([9.0] * 8 + [1.0] * 8), "b": torch.tensor([9.0] * 8 + [5.0] * 8)}
+    for names in (("a", "b"), ("b", "a")):
+        widths = SparsityInduction._greedy_fill({n: 8 for n in names}, {n: ranked[n] for n in names},
+                                                lambda w: sum(w.values()) <= 24, 8, 8)
+        assert widths == {"a": 8, "b": 16}
 
 def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
     """fill_swap: after the greedy fill, one block out of a layer and the others refilled while that adds score in
