@@ -41,6 +41,17 @@ def test_surgery_of_zero_filters_leaves_outputs_unchanged():
     assert isinstance(m, torch.nn.Module) and not any("mask" in n for n, _ in m.named_buffers())
 
 
+
+def test_surgery_refuses_to_remove_every_filter_of_a_layer_and_leaves_the_model_alone():
+    m = _model()
+    n = m.layers["conv5_1"].out_channels
+    widths = dict(m.channels)
+    with pytest.raises(ValueError, match=f"cannot remove all {n} filters of conv5_1"):
+        prune_filters(m, {"conv6": [0], "conv5_1": list(range(n))})
+    assert m.channels == widths
+    prune_filters(m, {"conv5_1": list(range(n - 1))})  # one left is a valid (if narrow) layer
+    assert m.channels["conv5_1"] == 1
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_random_surgery_widths_and_optimizer_state(batch_norm):
     m = _model(batch_norm=batch_norm).train()
