@@ -1,5 +1,7 @@
 """VOC mAP: hand-worked cases and a loop-by-loop transcription of the devkit's voc_eval as the reference."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,18 @@ def test_iou_exactly_at_threshold_is_not_a_hit():
     m.update([_t([[0, 0, 9, 5]], [0], scores=[1.0])], [_t([[0, 0, 9, 9]], [0])])  # 60 / 100
     assert m.compute()["map"].item() == pytest.approx(1.0)
 
+
+
+def test_compression_ratios_are_dense_over_final_and_speed_ups_above_one_when_faster():
+    from callbacks.report import compression
+
+    dense = {"params": 4000, "size_mb": 16.0, "macs": 9000, "latency_ms": 10.0, "device_latency_ms": 2.0,
+             "device_throughput": 1000.0}
+    final = {"params": 1000, "size_mb": 4.0, "macs": 3000, "latency_ms": 4.0, "device_latency_ms": 1.0,
+             "device_throughput": 1500.0}
+    assert compression(dense, final) == {"params_x": 4.0, "size_x": 4.0, "macs_x": 3.0, "speedup_x": 2.5,
+                                         "device_speedup_x": 2.0, "device_throughput_x": 1.5}
+    assert math.isnan(compression(dense, dict(final, latency_ms=None))["speedup_x"])
 
 def test_cpu_latency_is_timed_on_a_fixed_thread_count_and_restores_it():
     import torch

@@ -272,6 +272,25 @@ def test_sync_free_loss_is_the_loss_without_a_read_back(weighted):
         assert a["num_pos"] > 9
 
 
+
+def test_detector_learning_rate_schedule_and_weight_decay_groups():
+    """The recipe's schedule per iteration: a linear warm-up from warmup_factor, x lr_gamma at each milestone (or a
+    cosine to 0 that stays at 0 past its end); weight decay on the convolution kernels only, never on biases,
+    BatchNorm or the L2Norm scale."""
+    from lightning_modules.detector import SSDDetector
+
+    det = SSDDetector(["a"], width_mult=0.0625, batch_norm=True, warmup_iters=10, warmup_factor=0.1,
+                      lr_milestones=[20, 30], lr_gamma=0.1)
+    got = [det.lr_factor(it) for it in (0, 5, 10, 19, 20, 29, 30, 1000)]
+    assert got == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    cos = SSDDetector(["a"], width_mult=0.0625, warmup_iters=0, cosine_iters=100)
+    assert [cos.lr_factor(it) for it in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    decay, no_decay = det.configure_optimizers()["optimizer"].param_groups
+    assert decay["weight_decay"] == det.hparams.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 4 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(det.model.parameters()))
+    assert any(p is det.model.l2norm.weight for p in no_decay["params"])
+
 def test_decode_respects_top_k_and_threshold():
     m = build_ssd(300, 6, width_mult=0.0625)
     loc, conf = m(torch.randn(2, 3, 300, 300))

@@ -34,6 +34,42 @@ def test_reads_any_child_order_and_names_images_by_id(tmp_path):
     torch.testing.assert_close(t["boxes"][cat], torch.tensor([9 / 100, 11 / 80, 50 / 100, 60 / 80]))
 
 
+
+def test_a_detection_on_the_ground_truth_box_lands_on_it_in_both_metric_conventions(tmp_path):
+    """The round trip data set -> normalised boxes -> metric inputs: a detection exactly on a ground truth's
+    (normalised, 0-based continuous) box becomes that ground truth's 1-based inclusive box for the VOC metric and its
+    0-based continuous box for the COCO metric, to float rounding; so both score it as a perfect hit."""
+    from lightning_modules.detector import SSDDetector
+    from lightning_modules.metrics import VOCMeanAveragePrecision
+
+    write_voc(tmp_path, 2007, {"test": ["a"]}, {"a": (100, 80, [("cat", (10, 12, 50, 60), False),
+                                                               ("dog", (30, 20, 35, 26), False)])})
+    _, t = VOCDataset(tmp_path, [(2007, "test")], CLASSES, ssd_eval_transform(300))[0]
+    dets = [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}]
+    voc_preds, voc_targets, coco_preds, coco_targets = SSDDetector.metric_inputs(dets, [t])
+    torch.testing.assert_close(voc_preds[0]["boxes"], voc_targets[0]["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(coco_preds[0]["boxes"], coco_targets[0]["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(coco_targets[0]["boxes"], voc_targets[0]["boxes"] - torch.tensor([1.0, 1, 0, 0]))
+    metric = VOCMeanAveragePrecision(num_classes=2)
+    metric.update(voc_preds, voc_targets)
+    assert metric.compute()["map"].item() == 1.0
+
+
+def test_the_coco_metric_gets_the_100_best_detections_of_an_image():
+    """COCO evaluation counts at most 100 detections per image (maxDets): those with the highest scores, whatever
+    order the decoder returned them in; the VOC metric gets them all."""
+    from lightning_modules.detector import SSDDetector
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(150, 2, generator=g) * 0.5
+    dets = [{"boxes": torch.cat([xy, xy + 0.2], 1), "scores": torch.rand(150, generator=g),
+             "labels": torch.zeros(150, dtype=torch.long)}]
+    target = {"voc_boxes": torch.tensor([[1.0, 1, 10, 10]]), "voc_labels": torch.tensor([0]),
+              "voc_difficult": torch.tensor([False]), "orig_size": torch.tensor([80, 100])}
+    voc_preds, _, coco_preds, _ = SSDDetector.metric_inputs(dets, [target])
+    assert len(voc_preds[0]["scores"]) == 150
+    assert sorted(coco_preds[0]["scores"].tolist()) == sorted(dets[0]["scores"].topk(100).values.tolist())
+
 def test_difficult_dropped_for_training_by_default(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)])})
     ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_train_transform(300), keep_difficult=False)

@@ -1,0 +1,161 @@
+"""Do the tests fail when the code is wrong? A hand-written mutation check of the places where a slip would go
+unnoticed in a training run (the filter selection, the L1 term, the budget fill, the surgery, the matching and
+hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers, the metric conventions).
+
+Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
+throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x``, and the
+mutant is *killed* when they fail. A mutant that survives is a test to write, unless it is marked ``equivalent``
+(the code computes the same thing either way: the reason is given).
+
+    python -m tests.mutation_check              # every mutant: ~40-60 min on a 2-core CPU (survivors run whole files)
+    python -m tests.mutation_check S4 B1 M2     # some of them
+
+Not part of ``make test`` (it runs the suite dozens of times); run it after changing one of these places.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEL, SP, BU, SU = "callbacks/selection.py", "callbacks/sparsity.py", "callbacks/budget.py", "callbacks/surgery.py"
+MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "lightning_modules/detector.py"
+TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
+
+T_PRUNE = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_baselines.py"]
+T_SP = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_classifier.py", "tests/test_persistence.py"]
+T_MET = ["tests/test_metrics.py"]
+T_BOX = ["tests/test_ssd.py", "tests/test_pruning.py", "tests/test_voc.py"]
+T_DATA = ["tests/test_transforms.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_ddp.py"]
+T_DE = ["tests/test_voc.py", "tests/test_metrics.py", "tests/test_ssd.py", "tests/test_train.py",
+        "tests/test_real_data.py",
+        "tests/test_coco_gtsdb.py"]
+
+# name, file, the text (found exactly once), its replacement, the tests to run, and "equivalent: why" or ""
+MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
+    ("S1", SEL, "(t == 0).flatten(1)", "(t != 0).flatten(1)", T_PRUNE, ""),
+    ("S2", SEL, "& ((sp_f >= s_F) | (sp_g >= s_G))", "& ((sp_f >= s_F) & (sp_g >= s_G))", T_PRUNE, ""),
+    ("S3", SEL, "prune = (sp_f >= s_F_min)", "prune = (sp_f > s_F_min)", T_PRUNE, ""),
+    ("S4", SEL, "torch.argsort(sp_f[cand], stable=True)", "torch.argsort(-sp_f[cand], stable=True)", T_PRUNE, ""),
+    ("S5", SEL, "math.ceil(target / round_to)", "math.floor(target / round_to)", T_PRUNE, ""),
+    ("S6", SEL, "            mask[idx] = False\n", "", T_PRUNE, ""),
+    ("S7", SEL, "if not is_last_phase and layers", "if is_last_phase and layers", T_PRUNE, ""),
+    ("S8", SEL, "target = max(kept, min(min_width, width))", "target = max(kept, min_width)", T_PRUNE, ""),
+    ("P1", SP, "        torch._foreach_clamp_min_(magnitude, 0.0)\n", "", T_SP, ""),
+    ("P2", SP, "lr_of.get(id(w), 0.0) * self.l1_lambda", "self.l1_lambda", T_SP, ""),
+    ("P3", SP, "return {name: v > tau for name, v in norm.items()}", "return {name: v >= tau for name, v in norm.items()}",
+     T_SP, ""),
+    ("P5", SP, "return scores / scores.mean().clamp(min=1e-12)", "return scores / scores.max().clamp(min=1e-12)", T_SP,
+     ""),
+    ("P6", SP, "n = max(blocks, key=blocks.get)", "n = min(blocks, key=blocks.get)", T_SP, ""),
+    ("P7", SP, "alpha=self.l1_lambda)", "alpha=-self.l1_lambda)", T_SP, ""),
+    ("Bu1", BU, "- one[c][m] + self.at_base[m] for a, c", "- one[c][m] for a, c", T_SP, ""),
+    ("Bu2", BU, "own = hw[conv] * conv.in_channels *", "own = hw[conv] *", T_SP, ""),
+    ("Bu3", BU, "for c in cols) / len(cols)", "for c in cols)", T_SP, ""),
+    ("Su1", SU, "if len(idx) >= n:", "if len(idx) > n:", T_SP, ""),
+    ("Su2", SU, "for pname, st in saved_state.items():", "for pname, st in list(saved_state.items())[:0]:", T_SP, ""),
+    ("Su3", SU, "cols = (d1[:, None] * span + torch.arange(span))", "cols = (d1[:, None] + torch.arange(span))", T_SP, ""),
+    ("M1", MET, "torch.maximum(a[..., 0], b[..., 0]) + 1)", "torch.maximum(a[..., 0], b[..., 0]))", T_MET, ""),
+    ("M2", MET, "above = iou > iou_threshold", "above = iou >= iou_threshold", T_MET,
+     "equivalent: IoUs within 1e-4 of the threshold are decided again in float64 with '>' just below"),
+    ("M3", MET, "ignore = hit & gt_difficult[best]", "ignore = gt_difficult[best]", T_MET, ""),
+    ("M4", MET, 'reduce="amin"', 'reduce="amax"', T_MET, ""),
+    ("M5", MET, "torch.linspace(0, 1, 11,", "torch.linspace(0, 1, 10,", T_MET, ""),
+    ("M6", MET, "mpre = mpre.flip(0).cummax(0).values.flip(0)", "mpre = mpre", T_MET, ""),
+    ("M7", MET, "torch.bincount(gt_labels[~gt_difficult]", "torch.bincount(gt_labels", T_MET, ""),
+    ("M8", MET, "srt = torch.argsort(det_scores, descending=True, stable=True)",
+     "srt = torch.argsort(det_scores, descending=False, stable=True)", T_MET, ""),
+    ("B1", BOX, "idx = torch.where(best >= iou_threshold, first, -1)", "idx = torch.where(best > iou_threshold, first, -1)",
+     T_BOX, ""),
+    ("B2", BOX, 'gid, "amax").view(n, p)', 'gid, "amin").view(n, p)', T_BOX, ""),
+    ("B3", BOX, "k = neg_pos_ratio * pos.sum(dim=1, keepdim=True)",
+     "k = (neg_pos_ratio + 1) * pos.sum(dim=1, keepdim=True)", T_BOX, ""),
+    ("B4", BOX, "neg_ce = ce.masked_fill(pos, -1.0)", "neg_ce = ce.clone()", T_BOX, ""),
+    ("B5", BOX, "sup = (iou > iou_threshold) & later & valid[:, :, None]", "sup = (iou > iou_threshold) & later", T_BOX,
+     "equivalent: a box that is not a candidate is never kept, so its row of the matrix is never read"),
+    ("B6", BOX, "    for _ in range(k):\n        new = valid", "    for _ in range(1):\n        new = valid", T_BOX, ""),
+    ("B7", BOX, "kept = kept[rank < top_k]", "kept = kept[rank <= top_k]", T_BOX, ""),
+    ("B8", BOX, "softmax(dim=-1)[..., 1:]", "softmax(dim=-1)[..., :-1]", T_BOX, ""),
+    ("B9", BOX, "anchors.repeat(n, 1)).clamp(0.0, 1.0)", "anchors.repeat(n, 1))", T_BOX, ""),
+    ("B10", BOX, "return keep[scores[keep].argsort(descending=True)]", "return keep", T_BOX, ""),
+    ("B11", BOX, "valid = scores > conf_threshold  # (N, k, C)", "valid = scores >= conf_threshold  # (N, k, C)", T_BOX,
+     ""),
+    ("B12", BOX, 'sl1 = F.smooth_l1_loss(torch.where(pos[..., None], loc.float(), reg_t), reg_t, reduction="none")',
+     'sl1 = F.smooth_l1_loss(loc.float(), reg_t, reduction="none")', T_BOX, ""),
+    ("T1", TR, "ok = ~(iou.min(axis=1) < min_iou)", "ok = ~(iou.max(axis=1) < min_iou)", T_DATA, ""),
+    ("T2", TR, "& inside.any(axis=1)", "& inside.all(axis=1)", T_DATA, ""),
+    ("T4", TR, "for _ in range(first + 1):", "for _ in range(first):", T_DATA, ""),
+    ("T5", TR, "<= ch / cw <= 2.0", "<= ch / cw <= 3.0", T_DATA, ""),
+    ("T6", TR, "(left - x0 + 0.5) * sx - 0.5", "(left - x0) * sx", T_DATA, ""),
+    ("T7", TR, "top = int(rng.uniform(0, oh - h))", "top = int(rng.uniform(0, oh - h) / 2)", T_DATA, ""),
+    ("T8", TR, "out = out[(cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)]", "out = out[(cx > x0) & (cx < x1)]", T_DATA,
+     ""),
+    ("Sa1", SA, "start = k * global_batch + self.rank * self.batch_size", "start = k * global_batch", T_DATA, ""),
+    ("Sa2", SA, "g.manual_seed(self.seed + self.epoch)", "g.manual_seed(self.seed)", T_DATA, ""),
+    ("Sa3", SA, "base = (self.seed * 1_000_003 + self.epoch) * 10_000_019", "base = self.seed * 10_000_019", T_DATA, ""),
+    ("Sa4", SA, "return iter(range(self.rank, len(self.dataset), self.num_replicas))",
+     "return iter(range(self.rank, len(self.dataset)))", T_DATA, ""),
+    ("D1", DE, "torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], dim=1)",
+     "torch.stack([px[:, 0], px[:, 1], px[:, 2], px[:, 3]], dim=1)", T_DE, ""),
+    ("D2", DE, "            gt[:, :2] -= 1\n", "", T_DE, ""),
+    ("D3", DE, 'top = d["scores"].argsort(descending=True)[:COCO_MAX_DETS]',
+     'top = d["scores"].argsort(descending=False)[:COCO_MAX_DETS]', T_DE, ""),
+    ("D4", DE, "math.cos(math.pi * min(it, hp.cosine_iters) / hp.cosine_iters)",
+     "math.cos(math.pi * it / hp.cosine_iters)", T_DE, ""),
+    ("D5", DE, "factor *= hp.warmup_factor + (1 - hp.warmup_factor) * it / hp.warmup_iters",
+     "factor *= hp.warmup_factor", T_DE, ""),
+    ("D6", DE, "(no_decay if p.ndim <= 1 else decay)", "(no_decay if p.ndim < 1 else decay)", T_DE, ""),
+    ("R1", RE, '"speedup_x": round(dense["latency_ms"] / final["latency_ms"], 4)',
+     '"speedup_x": round(final["latency_ms"] / dense["latency_ms"], 4)', T_DE, ""),
+]
+
+
+def run(names: set[str] | None = None) -> int:
+    """Every mutant (or those named): killed / survived / equivalent. Returns the number of surviving
+    non-equivalent mutants (the exit status)."""
+    chosen = [m for m in MUTANTS if not names or m[0] in names]
+    python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
+    missed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = Path(tmp) / "wt"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(wt), "HEAD"], check=True)
+        try:
+            if (ROOT / ".venv").exists():
+                os.symlink(ROOT / ".venv", wt / ".venv")
+            for name, path, old, new, tests, equivalent in chosen:
+                f = wt / path
+                src = f.read_text()
+                if src.count(old) != 1:
+                    print(f"{name}: the text to mutate is found {src.count(old)} times in {path}: update the list",
+                          flush=True)
+                    missed += 1
+                    continue
+                f.write_text(src.replace(old, new))
+                start = time.time()
+                try:
+                    r = subprocess.run([python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
+                                        *tests], cwd=wt, capture_output=True, text=True)
+                finally:
+                    f.write_text(src)
+                failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+                if r.returncode:
+                    verdict = f"killed by {failed[0].split()[1] if failed else 'an error'}"
+                elif equivalent:
+                    verdict = f"survived ({equivalent})"
+                else:
+                    verdict = "SURVIVED: write a test that fails on it"
+                    missed += 1
+                print(f"{name} {path}: {verdict} [{time.time() - start:.0f} s]", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)
+    return missed
+
+
+if __name__ == "__main__":
+    sys.exit(1 if run(set(sys.argv[1:]) or None) else 0)
