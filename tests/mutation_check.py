@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEL, SP, BU, SU = "callbacks/selection.py", "callbacks/sparsity.py", "callbacks/budget.py", "callbacks/surgery.py"
 MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "lightning_modules/detector.py"
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
+CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
 
 T_PRUNE = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_baselines.py"]
 T_SP = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_classifier.py", "tests/test_persistence.py"]
@@ -34,8 +35,8 @@ T_MET = ["tests/test_metrics.py"]
 T_BOX = ["tests/test_ssd.py", "tests/test_pruning.py", "tests/test_voc.py"]
 T_DATA = ["tests/test_transforms.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_ddp.py"]
 T_DE = ["tests/test_voc.py", "tests/test_metrics.py", "tests/test_ssd.py", "tests/test_train.py",
-        "tests/test_real_data.py",
-        "tests/test_coco_gtsdb.py"]
+        "tests/test_real_data.py", "tests/test_coco_gtsdb.py"]
+T_FMT = ["tests/test_coco_gtsdb.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_persistence.py"]
 
 # name, file, the text (found exactly once), its replacement, the tests to run, and "equivalent: why" or ""
 MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
@@ -49,7 +50,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("S8", SEL, "target = max(kept, min(min_width, width))", "target = max(kept, min_width)", T_PRUNE, ""),
     ("P1", SP, "        torch._foreach_clamp_min_(magnitude, 0.0)\n", "", T_SP, ""),
     ("P2", SP, "lr_of.get(id(w), 0.0) * self.l1_lambda", "self.l1_lambda", T_SP, ""),
-    ("P3", SP, "return {name: v > tau for name, v in norm.items()}", "return {name: v >= tau for name, v in norm.items()}",
+    ("P3", SP, "return {name: v > tau for name, v in norm.items()}",
+     "return {name: v >= tau for name, v in norm.items()}",
      T_SP, ""),
     ("P5", SP, "return scores / scores.mean().clamp(min=1e-12)", "return scores / scores.max().clamp(min=1e-12)", T_SP,
      ""),
@@ -60,7 +62,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Bu3", BU, "for c in cols) / len(cols)", "for c in cols)", T_SP, ""),
     ("Su1", SU, "if len(idx) >= n:", "if len(idx) > n:", T_SP, ""),
     ("Su2", SU, "for pname, st in saved_state.items():", "for pname, st in list(saved_state.items())[:0]:", T_SP, ""),
-    ("Su3", SU, "cols = (d1[:, None] * span + torch.arange(span))", "cols = (d1[:, None] + torch.arange(span))", T_SP, ""),
+    ("Su3", SU, "cols = (d1[:, None] * span + torch.arange(span))", "cols = (d1[:, None] + torch.arange(span))", T_SP,
+     ""),
     ("M1", MET, "torch.maximum(a[..., 0], b[..., 0]) + 1)", "torch.maximum(a[..., 0], b[..., 0]))", T_MET, ""),
     ("M2", MET, "above = iou > iou_threshold", "above = iou >= iou_threshold", T_MET,
      "equivalent: IoUs within 1e-4 of the threshold are decided again in float64 with '>' just below"),
@@ -71,7 +74,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("M7", MET, "torch.bincount(gt_labels[~gt_difficult]", "torch.bincount(gt_labels", T_MET, ""),
     ("M8", MET, "srt = torch.argsort(det_scores, descending=True, stable=True)",
      "srt = torch.argsort(det_scores, descending=False, stable=True)", T_MET, ""),
-    ("B1", BOX, "idx = torch.where(best >= iou_threshold, first, -1)", "idx = torch.where(best > iou_threshold, first, -1)",
+    ("B1", BOX, "idx = torch.where(best >= iou_threshold, first, -1)",
+     "idx = torch.where(best > iou_threshold, first, -1)",
      T_BOX, ""),
     ("B2", BOX, 'gid, "amax").view(n, p)', 'gid, "amin").view(n, p)', T_BOX, ""),
     ("B3", BOX, "k = neg_pos_ratio * pos.sum(dim=1, keepdim=True)",
@@ -79,7 +83,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("B4", BOX, "neg_ce = ce.masked_fill(pos, -1.0)", "neg_ce = ce.clone()", T_BOX, ""),
     ("B5", BOX, "sup = (iou > iou_threshold) & later & valid[:, :, None]", "sup = (iou > iou_threshold) & later", T_BOX,
      "equivalent: a box that is not a candidate is never kept, so its row of the matrix is never read"),
-    ("B6", BOX, "    for _ in range(k):\n        new = valid", "    for _ in range(1):\n        new = valid", T_BOX, ""),
+    ("B6", BOX, "    for _ in range(k):\n        new = valid", "    for _ in range(1):\n        new = valid", T_BOX,
+     ""),
     ("B7", BOX, "kept = kept[rank < top_k]", "kept = kept[rank <= top_k]", T_BOX, ""),
     ("B8", BOX, "softmax(dim=-1)[..., 1:]", "softmax(dim=-1)[..., :-1]", T_BOX, ""),
     ("B9", BOX, "anchors.repeat(n, 1)).clamp(0.0, 1.0)", "anchors.repeat(n, 1))", T_BOX, ""),
@@ -98,7 +103,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ""),
     ("Sa1", SA, "start = k * global_batch + self.rank * self.batch_size", "start = k * global_batch", T_DATA, ""),
     ("Sa2", SA, "g.manual_seed(self.seed + self.epoch)", "g.manual_seed(self.seed)", T_DATA, ""),
-    ("Sa3", SA, "base = (self.seed * 1_000_003 + self.epoch) * 10_000_019", "base = self.seed * 10_000_019", T_DATA, ""),
+    ("Sa3", SA, "base = (self.seed * 1_000_003 + self.epoch) * 10_000_019", "base = self.seed * 10_000_019", T_DATA,
+     ""),
     ("Sa4", SA, "return iter(range(self.rank, len(self.dataset), self.num_replicas))",
      "return iter(range(self.rank, len(self.dataset)))", T_DATA, ""),
     ("D1", DE, "torch.stack([px[:, 0] + 1, px[:, 1] + 1, px[:, 2], px[:, 3]], dim=1)",
@@ -113,6 +119,11 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("D6", DE, "(no_decay if p.ndim <= 1 else decay)", "(no_decay if p.ndim < 1 else decay)", T_DE, ""),
     ("R1", RE, '"speedup_x": round(dense["latency_ms"] / final["latency_ms"], 4)',
      '"speedup_x": round(final["latency_ms"] / dense["latency_ms"], 4)', T_DE, ""),
+    ("C1", CO, "clip_box([x + 1.0, y + 1.0, x + bw, y + bh]", "clip_box([x, y, x + bw, y + bh]", T_FMT, ""),
+    ("G1", GT, "clip_box([l + 1, t + 1, r + 1, b + 1]", "clip_box([l, t, r, b]", T_FMT, ""),
+    ("V1", VO, 'not in ("0", "", "false", "False")', 'not in ("0", "")', T_FMT, ""),
+    ("V2", VO, "        boxes[:, :2] -= 1.0\n", "", T_FMT, ""),
+    ("E1", EX, "return self.model((images - self.mean) / self.std)", "return self.model(images / self.std)", T_FMT, ""),
 ]
 
 

@@ -70,6 +70,20 @@ def test_the_coco_metric_gets_the_100_best_detections_of_an_image():
     assert len(voc_preds[0]["scores"]) == 150
     assert sorted(coco_preds[0]["scores"].tolist()) == sorted(dets[0]["scores"].topk(100).values.tolist())
 
+
+def test_difficult_flag_is_read_as_written_by_annotation_tools(tmp_path):
+    """<difficult> as VOC writes it (0 / 1), as some tools do (true / false, either case), empty or absent."""
+    from datamodules.voc import parse_voc_xml
+
+    flags = ["0", "1", "false", "False", "true", "", None]
+    objs = "".join(f"<object><name>cat</name>{'' if f is None else f'<difficult>{f}</difficult>'}"
+                   "<bndbox><xmin>10</xmin><ymin>10</ymin><xmax>20</xmax><ymax>20</ymax></bndbox></object>"
+                   for f in flags)
+    path = tmp_path / "a.xml"
+    path.write_text(f"<annotation><size><width>50</width><height>40</height></size>{objs}</annotation>")
+    ann = parse_voc_xml(path, tmp_path / "a.jpg", "a", {"cat": 0})
+    assert ann.difficult.tolist() == [False, True, False, False, True, False, False]
+
 def test_difficult_dropped_for_training_by_default(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)])})
     ds = VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_train_transform(300), keep_difficult=False)
