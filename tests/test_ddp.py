@@ -44,7 +44,6 @@ def test_train_sampler_global_batches_do_not_depend_on_world_size(world):
     assert [i for i, _ in one] != [i for i, _ in ref]  # a new order every epoch
 
 
-
 def test_train_sampler_gives_each_image_a_new_augmentation_seed_every_epoch_and_run():
     """An image's augmentation seed changes from epoch to epoch (else every epoch would repeat the same crops and
     flips) and from run seed to run seed, and is the same when the same epoch is replayed (a resumed run)."""
@@ -57,6 +56,7 @@ def test_train_sampler_gives_each_image_a_new_augmentation_seed_every_epoch_and_
     assert len(e0) == len(e1) == len(other) == 40
     assert all(e0[i] != e1[i] for i in e0) and all(e0[i] != other[i] for i in e0)
     assert seeds(7, 1) == e1 and len(set(e0.values())) == 40
+
 
 def test_global_batch_must_divide_over_devices(tmp_path):
     from datamodules.voc import DataError, VOCDataModule

@@ -164,7 +164,6 @@ def test_iou_exactly_at_threshold_is_not_a_hit():
     assert m.compute()["map"].item() == pytest.approx(1.0)
 
 
-
 def test_compression_ratios_are_dense_over_final_and_speed_ups_above_one_when_faster():
     from callbacks.report import compression
 
@@ -175,6 +174,7 @@ def test_compression_ratios_are_dense_over_final_and_speed_ups_above_one_when_fa
     assert compression(dense, final) == {"params_x": 4.0, "size_x": 4.0, "macs_x": 3.0, "speedup_x": 2.5,
                                          "device_speedup_x": 2.0, "device_throughput_x": 1.5}
     assert math.isnan(compression(dense, dict(final, latency_ms=None))["speedup_x"])
+
 
 def test_cpu_latency_is_timed_on_a_fixed_thread_count_and_restores_it():
     import torch

@@ -41,7 +41,6 @@ def test_surgery_of_zero_filters_leaves_outputs_unchanged():
     assert isinstance(m, torch.nn.Module) and not any("mask" in n for n, _ in m.named_buffers())
 
 
-
 def test_surgery_refuses_to_remove_every_filter_of_a_layer_and_leaves_the_model_alone():
     m = _model()
     n = m.layers["conv5_1"].out_channels
@@ -51,6 +50,7 @@ def test_surgery_refuses_to_remove_every_filter_of_a_layer_and_leaves_the_model_
     assert m.channels == widths
     prune_filters(m, {"conv5_1": list(range(n - 1))})  # one left is a valid (if narrow) layer
     assert m.channels["conv5_1"] == 1
+
 
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_random_surgery_widths_and_optimizer_state(batch_norm):
@@ -109,7 +109,6 @@ def test_selection_updates_next_layer_statistics_and_honours_widths():
     assert len(select_filters({"z": z}, ["z"], {"z": None}, 0.5, 0.5, 0.5, round_to=8)["z"]) == 8
 
 
-
 def test_rounding_up_puts_back_the_least_sparse_of_the_selected_filters():
     """13 of 16 filters are selected (sparsity 0.35-0.95, in shuffled order); keeping 3 rounds up to 8, so the 5
     selected filters with the fewest zeros go back and the 8 sparsest stay selected."""
@@ -127,6 +126,7 @@ def test_kept_width_never_exceeds_the_layer():
     assert kept_width(0, 4, min_width=8) == 4 and kept_width(0, 4, min_width=8, round_to=8) == 4
     assert kept_width(3, 4, min_width=1, round_to=8) == 4 and kept_width(0, 16, min_width=8) == 8
     assert select_filters({"z": torch.zeros(4, 3, 1, 1)}, ["z"], {"z": None}, 0.5, 0.5, 0.5, min_width=8)["z"] == []
+
 
 def test_improved_global_threshold_is_layer_normalised():
     small = torch.randn(1000) * 1e-3  # a wide layer with small weights
@@ -266,7 +266,6 @@ def test_proximal_l1_shrinks_by_lr_lambda_and_stops_at_zero():
     assert torch.allclose(w, expected)
 
 
-
 def test_gradient_l1_adds_lambda_times_the_sign_to_the_gradient_in_its_window():
     """Paper A's L1 term (l1_mode "gradient"): inside the phase's window each weight's gradient gains
     lambda * sign(w), so an SGD step shrinks every magnitude; outside it the gradient is left alone."""
@@ -289,6 +288,7 @@ def test_gradient_l1_adds_lambda_times_the_sign_to_the_gradient_in_its_window():
     trainer.current_epoch = 1  # outside the window
     cb.on_before_optimizer_step(trainer, det, None)
     assert not w.grad.any()
+
 
 def test_l1_below_budget_shrinks_only_the_channels_that_would_go():
     """l1_target below_budget: the lowest-ranked channels (here half of them, by |gamma|) are the candidates; the
@@ -915,7 +915,6 @@ def test_balanced_cost_exponent_spends_both_budgets_alike():
                           target_macs_x=3.0, cost_exponent="auto")
 
 
-
 def test_greedy_fill_puts_back_the_best_scored_block_first():
     """fill_budget's greedy fill, on two layers cut to 8 channels and a budget with room for one more block of 8:
     the block goes to the layer whose next 8 channels score higher, wherever that layer stands in the order."""
@@ -926,6 +925,7 @@ def test_greedy_fill_puts_back_the_best_scored_block_first():
         widths = SparsityInduction._greedy_fill({n: 8 for n in names}, {n: ranked[n] for n in names},
                                                 lambda w: sum(w.values()) <= 24, 8, 8)
         assert widths == {"a": 8, "b": 16}
+
 
 def test_fill_swap_trades_blocks_for_more_score_within_both_budgets():
     """fill_swap: after the greedy fill, one block out of a layer and the others refilled while that adds score in

@@ -201,7 +201,6 @@ def test_hard_negatives_three_to_one():
     torch.testing.assert_close(out["conf"], torch.tensor(4 * math.log(4)))
 
 
-
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_hard_negatives_are_never_positives(sync_free):
     """Positives that the network gets badly wrong have the highest cross-entropy of all boxes; they must still
@@ -234,6 +233,7 @@ def test_a_default_box_at_exactly_the_matching_threshold_is_matched():
     cls_t, _ = MultiBoxLoss().match(priors, targets)
     assert cls_t.tolist() == [[4, 4, 0]]
     assert torch.equal(cls_t, match_per_image(priors, targets)[0])
+
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_sync_free_loss_is_the_loss_without_a_read_back(weighted):
@@ -272,7 +272,6 @@ def test_sync_free_loss_is_the_loss_without_a_read_back(weighted):
         assert a["num_pos"] > 9
 
 
-
 def test_detector_learning_rate_schedule_and_weight_decay_groups():
     """The recipe's schedule per iteration: a linear warm-up from warmup_factor, x lr_gamma at each milestone (or a
     cosine to 0 that stays at 0 past its end); weight decay on the convolution kernels only, never on biases,
@@ -291,6 +290,7 @@ def test_detector_learning_rate_schedule_and_weight_decay_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(det.model.parameters()))
     assert any(p is det.model.l2norm.weight for p in no_decay["params"])
 
+
 def test_decode_respects_top_k_and_threshold():
     m = build_ssd(300, 6, width_mult=0.0625)
     loc, conf = m(torch.randn(2, 3, 300, 300))
@@ -300,7 +300,6 @@ def test_decode_respects_top_k_and_threshold():
         assert len(d["boxes"]) <= 50 and (d["scores"] > 0.01).all()
         assert d["labels"].min() >= 0 and d["labels"].max() < 5
         assert (d["boxes"] >= 0).all() and (d["boxes"] <= 1).all()
-
 
 
 @pytest.mark.parametrize("nms_method", ["sorted", "dense"])
@@ -315,6 +314,7 @@ def test_decode_keeps_only_scores_above_the_confidence_threshold(nms_method):
     assert all((d["scores"] > best).all() for d in dets)
     assert not ((dets[0]["labels"] == 0) & (dets[0]["scores"] == best)).any()
     assert len(decode(loc, conf, priors, conf_threshold=best - 1e-6, nms_method=nms_method)[0]["scores"]) > 0
+
 
 def _canonical(d):
     order = sorted(range(len(d["scores"])), key=lambda i: (-float(d["scores"][i]), int(d["labels"][i]),

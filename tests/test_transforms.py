@@ -122,13 +122,13 @@ def test_min_iou_crop_drops_boxes_whose_centre_is_outside():
     np.testing.assert_allclose(out[0, :4], [0.2, 0.2, 0.8, 0.8], atol=1e-6)
 
 
-
 def test_min_iou_crop_drops_a_box_whose_centre_is_outside_in_one_direction_only():
     """A box centred inside the crop's columns but below its rows (or inside its rows, right of its columns) goes."""
     t = MinIoURandomCrop()
     bboxes = np.array([[0.6, 0.85, 0.8, 0.95, 0], [0.85, 0.6, 0.95, 0.8, 1], [0.6, 0.6, 0.7, 0.7, 2]], np.float32)
     out = t.apply_to_bboxes(bboxes, crop_coords=(50, 50, 80, 80), shape=(100, 100, 3))
     assert out[:, 4].tolist() == [2]
+
 
 def test_min_iou_crop_rejects_a_crop_that_misses_any_box():
     """The old port's condition (``overlap.min() < min_iou and max_iou < overlap.max()``, max_iou = inf) never
@@ -168,7 +168,6 @@ def test_zoom_out_keeps_boxes_on_the_object():
     assert out["image"].shape[0] >= 100 and (out["image"][y1:y2, x1:x2] == 255).all()
 
 
-
 def test_zoom_out_places_the_image_anywhere_on_its_canvas():
     """SSD's expand puts the image at a uniformly drawn spot: over many draws its top and left offsets span the
     whole free room of the canvas (not only a part of it), and the image always lies inside."""
@@ -184,6 +183,7 @@ def test_zoom_out_places_the_image_anywhere_on_its_canvas():
             lefts.append(left / (ow - 200))
     for f in (tops, lefts):
         assert min(f) < 0.1 and max(f) > 0.9 and 0.35 < sum(f) / len(f) < 0.65
+
 
 def test_train_pipeline_outputs_fixed_size_and_valid_boxes():
     rng = np.random.default_rng(0)

@@ -34,7 +34,6 @@ def test_reads_any_child_order_and_names_images_by_id(tmp_path):
     torch.testing.assert_close(t["boxes"][cat], torch.tensor([9 / 100, 11 / 80, 50 / 100, 60 / 80]))
 
 
-
 def test_a_detection_on_the_ground_truth_box_lands_on_it_in_both_metric_conventions(tmp_path):
     """The round trip data set -> normalised boxes -> metric inputs: a detection exactly on a ground truth's
     (normalised, 0-based continuous) box becomes that ground truth's 1-based inclusive box for the VOC metric and its
@@ -83,6 +82,7 @@ def test_difficult_flag_is_read_as_written_by_annotation_tools(tmp_path):
     path.write_text(f"<annotation><size><width>50</width><height>40</height></size>{objs}</annotation>")
     ann = parse_voc_xml(path, tmp_path / "a.jpg", "a", {"cat": 0})
     assert ann.difficult.tolist() == [False, True, False, False, True, False, False]
+
 
 def test_difficult_dropped_for_training_by_default(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("cat", (10, 12, 50, 60), False), ("dog", (30, 20, 90, 70), True)])})
