@@ -10,7 +10,8 @@ mutant is *killed* when they fail. A mutant that survives is a test to write, un
     python -m tests.mutation_check              # every mutant: ~40-60 min on a 2-core CPU (survivors run whole files)
     python -m tests.mutation_check S4 B1 M2     # some of them
 
-Not part of ``make test`` (it runs the suite dozens of times); run it after changing one of these places.
+Not part of ``make test`` (it runs the suite dozens of times); run it after changing one of these places. It
+checks the committed HEAD (code and tests): commit a new test before asking whether it kills a mutant.
 """
 
 from __future__ import annotations
