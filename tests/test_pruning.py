@@ -915,6 +915,24 @@ def test_balanced_cost_exponent_spends_both_budgets_alike():
                           target_macs_x=3.0, cost_exponent="auto")
 
 
+@pytest.mark.parametrize("root", [0.3, 0.8, -0.2, 1.4])
+def test_balanced_exponent_bisects_towards_where_both_budgets_are_spent_alike(monkeypatch, root):
+    """The search itself, on a stand-in whose spent MACs minus spent params is ``root - x``: it ends within one
+    bisection step (1/64) of the root, and at the end of [0, 1] nearest to a root outside it."""
+    from types import SimpleNamespace
+
+    from callbacks.sparsity import SparsityInduction
+
+    cb = SparsityInduction([{"layers": ["conv5_1"], "l1_epochs": [0, 1]}], sparsity_on="bn_scale",
+                           target_params_x=3.0, target_macs_x=3.0, cost_exponent="balance")
+    monkeypatch.setattr(cb, "_budgets", lambda: {"params": (1.0, "given"), "macs": (1.0, "given")})
+    monkeypatch.setattr(cb, "_priced", lambda scores, cost, exponent: exponent)
+    monkeypatch.setattr(cb, "_widths_for", lambda trainer, module, priced, min_width, round_to: {"x": priced})
+    monkeypatch.setattr(cb, "_cost", lambda model, widths, m: 1.0 if m == "macs" else 1.0 - root + widths["x"])
+    x = cb._balanced_exponent(None, SimpleNamespace(model=SimpleNamespace(channels={})), {}, {}, 1, 1)
+    assert abs(x - min(max(root, 0.0), 1.0)) <= 1 / 64
+
+
 def test_greedy_fill_puts_back_the_best_scored_block_first():
     """fill_budget's greedy fill, on two layers cut to 8 channels and a budget with room for one more block of 8:
     the block goes to the layer whose next 8 channels score higher, wherever that layer stands in the order."""
