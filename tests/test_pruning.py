@@ -933,6 +933,24 @@ def test_balanced_exponent_bisects_towards_where_both_budgets_are_spent_alike(mo
     assert abs(x - min(max(root, 0.0), 1.0)) <= 1 / 64
 
 
+def test_budget_report_says_what_each_budget_allowed_what_was_spent_and_which_bound():
+    """summary.json's ``budgets`` block: per budget the allowance and its source, the final cost, the fraction spent
+    and the compression; ``binding`` is the budget spent the most. None without a budget."""
+    from callbacks.sparsity import SparsityInduction
+
+    cb = SparsityInduction([{"layers": ["conv5_1"], "l1_epochs": [0, 1]}], sparsity_on="bn_scale", target_params_x=4.0,
+                           target_macs_x=2.0)
+    cb.state.dense_stats = {"params": 4000, "macs": 9000}
+    report = cb.budget_report({"params": 1000, "macs": 3000})
+    assert report == {"params": {"budget": 1000, "from": "dense / 4.0", "final": 1000, "spent": 1.0, "final_x": 4.0},
+                      "macs": {"budget": 4500, "from": "dense / 2.0", "final": 3000, "spent": 0.6667, "final_x": 3.0},
+                      "binding": "params"}
+    assert cb.budget_report({"params": 900, "macs": 4400})["binding"] == "macs"
+    plain = SparsityInduction([{"layers": ["conv5_1"], "l1_epochs": [0, 1]}], sparsity_on="bn_scale")
+    plain.state.dense_stats = {"params": 4000, "macs": 9000}
+    assert plain.budget_report({"params": 1000, "macs": 3000}) is None
+
+
 def test_greedy_fill_puts_back_the_best_scored_block_first():
     """fill_budget's greedy fill, on two layers cut to 8 channels and a budget with room for one more block of 8:
     the block goes to the layer whose next 8 channels score higher, wherever that layer stands in the order."""
