@@ -17,6 +17,7 @@ checks the committed HEAD (code and tests): commit a new test before asking whet
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ SEL, SP, BU, SU = "callbacks/selection.py", "callbacks/sparsity.py", "callbacks/
 MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "lightning_modules/detector.py"
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
+ST = "callbacks/state.py"
 
 T_PRUNE = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_baselines.py"]
 T_SP = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_classifier.py", "tests/test_persistence.py"]
@@ -125,6 +127,24 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("V1", VO, 'not in ("0", "", "false", "False")', 'not in ("0", "")', T_FMT, ""),
     ("V2", VO, "        boxes[:, :2] -= 1.0\n", "", T_FMT, ""),
     ("E1", EX, "return self.model((images - self.mean) / self.std)", "return self.model(images / self.std)", T_FMT, ""),
+    ("F1", SP, "got, trial = max(trades, key=lambda t: t[0], default=(best_value, best))",
+     "got, trial = min(trades, key=lambda t: t[0], default=(best_value, best))", T_SP, ""),
+    ("F2", SP, "if any(architecture_cost(model, arch, m) > b for m, (b, _) in budgets.items()):  # BilinearCost",
+     "if False:  # BilinearCost", T_SP, ""),
+    ("F3", SP, "lo, hi = (mid, hi) if tried[mid] > 0 else (lo, mid)", "lo, hi = (lo, mid) if tried[mid] > 0 else (mid, hi)",
+     T_SP, ""),
+    ("F4", SP, "return {n: g / (max(cost[n], 1.0) / mean) ** exponent", "return {n: g * (max(cost[n], 1.0) / mean) ** exponent",
+     T_SP, ""),
+    ("F5", SP, "            if over_budget(mid):\n                lo = mid", "            if not over_budget(mid):\n                lo = mid",
+     T_SP, ""),
+    ("F6", SP, "        return tau_for_sparsity(scores, hi)\n", "        return tau_for_sparsity(scores, lo)\n", T_SP, ""),
+    ("F7", SP, '"binding": max(budgets, key=lambda m: report[m]["spent"])', '"binding": min(budgets, key=lambda m: report[m]["spent"])',
+     T_SP, ""),
+    ("St1", ST, '"taylor": {k: v.cpu() for k, v in self.taylor.items()},', '"taylor": {},', T_SP, ""),
+    ("St2", ST, "self.l1_candidates = {k: v.bool() for k, v in sd.get(\"l1_candidates\", {}).items()}",
+     "self.l1_candidates = {}", T_SP, ""),
+    ("St3", ST, "if p.l1_epochs[0] <= epoch < p.l1_epochs[1]:", "if p.l1_epochs[0] <= epoch <= p.l1_epochs[1]:", T_SP, ""),
+    ("St4", ST, "return self.l1_epochs[1] - 1", "return self.l1_epochs[1]", T_SP, ""),
 ]
 
 
@@ -170,4 +190,5 @@ def run(names: set[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # killed: still remove the worktree (``finally``)
     sys.exit(1 if run(set(sys.argv[1:]) or None) else 0)

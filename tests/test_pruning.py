@@ -180,11 +180,21 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     st.selection = {"conv5_1": [1, 4]}
     st.surgeries = [{"phase": 0, "epoch": 2}]
     st.dense_stats = {"params": 10}
+    # what a run killed inside an L1 window needs to go on: the window's start RMS, weights, candidates and Taylor sums
+    st.l1_rms = {0: {"conv5_1": 0.5}}
+    st.l1_weights = {"conv6": torch.rand(8)}
+    st.l1_candidates = {"conv6": torch.rand(8) > 0.5}
+    st.taylor = {"conv5_1": torch.rand(4), "conv6": torch.rand(8)}
+    st.taylor_steps = 17
+    st.lr_restart = {"start": 120, "iters": 300}
     torch.save({"cb": st.state_dict()}, tmp_path / "c.ckpt")
     st2 = PruningState(st.phases)
     st2.load_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["cb"])
     assert torch.equal(st2.masks["conv6"], st.masks["conv6"])
     assert (st2.thresholds, st2.selection, st2.surgeries, st2.dense_stats) == (st.thresholds, st.selection, st.surgeries, st.dense_stats)
+    assert (st2.l1_rms, st2.taylor_steps, st2.lr_restart) == (st.l1_rms, st.taylor_steps, st.lr_restart)
+    for got, want in ((st2.l1_weights, st.l1_weights), (st2.l1_candidates, st.l1_candidates), (st2.taylor, st.taylor)):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_channels_last_and_bf16_autocast_survive_surgery():
