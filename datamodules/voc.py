@@ -209,7 +209,7 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
         if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
             fixes["clipped"] += 1
         diff_node = obj.find("difficult")
-        is_difficult = diff_node is not None and (diff_node.text or "0").strip() not in ("0", "", "false", "False")
+        is_difficult = diff_node is not None and (diff_node.text or "0").strip().lower() not in ("0", "", "false")
         boxes.append((cx1, cy1, cx2, cy2))
         labels.append(class_to_idx[name])
         difficult.append(is_difficult)

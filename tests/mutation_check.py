@@ -124,7 +124,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      '"speedup_x": round(final["latency_ms"] / dense["latency_ms"], 4)', T_DE, ""),
     ("C1", CO, "clip_box([x + 1.0, y + 1.0, x + bw, y + bh]", "clip_box([x, y, x + bw, y + bh]", T_FMT, ""),
     ("G1", GT, "clip_box([l + 1, t + 1, r + 1, b + 1]", "clip_box([l, t, r, b]", T_FMT, ""),
-    ("V1", VO, 'not in ("0", "", "false", "False")', 'not in ("0", "")', T_FMT, ""),
+    ("V1", VO, 'not in ("0", "", "false")', 'not in ("0", "")', T_FMT, ""),
     ("V2", VO, "        boxes[:, :2] -= 1.0\n", "", T_FMT, ""),
     ("E1", EX, "return self.model((images - self.mean) / self.std)", "return self.model(images / self.std)", T_FMT, ""),
     ("F1", SP, "got, trial = max(trades, key=lambda t: t[0], default=(best_value, best))",

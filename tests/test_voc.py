@@ -74,14 +74,14 @@ def test_difficult_flag_is_read_as_written_by_annotation_tools(tmp_path):
     """<difficult> as VOC writes it (0 / 1), as some tools do (true / false, either case), empty or absent."""
     from datamodules.voc import parse_voc_xml
 
-    flags = ["0", "1", "false", "False", "true", "", None]
+    flags = ["0", "1", "false", "False", "FALSE", "true", "", None]
     objs = "".join(f"<object><name>cat</name>{'' if f is None else f'<difficult>{f}</difficult>'}"
                    "<bndbox><xmin>10</xmin><ymin>10</ymin><xmax>20</xmax><ymax>20</ymax></bndbox></object>"
                    for f in flags)
     path = tmp_path / "a.xml"
     path.write_text(f"<annotation><size><width>50</width><height>40</height></size>{objs}</annotation>")
     ann = parse_voc_xml(path, tmp_path / "a.jpg", "a", {"cat": 0})
-    assert ann.difficult.tolist() == [False, True, False, False, True, False, False]
+    assert ann.difficult.tolist() == [False, True, False, False, False, True, False, False]
 
 
 def test_difficult_dropped_for_training_by_default(tmp_path):
