@@ -1,6 +1,7 @@
 """Do the tests fail when the code is wrong? A hand-written mutation check of the places where a slip would go
-unnoticed in a training run (the filter selection, the L1 term, the budget fill, the surgery, the matching and
-hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers, the metric conventions).
+unnoticed in a training run (the filter selection, the L1 term, the budget search and fill, the surgery, the pruning
+state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers,
+the data formats' box conventions, the metric conventions).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x``, and the
@@ -131,19 +132,25 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      "got, trial = min(trades, key=lambda t: t[0], default=(best_value, best))", T_SP, ""),
     ("F2", SP, "if any(architecture_cost(model, arch, m) > b for m, (b, _) in budgets.items()):  # BilinearCost",
      "if False:  # BilinearCost", T_SP, ""),
-    ("F3", SP, "lo, hi = (mid, hi) if tried[mid] > 0 else (lo, mid)", "lo, hi = (lo, mid) if tried[mid] > 0 else (mid, hi)",
+    ("F3", SP, "lo, hi = (mid, hi) if tried[mid] > 0 else (lo, mid)",
+     "lo, hi = (lo, mid) if tried[mid] > 0 else (mid, hi)",
      T_SP, ""),
-    ("F4", SP, "return {n: g / (max(cost[n], 1.0) / mean) ** exponent", "return {n: g * (max(cost[n], 1.0) / mean) ** exponent",
+    ("F4", SP, "return {n: g / (max(cost[n], 1.0) / mean) ** exponent",
+     "return {n: g * (max(cost[n], 1.0) / mean) ** exponent",
      T_SP, ""),
-    ("F5", SP, "            if over_budget(mid):\n                lo = mid", "            if not over_budget(mid):\n                lo = mid",
+    ("F5", SP, "            if over_budget(mid):\n                lo = mid",
+     "            if not over_budget(mid):\n                lo = mid",
      T_SP, ""),
-    ("F6", SP, "        return tau_for_sparsity(scores, hi)\n", "        return tau_for_sparsity(scores, lo)\n", T_SP, ""),
-    ("F7", SP, '"binding": max(budgets, key=lambda m: report[m]["spent"])', '"binding": min(budgets, key=lambda m: report[m]["spent"])',
+    ("F6", SP, "        return tau_for_sparsity(scores, hi)\n",
+     "        return tau_for_sparsity(scores, lo)\n", T_SP, ""),
+    ("F7", SP, '"binding": max(budgets, key=lambda m: report[m]["spent"])',
+     '"binding": min(budgets, key=lambda m: report[m]["spent"])',
      T_SP, ""),
     ("St1", ST, '"taylor": {k: v.cpu() for k, v in self.taylor.items()},', '"taylor": {},', T_SP, ""),
     ("St2", ST, "self.l1_candidates = {k: v.bool() for k, v in sd.get(\"l1_candidates\", {}).items()}",
      "self.l1_candidates = {}", T_SP, ""),
-    ("St3", ST, "if p.l1_epochs[0] <= epoch < p.l1_epochs[1]:", "if p.l1_epochs[0] <= epoch <= p.l1_epochs[1]:", T_SP, ""),
+    ("St3", ST, "if p.l1_epochs[0] <= epoch < p.l1_epochs[1]:",
+     "if p.l1_epochs[0] <= epoch <= p.l1_epochs[1]:", T_SP, ""),
     ("St4", ST, "return self.l1_epochs[1] - 1", "return self.l1_epochs[1]", T_SP, ""),
 ]
 
