@@ -6,8 +6,8 @@ the data formats' box conventions, the metric conventions).
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
 ``-m "not slow"`` (so a slip that only the slow tests would catch reads as a survivor: a fast test is what is asked
-for), and the mutant is *killed* when they fail. A mutant that survives is a test to write, unless it is marked ``equivalent``
-(the code computes the same thing either way: the reason is given).
+for), and the mutant is *killed* when they fail. A mutant that survives is a test to write, unless it is marked
+``equivalent`` (the code computes the same thing either way: the reason is given).
 
     python -m tests.mutation_check              # every mutant: ~40-60 min on a 2-core CPU (survivors run whole files)
     python -m tests.mutation_check S4 B1 M2     # some of them
