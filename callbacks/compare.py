@@ -280,7 +280,6 @@ def compare(patterns: list[str], out: Path) -> dict[str, Path | list[Path]]:
     return {"table": md, "images": images, "runs": runs}
 
 
-
 def flat_summary(summary: dict) -> dict:
     """``summary.json``'s sections as the flat keys W&B dashboards use: ``final/*``, ``dense/*``, ``compression/*``,
     with a pruning budget ``budgets/*`` and, with ``--reference``, ``reference/*`` and ``drop/*`` (nested dicts such

@@ -74,17 +74,18 @@ def warn_repairs(where: str, fixes: Counter) -> None:
 
 def clip_box(box: list[float], w: int, h: int, fixes: Counter) -> list[float] | None:
     """A 1-based inclusive box clipped to a ``w`` x ``h`` image (counted in ``fixes``), or None when nothing is
-    left of it (entirely outside, zero-area or inverted)."""
+    left of it: entirely outside, or empty by the devkit's measure (``x2 - x1 + 1 <= 0``: ``x1 == x2`` is a box one
+    pixel wide, kept, as COCO's ``w = 1`` and GTSDB's ``left == right`` are)."""
     x1, y1, x2, y2 = box
     if x2 < 1 or y2 < 1 or x1 > w or y1 > h:
         fixes["outside"] += 1
         return None
     c = [min(max(x1, 1.0), w), min(max(y1, 1.0), h), min(max(x2, 1.0), w), min(max(y2, 1.0), h)]
-    if c != [x1, y1, x2, y2]:
-        fixes["clipped"] += 1
-    if c[2] < c[0] or c[3] < c[1]:
+    if c[2] - c[0] + 1 <= 0 or c[3] - c[1] + 1 <= 0:
         fixes["empty"] += 1
         return None
+    if c != [x1, y1, x2, y2]:
+        fixes["clipped"] += 1
     return c
 
 
@@ -198,19 +199,12 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
             fixes["nonfinite"] += 1
             continue
-        if x2 < 1 or y2 < 1 or x1 > width or y1 > height:
-            fixes["outside"] += 1
+        clipped = clip_box([x1, y1, x2, y2], width, height, fixes)
+        if clipped is None:
             continue
-        cx1, cy1 = min(max(x1, 1.0), width), min(max(y1, 1.0), height)
-        cx2, cy2 = min(max(x2, 1.0), width), min(max(y2, 1.0), height)
-        if cx2 <= cx1 or cy2 <= cy1:
-            fixes["empty"] += 1
-            continue
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            fixes["clipped"] += 1
         diff_node = obj.find("difficult")
         is_difficult = diff_node is not None and (diff_node.text or "0").strip().lower() not in ("0", "", "false")
-        boxes.append((cx1, cy1, cx2, cy2))
+        boxes.append(clipped)
         labels.append(class_to_idx[name])
         difficult.append(is_difficult)
     return Annotation(

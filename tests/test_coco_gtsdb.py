@@ -160,6 +160,47 @@ def test_gtsdb_split_boxes_and_super_categories(tmp_path):
         "00000": [3, 0], "00001": [2], "00002": [], "00003": [1]}
 
 
+def test_one_pixel_wide_and_zero_area_boxes_are_read_alike_in_every_format(tmp_path):
+    """The same objects written as VOC XML (1-based inclusive), COCO JSON (0-based x, y, w, h) and GTSDB gt.txt
+    (0-based inclusive) give the same boxes: one pixel wide or tall is an object (VOC x1 == x2, COCO w == 1, GTSDB
+    left == right), zero wide is not (VOC x2 == x1 - 1, COCO w == 0, GTSDB right == left - 1)."""
+    from collections import Counter
+
+    from datamodules.coco import load_coco
+    from datamodules.gtsdb import load_gtsdb
+    from datamodules.voc import parse_voc_xml
+    from tests.voc_fixture import xml_text
+
+    # 1-based inclusive: one pixel wide, one pixel tall, an ordinary box, zero wide, zero tall
+    boxes = [(20, 10, 20, 30), (40, 15, 60, 15), (5, 5, 30, 40), (70, 10, 69, 30), (70, 40, 90, 39)]
+    kept = sorted(list(map(float, b)) for b in boxes[:3])
+    xml = tmp_path / "a.xml"
+    xml.write_text(xml_text("a", 96, 64, [("cat", b, False) for b in boxes]))
+    fixes = Counter()
+    voc = parse_voc_xml(xml, tmp_path / "a.jpg", "a", {"cat": 0}, fixes)
+    assert sorted(voc.boxes.tolist()) == kept and fixes == Counter(empty=2)
+
+    coco = tmp_path / "coco"
+    _img(coco / "train2017" / "000000000001.jpg", 96, 64, 0)
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1,
+             "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1]} for i, (x1, y1, x2, y2) in enumerate(boxes)]
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train2017.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "000000000001.jpg", "width": 96, "height": 64}], "annotations": anns,
+        "categories": [{"id": 1, "name": "cat"}]}))
+    with pytest.warns(UserWarning, match="2 zero-area or inverted boxes dropped"):
+        (read,) = load_coco(coco, "train2017", ("cat",))
+    assert sorted(read.boxes.tolist()) == kept
+
+    folder = tmp_path / "gtsdb" / "FullIJCNN2013"
+    _img(folder / "00000.ppm", 96, 64, 0)
+    (folder / "gt.txt").write_text("".join(f"00000.ppm;{x1 - 1};{y1 - 1};{x2 - 1};{y2 - 1};14\n"
+                                           for x1, y1, x2, y2 in boxes))
+    with pytest.warns(UserWarning, match="2 zero-area or inverted boxes dropped"):
+        (sign,) = [a for a in load_gtsdb(tmp_path / "gtsdb", (0, 1), False, GTSRB_CLASSES) if a.image_id == "00000"]
+    assert sorted(sign.boxes.tolist()) == kept
+
+
 def test_gtsdb_bad_input_names_the_file(tmp_path):
     with pytest.raises(DataError, match="FullIJCNN2013 not found"):
         GTSDBDataModule(str(tmp_path / "nowhere"), batch_size=2).setup("fit")

@@ -128,7 +128,8 @@ def test_odd_boxes_and_sizes_repaired_with_one_summary_warning(tmp_path):
         ("cat", (42.857142857142854, 10.5, 60.25, 70.75), False),  # floats: kept as they are
         ("cat", (0, 0, 30, 30), False),                           # 0-based: clipped to 1
         ("cat", (50, 10, 101, 81), False),                        # 1 px past the border: clipped
-        ("cat", (20, 20, 20, 40), False),                         # zero area: dropped
+        ("cat", (20, 20, 20, 40), False),                         # one pixel wide (x1 == x2, inclusive): kept
+        ("cat", (20, 20, 19, 40), False),                         # zero area (x2 - x1 + 1 == 0): dropped
         ("cat", (40, 30, 20, 50), False),                         # inverted: dropped
         ("cat", (150, 90, 170, 99), False),                       # outside the image: dropped
         ("cat", ("nan", 1, 20, 20), False),                       # not a number: dropped
@@ -151,8 +152,8 @@ def test_odd_boxes_and_sizes_repaired_with_one_summary_warning(tmp_path):
         assert text in msg, msg
     i0, i1, i2 = ds.items
     kept = i0.boxes[np.argsort(i0.boxes[:, 0])]  # (the fixture shuffles the objects)
-    np.testing.assert_allclose(kept, [[1, 1, 30, 30], [42.857142857142854, 10.5, 60.25, 70.75], [50, 10, 100, 80]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(kept, [[1, 1, 30, 30], [20, 20, 20, 40], [42.857142857142854, 10.5, 60.25, 70.75],
+                                      [50, 10, 100, 80]], rtol=1e-6)
     assert (i1.width, i1.height) == (100, 80) and (i2.width, i2.height) == (100, 80)
     np.testing.assert_allclose(i2.boxes, [[5, 5, 90, 70]])  # kept: it lies inside the real image
     model = build_ssd(300, 2, width_mult=0.0625)
