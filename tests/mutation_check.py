@@ -33,6 +33,8 @@ MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
 ST = "callbacks/state.py"
+CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
+    "lightning_modules/checkpoints.py"
 
 T_PRUNE = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_baselines.py"]
 T_SP = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_classifier.py", "tests/test_persistence.py"]
@@ -41,6 +43,10 @@ T_BOX = ["tests/test_ssd.py", "tests/test_pruning.py", "tests/test_voc.py"]
 T_DATA = ["tests/test_transforms.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_ddp.py"]
 T_DE = ["tests/test_voc.py", "tests/test_metrics.py", "tests/test_ssd.py", "tests/test_train.py",
         "tests/test_real_data.py", "tests/test_coco_gtsdb.py"]
+T_CMP = ["tests/test_compare.py"]
+T_REP = ["tests/test_compare.py", "tests/test_train.py"]
+T_DDP = ["tests/test_ddp.py"]
+T_EXP = ["tests/test_persistence.py", "tests/test_prune_train.py", "tests/test_classifier.py"]
 T_FMT = ["tests/test_coco_gtsdb.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_persistence.py"]
 
 # name, file, the text (found exactly once), its replacement, the tests to run, and "equivalent: why" or ""
@@ -153,6 +159,46 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("St3", ST, "if p.l1_epochs[0] <= epoch < p.l1_epochs[1]:",
      "if p.l1_epochs[0] <= epoch <= p.l1_epochs[1]:", T_SP, ""),
     ("St4", ST, "return self.l1_epochs[1] - 1", "return self.l1_epochs[1]", T_SP, ""),
+    ("V3", VO, "if c[2] - c[0] + 1 <= 0 or", "if c[2] <= c[0] or", T_FMT, ""),
+    # the compare tool and the report's comparisons with a dense reference
+    ("C1", CMP, "and (c2 < c or a2 > a)", "and (c2 < c and a2 > a)", T_CMP, ""),
+    ("C2", CMP, "r.ratios[k] = round(a / b, 3)", "r.ratios[k] = round(b / a, 3)", T_CMP, ""),
+    ("C3", CMP, 'if d.meta.get("seed") == r.meta.get("seed")', 'if d.meta.get("seed") != r.meta.get("seed")', T_CMP,
+     ""),
+    ("C4", CMP, "round(100 * (r.ref.accuracy - r.accuracy), 2)", "round(100 * (r.accuracy - r.ref.accuracy), 2)",
+     T_CMP, ""),
+    ("C5", CMP, '.get("init_from") == "l1" else', '.get("init_from") != "l1" else', T_CMP, ""),
+    ("C6", CMP, 'd.group == r.group and d.meta.get("epochs") == r.meta.get("epochs")', "d.group == r.group", T_CMP,
+     ""),
+    ("C7", CMP, 'flat.update({f"{section}/{k}/{kk}": vv', 'flat.update({f"{section}/{kk}": vv', T_CMP, ""),
+    ("C8", CMP, "round(final.get(n, 0) / w, 4) if w", "round(1 - final.get(n, 0) / w, 4) if w", T_CMP, ""),
+    ("C9", CMP, "if run.resolve() not in [f.resolve() for f in found]:", "if True:", T_CMP, ""),
+    ("R2", RE, "drop = {k: round(ref[k] - final[k], 6)", "drop = {k: round(final[k] - ref[k], 6)", T_REP, ""),
+    ("R3", RE, 'drop[f"{key}_x"] = round(ref[key] / final[key], 4)', 'drop[f"{key}_x"] = round(final[key] / ref[key], 4)',
+     T_REP, ""),
+    ("R4", RE, '_NOT_BUDGET = ("trainer.callbacks", ', '_NOT_BUDGET = ("trainer.callbacks", "trainer.max_epochs", ',
+     T_REP, ""),
+    ("R5", RE, 'round(final["device_throughput"] / dense["device_throughput"], 4)',
+     'round(dense["device_throughput"] / final["device_throughput"], 4)', T_MET + T_REP, ""),
+    ("R6", RE, "round(b / (med / 1e3), 1)", "round(b / med, 1)", T_MET + T_REP, ""),
+    # DDP: every rank the same model, the same stop, the gradient of one process on the global batch
+    ("DI1", DI, 'h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())', 'h.update(f"{name}|".encode())', T_DDP, ""),
+    ("DI2", DI, "    if bad:\n", "    if len(bad) > 1:\n", T_DDP, ""),
+    ("DI3", DI, "            dist.broadcast(b, src=0)\n", "            pass\n", T_DDP, ""),
+    ("DI4", CMN, "flags[dist.get_rank()] = bad.float()", "flags[0] = bad.float()", T_DDP, ""),
+    ("DI5", DE, "return total / dist.get_world_size()", "return total", T_DDP, ""),
+    ("DI6", DI, "    strategy.configure_ddp()\n", "", T_DDP, ""),
+    # export, loading and prediction
+    ("E2", EX, "torch.tensor([w, h, w, h], dtype=torch.float32)", "torch.tensor([h, w, h, w], dtype=torch.float32)",
+     T_EXP, ""),
+    ("E3", EX, "_detector_from_spec({**hp, **overrides}, arch)\n        det.model.load_state_dict(model.state_dict())",
+     "_detector_from_spec({**overrides, **hp}, arch)\n        det.model.load_state_dict(model.state_dict())", T_EXP, ""),
+    ("E4", EX, "_detector_from_spec({**hp, **overrides}, arch)\n        state =",
+     "_detector_from_spec({**overrides, **hp}, arch)\n        state =", T_EXP, ""),
+    ("E5", EX, 'keep = d["scores"] >= score_threshold', 'keep = d["scores"] >= 0', T_EXP, ""),
+    ("E6", EX, '"nms_threshold": hp.nms_threshold, "top_k"', '"nms_threshold": hp.conf_threshold, "top_k"', T_EXP, ""),
+    ("CK1", CK, "weights_only=True, mmap=mmap)", "weights_only=False, mmap=mmap)", T_EXP, ""),
+    ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "", T_EXP, ""),
 ]
 
 
