@@ -26,8 +26,8 @@ def model_fingerprint(model: nn.Module) -> str:
     """sha256 of every tensor of the state dict (name, dtype, shape and bytes): architecture and weights."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())  # the shape before flattening: the architecture
         t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

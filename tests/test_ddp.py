@@ -168,6 +168,74 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
                        "stopped. Lower the lr.")
 
 
+class _Strategy:
+    """What ``rewrap_ddp`` uses of Lightning's DDPStrategy: the wrapper, the module, and ``configure_ddp``."""
+
+    def __init__(self, module):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.lightning_module, self.model = module, DistributedDataParallel(module)
+
+    def configure_ddp(self):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = DistributedDataParallel(self.lightning_module)
+
+
+def _ranks_worker(rank, world, port, out):
+    from callbacks.distributed import RanksInconsistentError, check_ranks, rewrap_ddp
+    from lightning_modules.detector import SSDDetector
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    got = {}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with torch.no_grad():
+        model[1].running_mean.fill_(rank)  # each rank's statistics drifted on its own data
+    got["same"] = check_ranks(model, "a surgery")
+    got["running_mean"] = model[1].running_mean.tolist()
+    with torch.no_grad():
+        model[0].weight[0, 0] += rank  # rank 1's weights are no longer rank 0's
+    try:
+        check_ranks(model, "a surgery")
+        got["differ"] = "no error"
+    except RanksInconsistentError as err:
+        got["differ"] = str(err)
+    # SSD's loss normaliser: the mean number of positives over the ranks
+    got["num_pos"] = SSDDetector._mean_over_ranks(torch.tensor(float(rank + 1))).item()
+    # a surgery replaces a layer: the wrapper is rebuilt around the new parameters, whose gradients are averaged
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    trainer = SimpleNamespace(strategy=_Strategy(net))
+    net[0] = torch.nn.Linear(3, 2)
+    got["rewrapped"] = rewrap_ddp(trainer)
+    trainer.strategy.model(torch.full((1, 3), float(rank + 1))).sum().backward()
+    got["grad"] = net[0].weight.grad.tolist()
+    torch.save(got, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_share_one_model_one_loss_normaliser_and_one_gradient(tmp_path):
+    """``check_ranks`` after a surgery: BatchNorm statistics that drifted per rank are taken from rank 0, and a
+    weight that differs stops every rank naming the odd one; the positives' count is averaged over the ranks; a
+    re-wrapped model averages the gradients of the surgery's new parameters."""
+    from callbacks.distributed import model_fingerprint, rewrap_ddp
+
+    a, b = torch.nn.Module(), torch.nn.Module()
+    a.register_buffer("w", torch.zeros(2, 3))
+    b.register_buffer("w", torch.zeros(3, 2))
+    assert model_fingerprint(a) != model_fingerprint(b)  # the same bytes in another shape: another architecture
+    assert rewrap_ddp(SimpleNamespace(strategy=SimpleNamespace(model=a))) is False  # not under DDP: nothing to do
+    port = _free_port()
+    mp.spawn(_ranks_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"r.{r}") for r in (0, 1))
+    assert r0["same"]["ranks_consistent"] and r0["same"]["world_size"] == 2 and r0["same"]["hash"] == r1["same"]["hash"]
+    assert r0["running_mean"] == r1["running_mean"] == [0.0] * 4
+    for r in (r0, r1):
+        assert r["differ"].startswith("after a surgery: the model on rank(s) [1] differs from rank 0's")
+        assert r["num_pos"] == 1.5 and r["rewrapped"] is True
+    assert r0["grad"] == r1["grad"] == [[1.5] * 3] * 2  # inputs 1 and 2: the mean gradient of the two ranks
+
+
 def _ddp_config(tmp_path, extra_callbacks=()):
     path = shrunken_demo(tmp_path, max_epochs=4)
     cfg = yaml.safe_load(path.read_text())
