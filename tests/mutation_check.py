@@ -161,21 +161,21 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("St4", ST, "return self.l1_epochs[1] - 1", "return self.l1_epochs[1]", T_SP, ""),
     ("V3", VO, "if c[2] - c[0] + 1 <= 0 or", "if c[2] <= c[0] or", T_FMT, ""),
     # the compare tool and the report's comparisons with a dense reference
-    ("C1", CMP, "and (c2 < c or a2 > a)", "and (c2 < c and a2 > a)", T_CMP, ""),
-    ("C2", CMP, "r.ratios[k] = round(a / b, 3)", "r.ratios[k] = round(b / a, 3)", T_CMP, ""),
-    ("C3", CMP, 'if d.meta.get("seed") == r.meta.get("seed")', 'if d.meta.get("seed") != r.meta.get("seed")', T_CMP,
+    ("Cm1", CMP, "and (c2 < c or a2 > a)", "and (c2 < c and a2 > a)", T_CMP, ""),
+    ("Cm2", CMP, "r.ratios[k] = round(a / b, 3)", "r.ratios[k] = round(b / a, 3)", T_CMP, ""),
+    ("Cm3", CMP, 'if d.meta.get("seed") == r.meta.get("seed")', 'if d.meta.get("seed") != r.meta.get("seed")', T_CMP,
      ""),
-    ("C4", CMP, "round(100 * (r.ref.accuracy - r.accuracy), 2)", "round(100 * (r.accuracy - r.ref.accuracy), 2)",
+    ("Cm4", CMP, "round(100 * (r.ref.accuracy - r.accuracy), 2)", "round(100 * (r.accuracy - r.ref.accuracy), 2)",
      T_CMP, ""),
-    ("C5", CMP, '.get("init_from") == "l1" else', '.get("init_from") != "l1" else', T_CMP, ""),
-    ("C6", CMP, 'd.group == r.group and d.meta.get("epochs") == r.meta.get("epochs")', "d.group == r.group", T_CMP,
+    ("Cm5", CMP, '.get("init_from") == "l1" else', '.get("init_from") != "l1" else', T_CMP, ""),
+    ("Cm6", CMP, 'd.group == r.group and d.meta.get("epochs") == r.meta.get("epochs")', "d.group == r.group", T_CMP,
      ""),
-    ("C7", CMP, 'flat.update({f"{section}/{k}/{kk}": vv', 'flat.update({f"{section}/{kk}": vv', T_CMP, ""),
-    ("C8", CMP, "round(final.get(n, 0) / w, 4) if w", "round(1 - final.get(n, 0) / w, 4) if w", T_CMP, ""),
-    ("C9", CMP, "if run.resolve() not in [f.resolve() for f in found]:", "if True:", T_CMP, ""),
+    ("Cm7", CMP, 'flat.update({f"{section}/{k}/{kk}": vv', 'flat.update({f"{section}/{kk}": vv', T_CMP, ""),
+    ("Cm8", CMP, "round(final.get(n, 0) / w, 4) if w", "round(1 - final.get(n, 0) / w, 4) if w", T_CMP, ""),
+    ("Cm9", CMP, "if run.resolve() not in [f.resolve() for f in found]:", "if True:", T_CMP, ""),
     ("R2", RE, "drop = {k: round(ref[k] - final[k], 6)", "drop = {k: round(final[k] - ref[k], 6)", T_REP, ""),
-    ("R3", RE, 'drop[f"{key}_x"] = round(ref[key] / final[key], 4)', 'drop[f"{key}_x"] = round(final[key] / ref[key], 4)',
-     T_REP, ""),
+    ("R3", RE, 'drop[f"{key}_x"] = round(ref[key] / final[key], 4)',
+     'drop[f"{key}_x"] = round(final[key] / ref[key], 4)', T_REP, ""),
     ("R4", RE, '_NOT_BUDGET = ("trainer.callbacks", ', '_NOT_BUDGET = ("trainer.callbacks", "trainer.max_epochs", ',
      T_REP, ""),
     ("R5", RE, 'round(final["device_throughput"] / dense["device_throughput"], 4)',
@@ -192,7 +192,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("E2", EX, "torch.tensor([w, h, w, h], dtype=torch.float32)", "torch.tensor([h, w, h, w], dtype=torch.float32)",
      T_EXP, ""),
     ("E3", EX, "_detector_from_spec({**hp, **overrides}, arch)\n        det.model.load_state_dict(model.state_dict())",
-     "_detector_from_spec({**overrides, **hp}, arch)\n        det.model.load_state_dict(model.state_dict())", T_EXP, ""),
+     "_detector_from_spec({**overrides, **hp}, arch)\n        det.model.load_state_dict(model.state_dict())", T_EXP,
+     ""),
     ("E4", EX, "_detector_from_spec({**hp, **overrides}, arch)\n        state =",
      "_detector_from_spec({**overrides, **hp}, arch)\n        state =", T_EXP, ""),
     ("E5", EX, 'keep = d["scores"] >= score_threshold', 'keep = d["scores"] >= 0', T_EXP, ""),
@@ -200,6 +201,9 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("CK1", CK, "weights_only=True, mmap=mmap)", "weights_only=False, mmap=mmap)", T_EXP, ""),
     ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "", T_EXP, ""),
 ]
+
+
+assert len({m[0] for m in MUTANTS}) == len(MUTANTS), "two mutants share a name"
 
 
 def run(names: set[str] | None = None) -> int:

@@ -174,3 +174,55 @@ def test_compare_demo_dense_and_two_targets_end_to_end_with_wandb_keys(tmp_path)
     assert curve[-1]["model/params"] == s["final"]["params"]
     # Lightning logs a float32 scalar: MACs above 2**24 arrive rounded to float32 (a relative error under 6e-8)
     assert curve[-1]["model/macs"] == pytest.approx(s["final"]["macs"], rel=1e-7, abs=0)
+
+
+def test_reference_is_a_dense_run_of_the_same_schedule_and_each_run_is_listed_once(tmp_path):
+    """A dense run trained for other epochs is no equal-budget reference: the pruned run falls back on its own
+    summary's ratios (marked *). A run named twice (a folder and its summary.json) is one row."""
+    half = {k: v // 2 for k, v in LAYERS.items()}
+    dense = _write_run(tmp_path / "r", "dense", "dense", "facemask", 0, 0.50, 1000, 4_000_000, 10.0, LAYERS)
+    pruned = _write_run(tmp_path / "r", "ours", "ours", "facemask", 0, 0.45, 500, 2_000_000, 8.0, half)
+    s = json.loads((dense / "summary.json").read_text())
+    s["run"]["epochs"] = 22
+    (dense / "summary.json").write_text(json.dumps(s))
+    res = compare([str(dense), str(pruned), str(pruned / "summary.json")], tmp_path / "out")
+    assert [r.name for r in res["runs"]] == ["dense", "ours"]
+    ours = _rows(res["table"].read_text())["ours"]
+    assert ours[6] == "-" and ours[7] == "-" and ours[9] == "2.00*" and ours[15] == "1.25*"
+
+
+def test_wandb_summary_keys_and_width_rows():
+    """What W&B dashboards get: flat ``section/key`` summary keys (a per-class dict one level deeper, lists joined)
+    and one row per layer with its kept fraction."""
+    from callbacks.compare import widths_rows
+
+    summary = {"final": {"map50": 0.5, "ap50_per_class": {"cat": 0.4, "dog": 0.6}, "latency_ms": None},
+               "dense": {"map50": 0.6}, "compression": {"params_x": 4.0}, "budgets": {"binding": ["params", "macs"]},
+               "channels": {"conv1_1": 2, "conv7": 96}, "dense_channels": {"conv1_1": 8, "conv7": 128}}
+    assert flat_summary(summary) == {"final/map50": 0.5, "final/ap50_per_class/cat": 0.4,
+                                     "final/ap50_per_class/dog": 0.6, "dense/map50": 0.6,
+                                     "compression/params_x": 4.0, "budgets/binding": "params; macs"}
+    assert widths_rows(summary) == [["conv1_1", 8, 2, 0.25], ["conv7", 128, 96, 0.75]]
+
+
+def test_reference_drop_is_reference_minus_final_and_names_budget_differences(tmp_path):
+    """``--reference``: the quality drop (positive = the pruned model is worse), the ratios reference / final, and
+    the settings in which the two runs differ outside the pruning callbacks and the logger."""
+    from callbacks.report import reference_drop
+
+    ref = tmp_path / "dense"
+    ref.mkdir()
+    (ref / "summary.json").write_text(json.dumps({"final": {"map50": 0.6, "params": 4000, "macs": 9000,
+                                                            "size_mb": 16.0, "latency_ms": 10.0}}))
+    cfg = {"seed_everything": 0, "trainer": {"max_epochs": 11, "callbacks": [{"class_path": "a.Dense"}],
+                                             "logger": False}, "model": {"init_args": {"lr": 0.01}}}
+    (ref / "config.yaml").write_text(yaml.safe_dump(cfg))
+    final = {"map50": 0.5, "params": 1000, "macs": 3000, "size_mb": 4.0, "latency_ms": 4.0}
+    mine = {**cfg, "trainer": {"max_epochs": 12, "callbacks": [{"class_path": "callbacks.SparsityInduction"}],
+                               "logger": True}}
+    reference, drop, differences = reference_drop(ref, final, mine)
+    assert reference == {"run": str(ref), "map50": 0.6, "params": 4000, "macs": 9000, "size_mb": 16.0,
+                         "latency_ms": 10.0}
+    assert drop == {"map50": pytest.approx(0.1), "params_x": 4.0, "macs_x": 3.0, "size_mb_x": 4.0,
+                    "latency_ms_x": 2.5}
+    assert differences == ["trainer.max_epochs: 11 vs 12"]  # callbacks and logger differ too: not budget

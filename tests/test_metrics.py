@@ -300,3 +300,16 @@ def test_cpu_layer_benchmark_times_every_layer_and_bounds_the_speed_up(tmp_path,
     printed = capsys.readouterr().out
     assert "pruned: layers at their dense widths (conv1_1, conv1_2" in printed
     assert "narrow: no layer at its dense widths" in printed
+
+
+def test_device_timing_reports_milliseconds_at_batch_one_and_images_per_second_at_the_throughput_batch(monkeypatch):
+    """Each timed call here takes 5 ms: batch-1 latency 5 ms, and a batch of 4 in 5 ms is 800 images/s."""
+    import torch
+
+    import callbacks.report as report
+    from lightning_modules.classifier import build_vgg16
+
+    monkeypatch.setattr(report, "timed_call_ms", lambda call, device: (call(), 5.0)[1])
+    out = report.paired_device_timing({"net": build_vgg16(5, None, 0.125, 32)}, None, torch.device("cpu"), batch=4,
+                                      rounds=3)
+    assert out["net"]["device_latency_ms"] == 5.0 and out["net"]["device_throughput"] == 800.0

@@ -355,3 +355,50 @@ def test_restarted_learning_rate_follows_each_surgery_and_survives_resume(tmp_pa
     resumed = _state(tmp_path / "runs/resumed/checkpoints/last.ckpt")
     for k, v in final["state_dict"].items():
         assert torch.equal(v, resumed["state_dict"][k]), k
+
+
+class _NotATensor:
+    """A pickled object in a checkpoint: what ``weights_only`` loading refuses (it could run code on load)."""
+
+
+def test_export_load_and_predict_keep_the_decoding_settings_overrides_and_image_sizes(tmp_path, monkeypatch):
+    """Without training: the export's model.json holds the run's decoding settings; ``load_detector`` from an export
+    and from a checkpoint takes them, with ``overrides`` winning; predictions come back in pixels of each image
+    (x by its width, y by its height) and ``predict_folder`` writes those scoring at least the threshold; a
+    checkpoint holding a pickled object is refused."""
+    import cv2
+
+    from lightning_modules.detector import SSDDetector
+    from lightning_modules.export import (CheckpointError, export_detector, load_detector, predict_folder,
+                                          predict_images, read_checkpoint)
+
+    det = SSDDetector(["cat", "dog"], width_mult=0.0625, conf_threshold=0.05, nms_threshold=0.3, top_k=50)
+    paths = export_detector(det, tmp_path / "exp", onnx=False)
+    decode = json.loads(Path(paths["json"]).read_text())["decode"]
+    assert decode == {"conf_threshold": 0.05, "nms_threshold": 0.3, "top_k": 50, "box_coder_weights": [10, 10, 5, 5]}
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in det.model.state_dict().items()},
+            "hyper_parameters": dict(det.hparams),
+            "architecture": {"channels": det.model.channels, "num_branches": det.model.num_branches}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    for source in (tmp_path / "exp", tmp_path / "last.ckpt"):
+        hp = load_detector(source, conf_threshold=0.5).hparams
+        assert (hp.conf_threshold, hp.nms_threshold, hp.top_k) == (0.5, 0.3, 50), source
+
+    def fixed(images):  # two detections per image, in normalised xyxy
+        return [{"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]]),
+                 "scores": torch.tensor([0.9, 0.2]), "labels": torch.tensor([1, 0])} for _ in images]
+
+    monkeypatch.setattr(det, "predict_batch", fixed)
+    wide = np.zeros((120, 200, 3), np.uint8)
+    (got,) = predict_images(det, [wide])
+    torch.testing.assert_close(got["boxes"], torch.tensor([[20.0, 24, 100, 72], [0, 0, 200, 120]]))
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "wide.jpg"), wide)
+    out = json.loads(predict_folder(det, tmp_path / "imgs", tmp_path / "pred", score_threshold=0.3).read_text())
+    assert out["images"] == {"wide.jpg": [{"box": [20.0, 24.0, 100.0, 72.0], "score": 0.9, "label": 1,
+                                           "class": "dog"}]}
+    assert (tmp_path / "pred" / "wide.png").is_file()
+
+    torch.save({**ckpt, "extra": _NotATensor()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match="Only load checkpoints you trust"):
+        read_checkpoint(tmp_path / "pickled.ckpt")
