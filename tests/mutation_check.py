@@ -32,7 +32,7 @@ SEL, SP, BU, SU = "callbacks/selection.py", "callbacks/sparsity.py", "callbacks/
 MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "lightning_modules/detector.py"
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
-ST = "callbacks/state.py"
+ST, TH = "callbacks/state.py", "callbacks/throughput.py"
 CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
     "lightning_modules/checkpoints.py"
 
@@ -47,6 +47,7 @@ T_CMP = ["tests/test_compare.py"]
 T_REP = ["tests/test_compare.py", "tests/test_train.py"]
 T_DDP = ["tests/test_ddp.py"]
 T_EXP = ["tests/test_persistence.py", "tests/test_prune_train.py", "tests/test_classifier.py"]
+T_TH = ["tests/test_throughput.py"]
 T_FMT = ["tests/test_coco_gtsdb.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_persistence.py"]
 
 # name, file, the text (found exactly once), its replacement, the tests to run, and "equivalent: why" or ""
@@ -199,6 +200,14 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("E5", EX, 'keep = d["scores"] >= score_threshold', 'keep = d["scores"] >= 0', T_EXP, ""),
     ("E6", EX, '"nms_threshold": hp.nms_threshold, "top_k"', '"nms_threshold": hp.conf_threshold, "top_k"', T_EXP, ""),
     ("CK1", CK, "weights_only=True, mmap=mmap)", "weights_only=False, mmap=mmap)", T_EXP, ""),
+    # the training rate and what limits it
+    ("Th1", TH, "steady_images = self._images * (len(self._steps) - 1) / len(self._steps)",
+     "steady_images = self._images", T_TH, ""),
+    ("Th2", TH, 'round(sum(waits) / host_loop, 4) if host_loop', 'round(sum(self._waits) / host_loop, 4) if host_loop',
+     T_TH, ""),
+    ("Th3", TH, "        if share > WAIT_SHARE_LIMIT:\n", "        if share >= 10 * WAIT_SHARE_LIMIT:\n", T_TH, ""),
+    ("Th4", TH, "idle = max(0.0, 1 - sum(steps[1:]) / loop)", "idle = max(0.0, 1 - sum(steps) / loop)", T_TH, ""),
+    ("Th5", TH, "steady_images * world / loop", "steady_images / loop", T_TH, ""),
     ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "", T_EXP, ""),
 ]
 
