@@ -251,3 +251,31 @@ def test_the_loss_check_waits_for_the_device_only_after_the_backward_is_queued(t
     assert "grads_finite_at_step_3" not in snapshots  # no callback saw the broken step's gradients
     for p, q in zip(net.parameters(), snapshots[3]):  # no optimiser step after the last good one
         assert torch.equal(p, q)
+
+
+def test_throughput_figures_from_a_scripted_clock(monkeypatch):
+    """The figures themselves, on a clock the test sets: 4 batches of 4 images on each of 2 ranks, each step 0.2 s,
+    the first batch after 1 s (the workers starting: left out of the steady figures), the others after 0.1 s. The
+    steady loop is the last 3 steps and their waits (0.9 s): 3 x 4 x 2 images / 0.9 s, waiting a third of it (data
+    loading limits). On a GPU the device's steps fill 0.6 s of the same 0.9 s: idle a third of it."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # the callback's clock and the fake events'
+    trainer = SimpleNamespace(world_size=2, current_epoch=0, is_global_zero=True, loggers=[], global_step=0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    batch = (torch.zeros(4, 3, 2, 2), torch.zeros(4))
+    for cb in (TrainingThroughput(), _AsIfOnAGpu()):
+        now[0] = 0.0
+        cb.on_train_epoch_start(trainer, module)
+        for i, wait in enumerate([1.0, 0.1, 0.1, 0.1]):
+            now[0] += wait
+            cb.on_train_batch_start(trainer, module, batch, i)
+            now[0] += 0.2
+            cb.on_train_batch_end(trainer, module, None, batch, i)
+        cb.on_train_epoch_end(trainer, module)
+        (e,) = cb.epochs
+        assert e["images_per_s"] == pytest.approx(26.67) and e["data_wait_share"] == pytest.approx(0.3333)
+        assert (e["step_ms"], e["wait_ms"], e["first_batch_wait_s"], e["batches"]) == (200.0, 100.0, 1.0, 4)
+        assert cb.summary()["limited_by"].startswith("data loading (the step waited for its batch 33%")
+        assert e.get("device_idle_share") == (pytest.approx(0.3333) if isinstance(cb, _AsIfOnAGpu) else None)
