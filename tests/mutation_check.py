@@ -208,7 +208,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Th3", TH, "        if share > WAIT_SHARE_LIMIT:\n", "        if share >= 10 * WAIT_SHARE_LIMIT:\n", T_TH, ""),
     ("Th4", TH, "idle = max(0.0, 1 - sum(steps[1:]) / loop)", "idle = max(0.0, 1 - sum(steps) / loop)", T_TH, ""),
     ("Th5", TH, "steady_images * world / loop", "steady_images / loop", T_TH, ""),
-    ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "", T_EXP, ""),
+    ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "            pass\n", T_EXP, ""),
 ]
 
 
