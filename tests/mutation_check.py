@@ -235,7 +235,15 @@ def run(names: set[str] | None = None) -> int:
                           flush=True)
                     missed += 1
                     continue
-                f.write_text(src.replace(old, new))
+                mutated = src.replace(old, new)
+                try:  # a mutant that does not parse tests the parser, not the tests
+                    compile(mutated, str(f), "exec")
+                except SyntaxError as err:
+                    print(f"{name}: the mutated {path} does not parse ({err.msg}, line {err.lineno}): update the list",
+                          flush=True)
+                    missed += 1
+                    continue
+                f.write_text(mutated)
                 start = time.time()
                 try:
                     r = subprocess.run([python, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider",
