@@ -1,7 +1,8 @@
 """Do the tests fail when the code is wrong? A hand-written mutation check of the places where a slip would go
 unnoticed in a training run (the filter selection, the L1 term, the budget search and fill, the surgery, the pruning
 state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers,
-the data formats' box conventions, the metric conventions).
+the data formats' box conventions, the metric conventions; the compare tool and ``--reference``, the device timing
+and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
@@ -9,7 +10,7 @@ throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named 
 for), and the mutant is *killed* when they fail. A mutant that survives is a test to write, unless it is marked
 ``equivalent`` (the code computes the same thing either way: the reason is given).
 
-    python -m tests.mutation_check              # every mutant: ~40-60 min on a 2-core CPU (survivors run whole files)
+    python -m tests.mutation_check              # every mutant: ~1.5 h on a 2-core CPU (survivors run whole files)
     python -m tests.mutation_check S4 B1 M2     # some of them
 
 Not part of ``make test`` (it runs the suite dozens of times); run it after changing one of these places. It
