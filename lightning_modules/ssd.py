@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -496,7 +497,6 @@ def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None =
     """Write ``model.safetensors`` and ``model.json`` (plus the ``extra`` keys) into ``out_dir``, each atomically.
     Returns their paths."""
     import json
-    from pathlib import Path
 
     from safetensors.torch import save
 
@@ -509,10 +509,9 @@ def save_exported(model: SSD, out_dir, classes: list[str], decode: dict | None =
     return {"safetensors": str(out / "model.safetensors"), "json": str(out / "model.json")}
 
 
-def read_export_spec(path) -> tuple[dict, "Path"]:
+def read_export_spec(path) -> tuple[dict, Path]:
     """Find and parse model.json for ``path`` (the export folder, model.json or model.safetensors)."""
     import json
-    from pathlib import Path
 
     p = Path(path)
     folder = p if p.is_dir() else p.parent
