@@ -34,6 +34,7 @@ MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
 ST, TH = "callbacks/state.py", "callbacks/throughput.py"
+CL, CLM = "datamodules/classification.py", "lightning_modules/classifier.py"
 CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
     "lightning_modules/checkpoints.py"
 
@@ -49,6 +50,7 @@ T_REP = ["tests/test_compare.py", "tests/test_train.py"]
 T_DDP = ["tests/test_ddp.py"]
 T_EXP = ["tests/test_persistence.py", "tests/test_prune_train.py", "tests/test_classifier.py"]
 T_TH = ["tests/test_throughput.py"]
+T_CL = ["tests/test_classifier.py"]
 T_FMT = ["tests/test_coco_gtsdb.py", "tests/test_voc.py", "tests/test_real_data.py", "tests/test_persistence.py"]
 
 # name, file, the text (found exactly once), its replacement, the tests to run, and "equivalent: why" or ""
@@ -209,6 +211,14 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Th3", TH, "        if share > WAIT_SHARE_LIMIT:\n", "        if share >= 10 * WAIT_SHARE_LIMIT:\n", T_TH, ""),
     ("Th4", TH, "idle = max(0.0, 1 - sum(steps[1:]) / loop)", "idle = max(0.0, 1 - sum(steps) / loop)", T_TH, ""),
     ("Th5", TH, "steady_images * world / loop", "steady_images / loop", T_TH, ""),
+    # the classification data sets (paper A's VGG16 rows) and the classifier's input
+    ("Cl1", CL, ".reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)", ".reshape(-1, 32, 32, 3)", T_CL, ""),
+    ("Cl2", CL, "val_idx, train_idx = order[:n_val], order[n_val:]", "val_idx, train_idx = order[:n_val], order",
+     T_CL, ""),
+    ("Cl3", CL, "img = img[:, ::-1]", "img = img[::-1]", T_CL, ""),
+    ("Cl4", CL, "y, x = rng.integers(0, 9, size=2)", "y, x = rng.integers(0, 8, size=2)", T_CL, ""),
+    ("Cl5", CL, "        if train:  # torchvision numbers", "        if False:  # torchvision numbers", T_CL, ""),
+    ("Cl6", CLM, "x = (images.float() - self.mean) / self.std", "x = (images.float() - self.mean) / 255", T_CL, ""),
     ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "            pass\n", T_EXP, ""),
 ]
 

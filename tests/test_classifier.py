@@ -109,6 +109,44 @@ def test_cifar10_reads_the_pickles_splits_and_limits(tmp_path):
         CIFAR10DataModule(str(root), batch_size=8).setup("fit")
 
 
+def test_cifar10_pixels_splits_and_augmentation_are_as_the_format_and_the_recipe_say(tmp_path):
+    """CIFAR-10's row layout: 1,024 red bytes, then green, then blue, each row by row; the validation images are
+    carved out of training (none in both, none lost); the augmentation is "pad 4, random 32x32 crop, horizontal
+    flip": all 9 x 9 offsets and both flip states occur, never a vertical flip; the module normalises with CIFAR's
+    mean and std."""
+    from lightning_modules.classifier import CIFAR_MEAN, CIFAR_STD, VGGClassifier
+
+    root = cifar_fixture(tmp_path / "c")
+    raw = pickle.loads((root / "cifar-10-batches-py" / "data_batch_1").read_bytes())
+    dm = CIFAR10DataModule(str(root), val_fraction=0.25, batch_size=8, num_workers=0)
+    images, labels = dm.read_split(train=True)
+    row = np.asarray(raw["data"][0], np.uint8)
+    for y, x, c in ((0, 0, 0), (5, 9, 1), (31, 2, 2), (17, 30, 0)):
+        assert images[0][y, x, c] == row[c * 1024 + y * 32 + x]
+    assert labels[:24].tolist() == raw["labels"]
+    dm.setup("fit")
+    train, val = ({im.tobytes() for im in ds.images} for ds in (dm.train_ds, dm.val_ds))  # all unique (noise)
+    assert len(train) == 90 and len(val) == 30 and not train & val and train | val == {im.tobytes() for im in images}
+
+    img = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3)  # every pixel unique
+    ds = type(dm.train_ds)([img], np.zeros(1), 32, "crop_flip")
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+    found = set()
+    for seed in range(200):
+        got = ds[(0, seed)][0].permute(1, 2, 0).numpy()
+        crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+        hits = [(dy, dx, flip) for (dy, dx), crop in crops.items() for flip in (False, True)
+                if np.array_equal(got, crop[:, ::-1] if flip else crop)]
+        assert len(hits) == 1, seed  # a shifted crop, flipped left-right or not: nothing else
+        found.add(hits[0])
+    assert {h[0] for h in found} == {h[1] for h in found} == set(range(9)) and {h[2] for h in found} == {False, True}
+
+    module = VGGClassifier(list(dm.classes), width_mult=0.0625)
+    x = torch.tensor([[[[0]], [[128]], [[255]]]], dtype=torch.uint8)
+    want = [(v / 255 - m) / s for v, m, s in zip((0, 128, 255), CIFAR_MEAN, CIFAR_STD)]
+    torch.testing.assert_close(module.preprocess(x).flatten(), torch.tensor(want))
+
+
 def gtsrb_fixture(root: Path) -> Path:
     """torchvision's GTSRB layout: Training/<class>/*.ppm (+ GT csv) and Final_Test/Images + GT-final_test.csv."""
     base = root / "gtsrb"
@@ -138,6 +176,8 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
     assert len(dm.classes) == 43 and dm.classes[14] == "stop"
     dm.setup("fit")
     assert len(dm.train_ds) == 9 and len(dm.val_ds) == 3 and sorted(dm.test_ds.labels.tolist()) == [0, 14, 14, 42]
+    # the class id is the folder's name (torchvision numbers the folders it finds: 0, 1, 2 here)
+    assert sorted({*dm.train_ds.labels.tolist(), *dm.val_ds.labels.tolist()}) == [0, 14, 42]
     img, label = dm.train_ds[(0, 7)]
     assert img.shape == (3, 32, 32) and label in (0, 14, 42)
     plain = dm.train_ds[0][0]
