@@ -131,10 +131,10 @@ def test_cifar10_pixels_splits_and_augmentation_are_as_the_format_and_the_recipe
     img = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3)  # every pixel unique
     ds = type(dm.train_ds)([img], np.zeros(1), 32, "crop_flip")
     padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+    crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
     found = set()
     for seed in range(200):
         got = ds[(0, seed)][0].permute(1, 2, 0).numpy()
-        crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
         hits = [(dy, dx, flip) for (dy, dx), crop in crops.items() for flip in (False, True)
                 if np.array_equal(got, crop[:, ::-1] if flip else crop)]
         assert len(hits) == 1, seed  # a shifted crop, flipped left-right or not: nothing else
