@@ -137,16 +137,18 @@ def layer_specs(size: int) -> tuple[ConvSpec, ...]:
 def default_boxes(size: int, num_branches: int | None = None, prior_sizes: str | dict | None = None) -> Tensor:
     """Default boxes as (cx, cy, w, h) in [0, 1], (8732, 4) for SSD300 and (24564, 4) for SSD512.
 
-    torchvision's ``DefaultBoxGenerator`` does the geometry; it expresses min/max sizes as scales
-    s_k = min_size_k / size with s_{k+1} = max_size_k / size, which is exactly the original rule.
+    torchvision's ``DefaultBoxGenerator`` does the geometry, one branch at a time with scales (min_size_k / size,
+    max_size_k / size): the original rule, whose extra square box is sqrt(min_size_k * max_size_k) of each branch's
+    own sizes. (One generator for all branches would take max_size_k as min_size_{k+1}: the same boxes for VOC's
+    sizes and the presets, where they are equal, but not for ``prior_sizes`` given per branch.)
     """
     spec = PRIORS[size]
     k = len(spec.sources) if num_branches is None else num_branches
     mins, maxs = resolve_prior_sizes(size, prior_sizes)
-    scales = [m / size for m in mins[:k]] + [maxs[k - 1] / size]
-    gen = DefaultBoxGenerator([list(a) for a in spec.aspect_ratios[:k]], scales=scales, steps=list(spec.steps[:k]))
-    grids = [[f, f] for f in spec.feature_maps[:k]]
-    return gen._grid_default_boxes(grids, [size, size])
+    return torch.cat([
+        DefaultBoxGenerator([list(spec.aspect_ratios[i])], scales=[mins[i] / size, maxs[i] / size],
+                            steps=[spec.steps[i]])._grid_default_boxes([[f, f]], [size, size])
+        for i, f in enumerate(spec.feature_maps[:k])])
 
 
 def num_anchors(size: int) -> list[int]:

@@ -35,7 +35,7 @@ MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
 ST, TH = "callbacks/state.py", "callbacks/throughput.py"
-CL, CLM = "datamodules/classification.py", "lightning_modules/classifier.py"
+CL, CLM, SSD = "datamodules/classification.py", "lightning_modules/classifier.py", "lightning_modules/ssd.py"
 CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
     "lightning_modules/checkpoints.py"
 
@@ -220,6 +220,9 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Cl4", CL, "y, x = rng.integers(0, 9, size=2)", "y, x = rng.integers(0, 8, size=2)", T_CL, ""),
     ("Cl5", CL, "        if train:  # torchvision numbers", "        if False:  # torchvision numbers", T_CL, ""),
     ("Cl6", CLM, "x = (images.float() - self.mean) / self.std", "x = (images.float() - self.mean) / 255", T_CL, ""),
+    # default boxes given per branch: each branch's own max size (the old single generator took the next min)
+    ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
+     ["tests/test_ssd.py"], ""),
     ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "            pass\n", T_EXP, ""),
 ]
 

@@ -58,6 +58,24 @@ def test_default_box_golden_values():
     assert default_boxes(512)[-1, :2].tolist() == [0.5, 0.5]
 
 
+def test_default_boxes_take_each_branchs_own_max_size():
+    """``prior_sizes`` per branch whose max sizes are not the next branch's min sizes (as in a Caffe prototxt): each
+    branch's extra square box is sqrt(min_k * max_k), its other boxes min_k with the aspect ratios."""
+    from lightning_modules.ssd import PRIORS
+
+    mins, maxs = (30, 60, 111, 162, 213, 264), (50, 100, 150, 200, 250, 290)
+    b = default_boxes(300, prior_sizes={"min_sizes": list(mins), "max_sizes": list(maxs)})
+    spec, start = PRIORS[300], 0
+    for f, ratios, lo, hi in zip(spec.feature_maps, spec.aspect_ratios, mins, maxs):
+        first = b[start:start + 2 + 2 * len(ratios)]  # the boxes of the branch's first location
+        torch.testing.assert_close(first[0, 2:], torch.tensor([lo / 300, lo / 300]))
+        torch.testing.assert_close(first[1, 2:], torch.tensor([math.sqrt(lo * hi) / 300] * 2))
+        wide = min(1.0, lo / 300 * math.sqrt(2))  # widths and heights are clipped to the image, as torchvision does
+        torch.testing.assert_close(first[2, 2:], torch.tensor([wide, lo / 300 / math.sqrt(2)]))
+        start += f * f * (2 + 2 * len(ratios))
+    assert start == len(b) == 8732
+
+
 def test_num_branches_keeps_first_k():
     m = build_ssd(300, 21, num_branches=3)
     assert "conv9_1" not in m.layers and m.sources == ("conv4_3", "conv7", "conv8_2")
