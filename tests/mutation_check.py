@@ -34,7 +34,7 @@ SEL, SP, BU, SU = "callbacks/selection.py", "callbacks/sparsity.py", "callbacks/
 MET, BOX, DE = "lightning_modules/metrics.py", "lightning_modules/box_ops.py", "lightning_modules/detector.py"
 TR, SA, RE = "datamodules/transforms.py", "datamodules/samplers.py", "callbacks/report.py"
 CO, GT, VO, EX = "datamodules/coco.py", "datamodules/gtsdb.py", "datamodules/voc.py", "lightning_modules/export.py"
-ST, TH = "callbacks/state.py", "callbacks/throughput.py"
+ST, TH, RT = "callbacks/state.py", "callbacks/throughput.py", "callbacks/retrain.py"
 CL, CLM, SSD = "datamodules/classification.py", "lightning_modules/classifier.py", "lightning_modules/ssd.py"
 CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
     "lightning_modules/checkpoints.py"
@@ -223,6 +223,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),
+    # the learning-rate restart after a surgery
+    ("Re1", RT, "return from_factor + (peak - from_factor) * max(t, 0) / up", "return peak * max(t, 0) / up",
+     ["tests/test_persistence.py"], ""),
+    ("Re2", RT, "peak * 0.5 * (1 + math.cos(", "peak * 0.5 * (1 - math.cos(", ["tests/test_persistence.py"], ""),
+    ("Re3", RT, "up = int(round(ramp * span))", "up = 0", ["tests/test_persistence.py"], ""),
+    ("Re4", RT, "from_factor = float(sched.get_last_lr()[0] / sched.base_lrs[0]) if sched.base_lrs[0] else 0.0",
+     "from_factor = 1.0", ["tests/test_persistence.py"], ""),
     ("CK2", CK, "            if tmp.exists():\n                tmp.unlink()\n", "            pass\n", T_EXP, ""),
 ]
 

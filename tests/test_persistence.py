@@ -357,6 +357,36 @@ def test_restarted_learning_rate_follows_each_surgery_and_survives_resume(tmp_pa
         assert torch.equal(v, resumed["state_dict"][k]), k
 
 
+def test_restarted_learning_rate_goes_on_from_the_reached_rate_up_to_the_peak_and_down_to_zero():
+    """``restart_lr`` at step 3 of a 20-step run whose schedule had reached 0.9 ** 3 of the lr: the rate goes on from
+    there (no jump), ramps linearly to the peak over 20 % of the 17 remaining steps, then follows a cosine to 0 at
+    the last step and stays there."""
+    from types import SimpleNamespace
+
+    from callbacks.retrain import restart_lr, restarted_factor
+
+    f = restarted_factor(0, 20, peak=0.8, ramp=0.2, from_factor=0.1)  # ramp over 4 steps, cosine over 16
+    assert [round(f(t), 6) for t in (0, 2, 4, 12, 20, 25)] == [0.1, 0.45, 0.8, 0.4, 0.0, 0.0]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 0.9 ** it)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=sched, interval="step")],
+                              estimated_stepping_batches=20)
+    spec = restart_lr(trainer, peak=1.0, ramp=0.2)
+    assert spec == {"start": 3, "end": 20, "peak": 1.0, "ramp": 0.2, "from_factor": pytest.approx(0.729)}
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(17):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    up = round(0.2 * 17)  # 3 steps up
+    assert rates[0] == pytest.approx(0.5 * 0.729) and rates[up] == pytest.approx(0.5)
+    assert rates[:up + 1] == sorted(rates[:up + 1]) and rates[up:] == sorted(rates[up:], reverse=True)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
 class _NotATensor:
     """A pickled object in a checkpoint: what ``weights_only`` loading refuses (it could run code on load)."""
 
