@@ -3,7 +3,7 @@ unnoticed in a training run (the filter selection, the L1 term, the budget searc
 state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers,
 the data formats' box conventions, the metric conventions; the compare tool and ``--reference``, the device timing
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
-the classification data).
+the classification data, the learning-rate restart, default boxes given per branch).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
