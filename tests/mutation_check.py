@@ -11,7 +11,7 @@ throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named 
 for), and the mutant is *killed* when they fail. A mutant that survives is a test to write, unless it is marked
 ``equivalent`` (the code computes the same thing either way: the reason is given).
 
-    python -m tests.mutation_check              # every mutant: ~1.5 h on a 2-core CPU (survivors run whole files)
+    python -m tests.mutation_check              # every mutant: ~1.5 h on a 2-core CPU (the sum of the timed runs)
     python -m tests.mutation_check S4 B1 M2     # some of them
 
 Not part of ``make test`` (it runs the suite dozens of times); run it after changing one of these places. It

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from callbacks.surgery import prune_filters
-from datamodules.classification import CIFAR10DataModule, GTSRBDataModule
+from datamodules.classification import CIFAR10DataModule, GTSRBDataModule, ImageArrayDataset
 from datamodules.voc import DataError
 from lightning_modules.classifier import build_vgg16
 from lightning_modules.contract import PrunableNet
@@ -129,7 +129,7 @@ def test_cifar10_pixels_splits_and_augmentation_are_as_the_format_and_the_recipe
     assert len(train) == 90 and len(val) == 30 and not train & val and train | val == {im.tobytes() for im in images}
 
     img = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3)  # every pixel unique
-    ds = type(dm.train_ds)([img], np.zeros(1), 32, "crop_flip")
+    ds = ImageArrayDataset([img], np.zeros(1), 32, "crop_flip")
     padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
     crops = {(dy, dx): padded[dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
     found = set()
