@@ -33,6 +33,44 @@ def test_same_count_as_torchvision_ssd300():
     assert nparams(tv) == nparams(build_ssd(300, 21))
 
 
+def test_ssd300_computes_torchvisions_ssd300_vgg16_function():
+    """Given torchvision's ``ssd300_vgg16`` weights, our SSD300 gives the same head outputs on the same input (in
+    float64): the same trunk (pool3 in ceil mode, pool5 3x3/1, conv6 dilated 6), the L2Norm on conv4_3 with its
+    per-channel scale, the extras and the heads read from the same six feature maps in the same order."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=21).double()
+    with torch.no_grad():
+        tv.backbone.scale_weight.uniform_(5, 30)  # not all 20, so a scale read from the wrong channel shows
+    ours = build_ssd(300, 21).double()
+    tv_convs = [m for m in tv.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.weight.shape for c in tv_convs] == [c.weight.shape for c in ours.layers.values()]
+    with torch.no_grad():
+        for dst, src in zip(ours.layers.values(), tv_convs):
+            dst.weight.copy_(src.weight), dst.bias.copy_(src.bias)
+        ours.l2norm.weight.copy_(tv.backbone.scale_weight)
+    ours.head.load_state_dict(tv.head.state_dict())
+    x = torch.randn(1, 3, 300, 300, dtype=torch.float64)
+    with torch.no_grad():
+        want = tv.head(list(tv.backbone(x).values()))
+        loc, conf = ours.eval()(x)
+    torch.testing.assert_close(loc, want["bbox_regression"])
+    torch.testing.assert_close(conf, want["cls_logits"])
+
+
+def test_every_default_box_starts_as_background_with_probability_099():
+    """The conf head's background bias (``_init_weights``): on an all-zero input every feature is 0 after the ReLUs, so
+    the logits are the biases and softmax gives background 0.99, the rest shared by the object classes."""
+    for classes in (3, 21):
+        m = build_ssd(300, classes, width_mult=0.0625).eval()
+        with torch.no_grad():
+            _, conf = m(torch.zeros(1, 3, 300, 300))
+        p = conf.softmax(-1)
+        torch.testing.assert_close(p[..., 0], torch.full_like(p[..., 0], 0.99))
+        torch.testing.assert_close(p[..., 1:], torch.full_like(p[..., 1:], 0.01 / (classes - 1)))
+
+
 @pytest.mark.parametrize("size,count,maps", [(300, 8732, [38, 19, 10, 5, 3, 1]), (512, 24564, [64, 32, 16, 8, 4, 2, 1])])
 def test_default_box_counts_and_feature_maps(size, count, maps):
     assert default_boxes(size).shape == (count, 4)
