@@ -3,7 +3,8 @@ unnoticed in a training run (the filter selection, the L1 term, the budget searc
 state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers,
 the data formats' box conventions, the metric conventions; the compare tool and ``--reference``, the device timing
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
-the classification data, the learning-rate restart, default boxes given per branch).
+the classification data, the learning-rate restart, default boxes given per branch, the network's L2Norm,
+pool5 and background prior).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
@@ -223,6 +224,16 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),
+    # the network itself: the L2Norm on conv4_3, pool5, the background prior of the conf head
+    ("Sd1", SSD, "norm = x.pow(2).sum(dim=1, keepdim=True)", "norm = x.pow(2).sum(dim=-1, keepdim=True)",
+     ["tests/test_ssd.py"], ""),
+    ("Sd2", SSD, "x.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps", "x.abs().sum(dim=1, keepdim=True) + self.eps",
+     ["tests/test_ssd.py"], ""),
+    ("Sd3", SSD, "features.append(self.l2norm(x))", "features.append(x := self.l2norm(x))", ["tests/test_ssd.py"], ""),
+    ("Sd4", SSD, "x = F.max_pool2d(x, 3, 1, 1)", "x = F.avg_pool2d(x, 3, 1, 1)", ["tests/test_ssd.py"], ""),
+    ("Sd5", SSD, "self.weight.view(1, -1, 1, 1)", "self.weight.flip(0).view(1, -1, 1, 1)", ["tests/test_ssd.py"], ""),
+    ("Sd6", SSD, "math.log(background_prior * c / (1 - background_prior))",
+     "math.log(background_prior / (1 - background_prior))", ["tests/test_ssd.py"], ""),
     # the learning-rate restart after a surgery
     ("Re1", RT, "return from_factor + (peak - from_factor) * max(t, 0) / up", "return peak * max(t, 0) / up",
      ["tests/test_persistence.py"], ""),
