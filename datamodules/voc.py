@@ -43,7 +43,8 @@ VOC_CLASSES = (
 LAYOUT_HELP = (
     "Expected layout: <root>/VOCdevkit/VOC<year>/{Annotations/<id>.xml, ImageSets/Main/<split>.txt, "
     "JPEGImages/<id>.jpg}. For PASCAL VOC run with --data.download true (torchvision's VOC downloader), "
-    "or point --data.root at the folder that holds VOCdevkit/."
+    "or point --data.root at the folder that holds VOCdevkit/ (the VOCdevkit folder or a VOC<year> folder itself "
+    "works too)."
 )
 
 
@@ -219,13 +220,33 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
     )
 
 
+def voc_year_folder(root: str | Path, year: int | str) -> Path:
+    """The VOC<year> folder of ``--data.root``: ``<root>/VOCdevkit/VOC<year>`` (the devkit's layout), or, where that
+    does not exist, ``<root>/VOC<year>`` (root is the VOCdevkit folder) or ``root`` itself when it is the
+    ``VOC<year>`` folder: the paths a user copies from a file browser. The year must match the folder's name."""
+    root = Path(root)
+    standard = root / "VOCdevkit" / f"VOC{year}"
+    if standard.is_dir():
+        return standard
+    for base in (root / f"VOC{year}", root):
+        if base.name == f"VOC{year}" and (base / "Annotations").is_dir():
+            return base
+    return standard
+
+
 def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, list[str]]:
-    """The VOC<year> folder, the split file and the ids it lists."""
-    base = Path(root) / "VOCdevkit" / f"VOC{year}"
+    """The VOC<year> folder (``voc_year_folder``), the split file and the ids it lists."""
+    base = voc_year_folder(root, year)
     ids_file = base / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.is_file():
         what = "data root" if not Path(root).exists() else ("VOCdevkit folder" if not base.exists() else "split file")
-        raise DataError(f"VOC {what} not found: {ids_file} does not exist. {LAYOUT_HELP}")
+        hint = ""
+        if not base.exists() and (Path(root) / "Annotations").is_dir():
+            hint = (f" {root} holds Annotations/ itself, so it is one year's folder, but its name is not VOC{year} "
+                    f"(the year asked for: data.train_sets / test_set / val_set name ({year}, {split!r})). Name the "
+                    "sets with that folder's year, or place the folder as <root>/VOCdevkit/VOC<year>/ (a symlink "
+                    "works).")
+        raise DataError(f"VOC {what} not found: {ids_file} does not exist.{hint} {LAYOUT_HELP}")
     ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {ids_file} lists no image ids")
@@ -610,7 +631,7 @@ class VOCDataModule(DetectionDataModule):
             from torchvision.datasets import VOCDetection
 
             for year, split in {*self.train_sets, self.test_set, self.val_set}:
-                if not (self.root / "VOCdevkit" / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt").is_file():
+                if not (voc_year_folder(self.root, year) / "ImageSets" / "Main" / f"{split}.txt").is_file():
                     VOCDetection(str(self.root), year=str(year), image_set=split, download=True)
 
     @classmethod

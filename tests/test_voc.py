@@ -98,6 +98,27 @@ def test_missing_root_names_path_and_layout(tmp_path):
     assert "Expected layout" in msg and "--data.download true" in msg
 
 
+def test_root_may_be_the_vocdevkit_or_the_year_folder_itself(tmp_path):
+    """``--data.root`` as a file browser gives it: the folder holding VOCdevkit/, VOCdevkit/ itself or VOC2007/
+    itself read the same samples; a year folder whose name is not the year asked for is refused, naming both."""
+    import shutil
+
+    tiny_voc(tmp_path / "data")
+    want = VOCDataset(tmp_path / "data", [(2007, "trainval")], CLASSES, ssd_eval_transform(300)).items
+    for root in (tmp_path / "data" / "VOCdevkit", tmp_path / "data" / "VOCdevkit" / "VOC2007"):
+        got = VOCDataset(root, [(2007, "trainval")], CLASSES, ssd_eval_transform(300)).items
+        assert [(a.image_id, a.image_path, a.boxes.tolist(), a.labels.tolist()) for a in got] == \
+            [(a.image_id, a.image_path, a.boxes.tolist(), a.labels.tolist()) for a in want]
+        dm = VOCDataModule(str(root), train_sets=[(2007, "trainval")], test_set=(2007, "test"), classes="auto")
+        assert sorted(dm.classes) == sorted(CLASSES)
+    with pytest.raises(DataError, match=r"VOC2007 holds Annotations/ itself.*not VOC2012.*\(2012, 'trainval'\)"):
+        VOCDataset(tmp_path / "data" / "VOCdevkit" / "VOC2007", [(2012, "trainval")], CLASSES, ssd_eval_transform(300))
+    flat = tmp_path / "export"  # a VOC-format export without the devkit's folders
+    shutil.copytree(tmp_path / "data" / "VOCdevkit" / "VOC2007", flat)
+    with pytest.raises(DataError, match=r"export holds Annotations/ itself.*VOCdevkit/VOC<year>/ \(a symlink works\)"):
+        VOCDataset(flat, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+
+
 def test_missing_split_file(tmp_path):
     tiny_voc(tmp_path)
     with pytest.raises(DataError, match="split file not found: .*VOC2007/ImageSets/Main/val.txt"):
