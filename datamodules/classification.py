@@ -5,7 +5,7 @@
   files' checksums); ``--data.download true`` fetches them with torchvision's downloader.
 * GTSRB (``torchvision.datasets.GTSRB``): ``<root>/gtsrb/GTSRB/Training/<class:05d>/*.ppm`` and
   ``<root>/gtsrb/GTSRB/Final_Test/Images/*.ppm`` with ``<root>/gtsrb/GT-final_test.csv`` (read by torchvision's
-  class; ``--data.download true`` fetches them).
+  class; ``--data.download true`` fetches them). The validation split holds out whole tracks (``split_groups``).
 
 Batches are ``(uint8 N x 3 x S x S, int64 labels)``; the module normalises on the device. Training augmentation:
 CIFAR's pad-4-and-crop + horizontal flip; GTSRB's resize to ``image_size`` only (no flip: signs are not symmetric).
@@ -97,16 +97,44 @@ class ClassificationDataModule(pl.LightningDataModule):
     def read_split(self, train: bool) -> tuple[list, np.ndarray]:
         raise NotImplementedError
 
+    def split_groups(self, images: list) -> list | None:
+        """A key per training image; images with one key stay on one side of the validation split (GTSRB's tracks:
+        30 frames of one physical sign). ``None``: every image on its own."""
+        return None
+
+    def validation_split(self, images: list, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(validation, training) indices: ``n`` images of a permutation seeded by ``val_seed`` alone, or, where the
+        images come in groups (``split_groups``), whole groups in the order the permutation meets them until at
+        least ``n`` images are held out, so that no group is on both sides."""
+        order = np.random.default_rng(self.hparams.val_seed).permutation(len(images))
+        groups = self.split_groups(images)
+        if groups is None or n == 0:
+            return order[:n], order[n:]
+        members: dict = {}
+        for i in order:
+            members.setdefault(groups[i], []).append(i)
+        val: list[int] = []
+        for group in members.values():
+            if len(val) >= n:
+                break
+            val.extend(group)
+        held = set(val)
+        train = np.array([i for i in order if i not in held], dtype=np.int64)
+        if not len(train):
+            raise DataError(f"data.val_fraction {self.hparams.val_fraction} of {len(images)} training images in "
+                            f"{len(members)} groups (tracks) leaves no training images")
+        return np.array(val, dtype=np.int64), train
+
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in ("fit", "validate", None) and not hasattr(self, "train_ds"):
             images, labels = self.read_split(train=True)
-            order = np.random.default_rng(hp.val_seed).permutation(len(labels))
             n_val = round(hp.val_fraction * len(labels)) if hp.val_fraction > 0 else 0
             if hp.val_fraction > 0 and not 0 < n_val < len(labels):
                 raise DataError(f"data.val_fraction {hp.val_fraction} of {len(labels)} training images leaves no "
                                 "validation or no training images")
-            val_idx, train_idx = order[:n_val], order[n_val:]
+            val_idx, train_idx = self.validation_split(images, n_val)
+            n_val = len(val_idx)
             if hp.train_limit:  # the first N of a fixed seeded order: quick runs on a stable subset
                 train_idx = train_idx[: hp.train_limit]
             pick = lambda idx: ([images[i] for i in idx], labels[idx])  # noqa: E731
@@ -223,6 +251,12 @@ class GTSRBDataModule(ClassificationDataModule):
 
             for split in ("train", "test"):
                 GTSRB(str(self.root), split=split, download=True)
+
+    def split_groups(self, images: list) -> list:
+        """GTSRB's training images are tracks, 30 frames of one physical sign each (``<track>_<frame>.ppm`` in
+        the class folder): a frame in validation whose neighbours are trained on measures nothing, so a track is
+        held out whole. (Files named otherwise: the part of the name before its last ``_``.)"""
+        return [(Path(p).parent.name, Path(p).stem.rsplit("_", 1)[0]) for p in images]
 
     def read_split(self, train: bool) -> tuple[list, np.ndarray]:
         from torchvision.datasets import GTSRB

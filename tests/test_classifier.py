@@ -175,7 +175,8 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
     dm = GTSRBDataModule(str(root), image_size=32, val_fraction=0.25, batch_size=4, num_workers=0)
     assert len(dm.classes) == 43 and dm.classes[14] == "stop"
     dm.setup("fit")
-    assert len(dm.train_ds) == 9 and len(dm.val_ds) == 3 and sorted(dm.test_ds.labels.tolist()) == [0, 14, 14, 42]
+    # validation holds out whole tracks: here every class folder is one track of 4 frames (00000_0000i.ppm)
+    assert len(dm.train_ds) == 8 and len(dm.val_ds) == 4 and sorted(dm.test_ds.labels.tolist()) == [0, 14, 14, 42]
     # the class id is the folder's name (torchvision numbers the folders it finds: 0, 1, 2 here)
     assert sorted({*dm.train_ds.labels.tolist(), *dm.val_ds.labels.tolist()}) == [0, 14, 42]
     img, label = dm.train_ds[(0, 7)]
@@ -184,6 +185,40 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
     assert torch.equal(img, plain)  # no flip, no crop: resize only
     with pytest.raises(DataError, match="GTSRB training split not readable"):
         GTSRBDataModule(str(tmp_path / "none"), batch_size=4).setup("fit")
+
+
+def test_gtsrb_validation_holds_out_whole_tracks_and_cifar_single_images(tmp_path):
+    """GTSRB's training images are tracks (``<track>_<frame>.ppm``, 30 frames of one sign): no track may lie on both
+    sides of the validation split, which takes whole tracks in a seeded order until it holds at least the asked
+    fraction; CIFAR-10's split stays a plain seeded permutation of single images."""
+    base = tmp_path / "g" / "gtsrb" / "GTSRB"
+    rng = np.random.default_rng(0)
+    for cls, tracks in ((0, 3), (14, 5), (42, 2)):
+        for t in range(tracks):
+            for f in range(3 + t % 2):  # tracks of 3 or 4 frames
+                d = base / "Training" / f"{cls:05d}"
+                d.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(d / f"{t:05d}_{f:05d}.ppm"), rng.integers(0, 255, (30, 28, 3), dtype=np.uint8))
+    gtsrb_fixture(tmp_path / "t")  # its test split
+    (base / "Final_Test").symlink_to(tmp_path / "t" / "gtsrb" / "GTSRB" / "Final_Test")
+    (base.parent / "GT-final_test.csv").symlink_to(tmp_path / "t" / "gtsrb" / "GT-final_test.csv")
+    n = sum(3 + t % 2 for tracks in (3, 5, 2) for t in range(tracks))
+    for seed in range(4):
+        dm = GTSRBDataModule(str(tmp_path / "g"), val_fraction=0.3, val_seed=seed, batch_size=4, num_workers=0)
+        dm.setup("fit")
+        track = lambda p: (Path(p).parent.name, Path(p).name.split("_")[0])  # noqa: E731
+        val, train = {track(p) for p in dm.val_ds.images}, {track(p) for p in dm.train_ds.images}
+        assert not val & train and len(val | train) == 10
+        assert len(dm.val_ds) + len(dm.train_ds) == n
+        assert round(0.3 * n) <= len(dm.val_ds) < round(0.3 * n) + 4  # at most one track over the fraction
+    root = cifar_fixture(tmp_path / "c")
+    dm = CIFAR10DataModule(str(root), val_fraction=0.2, val_seed=3, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    images, _ = dm.read_split(train=True)
+    order = np.random.default_rng(3).permutation(len(images))
+    k = round(0.2 * len(images))
+    assert [a.tobytes() for a in dm.val_ds.images] == [images[i].tobytes() for i in order[:k]]
+    assert [a.tobytes() for a in dm.train_ds.images] == [images[i].tobytes() for i in order[k:]]
 
 
 def paper_config_in_three_short_phases(first_epoch: int) -> dict:
