@@ -3,8 +3,8 @@ unnoticed in a training run (the filter selection, the L1 term, the budget searc
 state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC metric, the augmentation, the samplers,
 the data formats' box conventions, the metric conventions; the compare tool and ``--reference``, the device timing
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
-the classification data, the learning-rate restart, default boxes given per branch, the network's L2Norm,
-pool5 and background prior).
+the classification data and GTSRB's track split, the data root's folder, the learning-rate restart, default boxes
+given per branch, the network's L2Norm, pool5 and background prior).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
@@ -221,6 +221,12 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Cl4", CL, "y, x = rng.integers(0, 9, size=2)", "y, x = rng.integers(0, 8, size=2)", T_CL, ""),
     ("Cl5", CL, "        if train:  # torchvision numbers", "        if False:  # torchvision numbers", T_CL, ""),
     ("Cl6", CLM, "x = (images.float() - self.mean) / self.std", "x = (images.float() - self.mean) / 255", T_CL, ""),
+    ("Cl7", CL, "if groups is None or n == 0:", "if True:", T_CL, ""),
+    ("Cl8", CL, 'return [(Path(p).parent.name, Path(p).stem.rsplit("_", 1)[0]) for p in images]',
+     'return [(Path(p).parent.name, Path(p).stem) for p in images]', T_CL, ""),
+    # --data.root given as the VOCdevkit folder or a VOC<year> folder
+    ("V4", VO, 'if base.name == f"VOC{year}" and (base / "Annotations").is_dir():',
+     'if (base / "Annotations").is_dir():', ["tests/test_voc.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),
