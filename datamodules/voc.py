@@ -53,7 +53,9 @@ class DataError(ValueError):
 
 
 # Image files are looked up by the id of the split file, with these extensions (in this order of preference).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".JPG", ".JPEG", ".png", ".PNG", ".bmp", ".BMP", ".tif", ".tiff")
+# in order of preference when one id has several; matched in any case (".JPG", ".Jpeg", ".TIF")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+EXTENSIONS_TEXT = ",".join(e[1:] for e in IMAGE_EXTENSIONS)
 
 # What parse_voc_xml repairs, counted per kind and reported in one summary warning per data set.
 FIX_KINDS = {
@@ -254,15 +256,17 @@ def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, lis
 
 
 def image_index(folder: Path) -> dict[str, Path]:
-    """id -> image file in ``folder`` (one listing, not one lookup per id), by ``IMAGE_EXTENSIONS`` preference."""
+    """id -> image file in ``folder`` (one listing, not one lookup per id), by ``IMAGE_EXTENSIONS`` preference in
+    any case; of two names that differ only in case, the first in sorted order (the listing's order is arbitrary)."""
     rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[tuple[int, str], Path]] = {}
     if folder.is_dir():
         for entry in os.scandir(folder):
             stem, ext = os.path.splitext(entry.name)
-            if ext in rank and (stem not in found or rank[ext] < rank[found[stem].suffix]):
-                found[stem] = Path(entry.path)
-    return found
+            key = (rank.get(ext.lower(), -1), entry.name)
+            if key[0] >= 0 and (stem not in found or key < found[stem][0]):
+                found[stem] = key, Path(entry.path)
+    return {stem: path for stem, (_, path) in found.items()}
 
 
 def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classes: tuple[str, ...],
@@ -284,7 +288,7 @@ def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classe
             img = images.get(image_id)
             try:
                 if img is None or not xml.is_file():
-                    img_text = str(img) if img else f"{base / 'JPEGImages' / image_id}.{{jpg,jpeg,png,bmp}} (missing)"
+                    img_text = str(img) if img else f"{base / 'JPEGImages' / image_id}.{{{EXTENSIONS_TEXT}}} (missing)"
                     raise DataError(
                         f"id {image_id!r} listed in {ids_file}: annotation {xml}{'' if xml.is_file() else ' (missing)'}, "
                         f"image {img_text}")

@@ -47,7 +47,8 @@ def _marker_image(w: int, h: int, box: tuple[int, int, int, int]) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- images as they come
 @pytest.mark.parametrize("ext,mode", [(".jpg", "RGB"), (".jpeg", "L"), (".JPG", "CMYK"), (".png", "RGBA"),
-                                      (".png", "I;16"), (".bmp", "RGB")])
+                                      (".png", "I;16"), (".bmp", "RGB"), (".Jpeg", "RGB"), (".TIF", "RGB"),
+                                      (".webp", "RGB")])
 def test_image_formats_become_8bit_rgb_with_boxes_on_the_object(tmp_path, ext, mode):
     base = _layout(tmp_path)
     w, h, box = 96, 64, (30, 10, 70, 50)
@@ -56,8 +57,9 @@ def test_image_formats_become_8bit_rgb_with_boxes_on_the_object(tmp_path, ext, m
     if mode == "I;16":  # 16-bit: cv2 writes 16-bit PNGs (BGR order); the red box at full 16-bit scale
         cv2.imwrite(str(path), (rgb[..., ::-1].astype(np.uint16) * 257))
     else:
-        Image.fromarray(rgb).convert(mode).save(path, format={".jpg": "JPEG", ".jpeg": "JPEG", ".JPG": "JPEG",
-                                                             ".png": "PNG", ".bmp": "BMP"}[ext])
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".webp": "WEBP"}
+        Image.fromarray(rgb).convert(mode).save(path, format=fmt[ext.lower()], **({"lossless": True} if
+                                                                                  ext == ".webp" else {}))
     (base / "Annotations" / "img.xml").write_text(xml_text("img", w, h, [("cat", (31, 11, 70, 50), False)]))
     _split(base, "trainval", ["img"])
     ds = VOCDataset(tmp_path, [(2007, "trainval")], ("cat",), ssd_eval_transform(300))
@@ -80,6 +82,12 @@ def test_image_extension_preference_and_xml_filename_ignored(tmp_path):
     _split(base, "trainval", ["a"])
     ds = VOCDataset(tmp_path, [(2007, "trainval")], ("cat",), ssd_eval_transform(300))
     assert ds.items[0].image_path.name == "a.jpg"
+    # the preference holds in any case, and of names differing only in case the first in sorted order is taken
+    (base / "JPEGImages" / "a.jpg").rename(base / "JPEGImages" / "a.JPG")
+    Image.fromarray(_marker_image(40, 30, (0, 0, 5, 5))).save(base / "JPEGImages" / "a.Jpg", format="JPEG")
+    Image.fromarray(_marker_image(40, 30, (0, 0, 5, 5))).save(base / "JPEGImages" / "a.TIFF", format="TIFF")
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], ("cat",), ssd_eval_transform(300))
+    assert ds.items[0].image_path.name == "a.JPG"
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -179,7 +187,7 @@ def test_missing_xml_or_image_names_the_id_and_both_paths(tmp_path):
     with pytest.warns(UserWarning, match=r"2 bad samples skipped .*id 'noxml'"):
         ds = VOCDataset(tmp_path, [(2007, "trainval")], ("cat",), ssd_eval_transform(300), skip_bad_samples=True)
     assert [a.image_id for a in ds.items] == ["ok"]
-    assert any("id 'noimg'" in s and "noimg.{jpg,jpeg,png,bmp} (missing)" in s for s in ds.skipped)
+    assert any("id 'noimg'" in s and "noimg.{jpg,jpeg,png,bmp,tif,tiff,webp} (missing)" in s for s in ds.skipped)
 
 
 # ---------------------------------------------------------------------------------------------- class lists
