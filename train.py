@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.compare import CompareError, log_summary_to_wandb, run_meta
@@ -55,6 +55,20 @@ def configure_wandb_mode() -> bool:
         return False
     os.environ["WANDB_MODE"] = "offline"
     return True
+
+
+class SSDArgumentParser(LightningArgumentParser):
+    """Lightning's parser, except that a data error met while parsing (``--data.classes auto`` reads the annotations
+    when the arguments are linked) stops with its own message, as it does after parsing, not inside a dump of the
+    parsed arguments."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        cause = ex
+        while cause is not None:
+            if isinstance(cause, DataError):
+                raise cause
+            cause = cause.__cause__
+        super().error(message, ex)
 
 
 class SSDCLI(LightningCLI):
@@ -136,6 +150,7 @@ def _has_atomic_io(trainer) -> bool:
 def main(args: list[str] | None = None) -> Path:
     went_offline = configure_wandb_mode()
     cli = SSDCLI(
+        parser_class=SSDArgumentParser,
         run=False,
         subclass_mode_model=True,
         subclass_mode_data=True,

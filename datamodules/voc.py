@@ -248,6 +248,15 @@ def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, lis
                     f"(the year asked for: data.train_sets / test_set / val_set name ({year}, {split!r})). Name the "
                     "sets with that folder's year, or place the folder as <root>/VOCdevkit/VOC<year>/ (a symlink "
                     "works).")
+        elif not (base / "ImageSets" / "Main").is_dir() and Path(root).is_dir():
+            from datamodules.voc_layout import find_xml
+
+            source = base if base.is_dir() else Path(root)
+            xml = find_xml(source)
+            if xml is not None:
+                hint = (f" {source} holds XML annotations but no split files (e.g. {xml}): write the layout, with "
+                        f"links to those files and split files, by `python -m datamodules.voc_layout {source} <out>`, "
+                        "then use <out> as --data.root.")
         raise DataError(f"VOC {what} not found: {ids_file} does not exist.{hint} {LAYOUT_HELP}")
     ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:

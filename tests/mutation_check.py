@@ -39,6 +39,7 @@ ST, TH, RT = "callbacks/state.py", "callbacks/throughput.py", "callbacks/retrain
 CL, CLM, SSD = "datamodules/classification.py", "lightning_modules/classifier.py", "lightning_modules/ssd.py"
 CMP, DI, CMN, CK = "callbacks/compare.py", "callbacks/distributed.py", "lightning_modules/common.py", \
     "lightning_modules/checkpoints.py"
+LAY = "datamodules/voc_layout.py"
 
 T_PRUNE = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_baselines.py"]
 T_SP = ["tests/test_pruning.py", "tests/test_prune_train.py", "tests/test_classifier.py", "tests/test_persistence.py"]
@@ -227,6 +228,16 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     # --data.root given as the VOCdevkit folder or a VOC<year> folder
     ("V4", VO, 'if base.name == f"VOC{year}" and (base / "Annotations").is_dir():',
      'if (base / "Annotations").is_dir():', ["tests/test_voc.py"], ""),
+    # VOC XML in other folder shapes laid out as the devkit (datamodules/voc_layout.py), and train.py's parse errors
+    ("L1", LAY, "random.Random(seed).shuffle(order)", "random.Random(0).shuffle(order)", ["tests/test_voc_layout.py"],
+     ""),
+    ("L2", LAY, 'splits.get("train", []) + splits.get("val", [])', 'splits.get("train", [])',
+     ["tests/test_voc_layout.py"], ""),
+    ("L3", LAY, "prefix = any(n > 1 for n in seen.values())", "prefix = False", ["tests/test_voc_layout.py"], ""),
+    ("L4", LAY, 're.sub(r"\\s+", "_", stem.strip())', "stem.strip()", ["tests/test_voc_layout.py"], ""),
+    ("L5", LAY, "return min(candidates, key=", "return max(candidates, key=", ["tests/test_voc_layout.py"], ""),
+    ("L6", LAY, 'getroot().tag == "annotation"', 'getroot().tag != ""', ["tests/test_voc_layout.py"], ""),
+    ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),
