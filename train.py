@@ -57,17 +57,24 @@ def configure_wandb_mode() -> bool:
     return True
 
 
+def data_error_cause(err: BaseException | None) -> DataError | None:
+    """The DataError that ``err`` was raised from, if any: jsonargparse wraps what a linked function or a constructor
+    raises (``--data.classes auto`` reads the annotations while the arguments are parsed; the data module checks its
+    folders when it is built) in its own errors, a dump of the parsed arguments."""
+    for _ in range(20):
+        if err is None or isinstance(err, DataError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class SSDArgumentParser(LightningArgumentParser):
-    """Lightning's parser, except that a data error met while parsing (``--data.classes auto`` reads the annotations
-    when the arguments are linked) stops with its own message, as it does after parsing, not inside a dump of the
-    parsed arguments."""
+    """Lightning's parser, except that a data error met while parsing stops with its own message (``data_error_cause``)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        cause = ex
-        while cause is not None:
-            if isinstance(cause, DataError):
-                raise cause
-            cause = cause.__cause__
+        cause = data_error_cause(ex)
+        if cause is not None:
+            raise cause
         super().error(message, ex)
 
 
@@ -86,6 +93,15 @@ class SSDCLI(LightningCLI):
         # (the DataModule class resolves them: VOC's "auto", COCO's category names, GTSDB's 43 signs or 4 groups)
         parser.link_arguments("data", "model.init_args.classes", compute_fn=data_classes, apply_on="parse")
         parser.link_arguments("data.init_args.image_size", "model.init_args.size", apply_on="parse")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = data_error_cause(err)
+            if cause is None:
+                raise
+            raise cause from None
 
     def before_instantiate_classes(self) -> None:
         """Give every run its own folder ``<default_root_dir>/<run_name>`` for logs, checkpoints and summary.
@@ -125,6 +141,14 @@ class SSDCLI(LightningCLI):
                 if wandb_id:
                     lg.init_args.id = wandb_id
                     lg.init_args.resume = "allow"
+
+
+def drop_empty_run_dir() -> None:
+    """After an error before anything was written (a data or config error found while the run is set up), remove the
+    run folder made for it, so that a typo leaves no empty run behind."""
+    run_dir = os.environ.get("SSD_RUN_DIR")
+    if run_dir and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+        Path(run_dir).rmdir()
 
 
 def default_run_name() -> str:
@@ -364,4 +388,5 @@ if __name__ == "__main__":
     except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError, RanksInconsistentError,
             CompareError) as err:
         print(f"error: {err}", file=sys.stderr)
+        drop_empty_run_dir()
         sys.exit(2)

@@ -138,6 +138,9 @@ class GTSDBDataModule(DetectionDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.val_is_test = val_fraction == 0
+        folder = self.root / "FullIJCNN2013"
+        if not (folder / "gt.txt").is_file():  # stops here, before a run starts logging
+            raise DataError(f"{folder / 'gt.txt' if folder.is_dir() else folder} not found. {LAYOUT_HELP}")
 
     @classmethod
     def model_classes(cls, init_args: dict) -> list[str]:

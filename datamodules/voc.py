@@ -631,6 +631,9 @@ class VOCDataModule(DetectionDataModule):
             raise DataError("give either data.val_fraction or data.val_set, not both")
         self.val_set = tuple(val_set) if val_set is not None else self.test_set
         self.val_is_test = val_fraction == 0 and self.val_set == self.test_set
+        if synthetic is None and not download:  # a missing folder or split file stops here, before a run starts logging
+            for year, split in dict.fromkeys([*self.train_sets, self.test_set, self.val_set]):
+                read_split(self.root, year, split)
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None and not (self.root / "VOCdevkit").exists():

@@ -238,6 +238,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("L5", LAY, "return min(candidates, key=", "return max(candidates, key=", ["tests/test_voc_layout.py"], ""),
     ("L6", LAY, 'getroot().tag == "annotation"', 'getroot().tag != ""', ["tests/test_voc_layout.py"], ""),
     ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
+    # a missing data root stops in one line before the run starts (no traceback, no run folder, no W&B run)
+    ("L8", "train.py", "            raise cause from None\n", "            raise\n", ["tests/test_real_data.py"], ""),
+    ("L9", "train.py", "        drop_empty_run_dir()\n", "", ["tests/test_real_data.py"], ""),
+    ("L10", VO, "                read_split(self.root, year, split)\n", "                pass\n",
+     ["tests/test_real_data.py"], ""),
+    ("L11", GT, "raise DataError(f\"{folder / 'gt.txt' if folder.is_dir() else folder} not found.", "print(f\"",
+     ["tests/test_real_data.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),

@@ -60,8 +60,10 @@ def test_train_sampler_gives_each_image_a_new_augmentation_seed_every_epoch_and_
 
 def test_global_batch_must_divide_over_devices(tmp_path):
     from datamodules.voc import DataError, VOCDataModule
+    from tests.voc_fixture import tiny_voc
 
-    dm = VOCDataModule(root=str(tmp_path), batch_size=8)
+    tiny_voc(tmp_path)  # the data module checks its split files when it is built
+    dm = VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], classes=["cat", "dog"], batch_size=8)
     dm.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(DataError, match="global batch size and must divide evenly over 3"):
         dm.per_device_batch_size()

@@ -282,6 +282,21 @@ def _cli(tmp_path, root, *extra):
             "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", "--trainer.logger", "false", *extra]
 
 
+@pytest.mark.parametrize("config,root_error", [("experiments/demo.yaml", "VOC data root not found: "),
+                                               ("experiments/gtsdb_ssd512.yaml", "FullIJCNN2013 not found. ")])
+def test_a_missing_data_root_stops_in_one_line_before_the_run_starts(tmp_path, config, root_error):
+    """A typo in --data.root: one line naming the path, no traceback, and no run folder or W&B run left behind."""
+    proc = run_train(["--config", config, "--data.root", str(tmp_path / "nowhere"), "--run_name", "typo",
+                      "--trainer.default_root_dir", str(tmp_path / "runs"), "--model.pretrained_backbone", "false",
+                      *(["--data.synthetic", "null", "--data.classes", "[cat]"] if "demo" in config else [])],
+                     env={"WANDB_MODE": "offline"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and root_error in last and str(tmp_path / "nowhere") in last
+    assert "Traceback" not in proc.stderr and "Namespace(" not in proc.stderr
+    assert not (tmp_path / "runs" / "typo").exists()
+
+
 def test_one_class_auto_run_fits_tests_and_exports(tmp_path):
     _named_voc(tmp_path / "cells", {f"tr{i}": ["cell"] * (1 + i % 3) for i in range(6)}, {"te0": ["cell"], "te1": []})
     proc = run_train(_cli(tmp_path, tmp_path / "cells", "--data.classes", "auto", "--run_name", "one"))
