@@ -332,20 +332,24 @@ def predict_folder_classes(module: VGGClassifier, images_dir, out_dir, batch_siz
     import cv2
     import numpy as np
 
-    from lightning_modules.export import IMAGE_SUFFIXES, _read_image
+    from lightning_modules.export import IMAGE_SUFFIXES, read_images, report_skipped
 
     src, dst = Path(images_dir), Path(out_dir)
     files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES + (".ppm",)) if src.is_dir() else []
     if not files:
         raise FileNotFoundError(f"no images in {src}")
     dst.mkdir(parents=True, exist_ok=True)
-    size, results = module.model.size, {}
+    size, results, skipped = module.model.size, {}, {}
     device = next(module.parameters()).device
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        x = np.stack([cv2.resize(_read_image(f), (size, size), interpolation=cv2.INTER_AREA) for f in chunk])
+        chunk, images = read_images(files[i:i + batch_size], skipped)
+        if not chunk:
+            continue
+        x = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images])
         preds = module.predict_batch(torch.from_numpy(x).permute(0, 3, 1, 2).to(device))
         results.update({f.name: {**p, "score": round(p["score"], 4)} for f, p in zip(chunk, preds)})
+    report_skipped(src, skipped, len(files))
     out = dst / "predictions.json"
-    out.write_text(json.dumps({"classes": list(module.classes), "images": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"classes": list(module.classes), "images": results,
+                               **({"skipped": skipped} if skipped else {})}, indent=2) + "\n")
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -141,6 +142,29 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def read_images(files: list[Path], skipped: dict[str, str]) -> tuple[list[Path], list[np.ndarray]]:
+    """The readable ones of ``files`` and their RGB pixels; an unreadable or corrupt file is recorded in ``skipped``
+    (name -> reason) instead of ending a prediction over a whole folder."""
+    read, images = [], []
+    for f in files:
+        try:
+            images.append(_read_image(f))
+            read.append(f)
+        except ValueError:
+            skipped[f.name] = "unreadable or corrupt image"
+    return read, images
+
+
+def report_skipped(src: Path, skipped: dict[str, str], total: int) -> None:
+    """One warning naming the images a prediction skipped; an error when it could read none."""
+    if len(skipped) == total:
+        raise FileNotFoundError(f"none of the {total} images in {src} could be read (unreadable or corrupt)")
+    if skipped:
+        names = ", ".join(list(skipped)[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"{len(skipped)} of {total} images in {src} unreadable or corrupt, skipped (listed under "
+                      f"'skipped' in the output): {names}")
+
+
 @torch.no_grad()
 def predict_images(detector, images: list[np.ndarray], batch_size: int = 8) -> list[dict[str, Tensor]]:
     """Detections (boxes in pixels of each original image, xyxy) for RGB uint8 arrays of any size."""
@@ -169,13 +193,15 @@ def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, 
     files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
+    if dst.resolve() == src.resolve():  # the drawn <stem>.png would overwrite a user's own PNG
+        raise FileNotFoundError(f"--out {dst} is the images folder: give another folder for the drawn detections")
+    stems = Counter(f.stem for f in files)  # a.jpg and a.png: drawn as a.jpg.png and a.png.png, not both as a.png
     dst.mkdir(parents=True, exist_ok=True)
     detector.eval()
     classes = list(detector.classes)
-    results = {}
+    results, skipped = {}, {}
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        images = [_read_image(f) for f in chunk]
+        chunk, images = read_images(files[i:i + batch_size], skipped)
         for f, im, d in zip(chunk, images, predict_images(detector, images, batch_size)):
             keep = d["scores"] >= score_threshold
             boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
@@ -185,10 +211,11 @@ def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, 
             ]
             text = [f"{classes[int(c)]} {float(s):.2f}" for s, c in zip(scores, labels)]
             drawn = draw_bounding_boxes(torch.from_numpy(im).permute(2, 0, 1), boxes, labels=text, colors="red", width=2)
-            cv2.imwrite(str(dst / f"{f.stem}.png"), cv2.cvtColor(drawn.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
+            cv2.imwrite(str(dst / f"{f.stem if stems[f.stem] == 1 else f.name}.png"), cv2.cvtColor(drawn.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
+    report_skipped(src, skipped, len(files))
     out = dst / "detections.json"
     out.write_text(json.dumps({"classes": classes, "score_threshold": score_threshold, "box_format": "xyxy pixels",
-                               "images": results}, indent=2) + "\n")
+                               "images": results, **({"skipped": skipped} if skipped else {})}, indent=2) + "\n")
     return out
 
 

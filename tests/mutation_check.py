@@ -245,6 +245,12 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     ("L11", GT, "raise DataError(f\"{folder / 'gt.txt' if folder.is_dir() else folder} not found.", "print(f\"",
      ["tests/test_real_data.py"], ""),
+    # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
+    # images folder
+    ("P1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",
+     ["tests/test_persistence.py", "tests/test_classifier.py"], ""),
+    ("P2", EX, "f.stem if stems[f.stem] == 1 else f.name", "f.stem", ["tests/test_persistence.py"], ""),
+    ("P3", EX, "if dst.resolve() == src.resolve():", "if False:", ["tests/test_persistence.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),

@@ -305,10 +305,13 @@ def test_classifier_evaluate_export_and_predict_from_the_run(tmp_path):
     imgs.mkdir()
     for i in range(3):
         cv2.imwrite(str(imgs / f"{i}.png"), np.full((40, 50, 3), 60 * i, np.uint8))
+    (imgs / "broken.jpg").write_bytes(b"not an image")  # skipped, listed, and the rest predicted
     pr = run_train(["--predict", str(tmp_path / "ex"), "--images", str(imgs), "--out", str(tmp_path / "pred")])
     assert pr.returncode == 0, pr.stderr[-3000:]
+    assert "1 of 4 images" in pr.stderr and "broken.jpg" in pr.stderr
     preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert sorted(preds["images"]) == ["0.png", "1.png", "2.png"]
+    assert preds["skipped"] == {"broken.jpg": "unreadable or corrupt image"}
     assert all(p["class"] in preds["classes"] and 0 <= p["score"] <= 1 for p in preds["images"].values())
 
 

@@ -427,7 +427,22 @@ def test_export_load_and_predict_keep_the_decoding_settings_overrides_and_image_
     out = json.loads(predict_folder(det, tmp_path / "imgs", tmp_path / "pred", score_threshold=0.3).read_text())
     assert out["images"] == {"wide.jpg": [{"box": [20.0, 24.0, 100.0, 72.0], "score": 0.9, "label": 1,
                                            "class": "dog"}]}
-    assert (tmp_path / "pred" / "wide.png").is_file()
+    assert (tmp_path / "pred" / "wide.png").is_file() and "skipped" not in out
+    # a corrupt file among them is skipped with a warning and listed; two files of one stem are drawn apart; the
+    # drawn PNGs never go into the images folder itself; a folder of nothing readable is an error
+    (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not an image")
+    cv2.imwrite(str(tmp_path / "imgs" / "wide.png"), wide)
+    with pytest.warns(UserWarning, match=r"1 of 3 images in .*imgs unreadable or corrupt, skipped .*: broken\.jpg"):
+        out = json.loads(predict_folder(det, tmp_path / "imgs", tmp_path / "pred2").read_text())
+    assert sorted(out["images"]) == ["wide.jpg", "wide.png"]
+    assert out["skipped"] == {"broken.jpg": "unreadable or corrupt image"}
+    assert sorted(p.name for p in (tmp_path / "pred2").glob("*.png")) == ["wide.jpg.png", "wide.png.png"]
+    with pytest.raises(FileNotFoundError, match="is the images folder"):
+        predict_folder(det, tmp_path / "imgs", tmp_path / "imgs" / ".." / "imgs")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="none of the 1 images in .*bad could be read"):
+        predict_folder(det, tmp_path / "bad", tmp_path / "pred3")
 
     torch.save({**ckpt, "extra": _NotATensor()}, tmp_path / "pickled.ckpt")
     with pytest.raises(CheckpointError, match="Only load checkpoints you trust"):
