@@ -68,6 +68,38 @@ def data_error_cause(err: BaseException | None) -> DataError | None:
     return None
 
 
+class ConfigError(ValueError):
+    """A setting one of the project's classes refused when it was built (its own message, the class named)."""
+
+
+def config_error(err: ValueError) -> ConfigError | None:
+    """jsonargparse reports a constructor's ValueError or TypeError as a dump of the arguments it was given. When
+    the first error in that chain was raised by the project's own code (a setting it checks: ``size must be 300 or
+    512``), that error, with the class that raised it; None for anything else (a library's own failure)."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    first = chain[-1]
+    if first is err or not isinstance(first, (ValueError, TypeError)) or first.__traceback__ is None:
+        return None
+    root = Path(__file__).resolve().parent
+
+    def ours(frame) -> bool:
+        path = Path(frame.f_code.co_filename).resolve()
+        return path.is_relative_to(root) and not path.is_relative_to(root / ".venv")
+
+    frames, tb = [], first.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    if not ours(frames[-1]):
+        return None
+    # the constructor jsonargparse called: the outermost __init__ of the project's code
+    owner = next((f.f_locals["self"] for f in frames if ours(f) and f.f_code.co_name == "__init__"
+                  and "self" in f.f_locals), None)
+    return ConfigError(f"{type(owner).__name__ + ': ' if owner is not None else ''}{first}")
+
+
 class SSDArgumentParser(LightningArgumentParser):
     """Lightning's parser, except that a data error met while parsing stops with its own message (``data_error_cause``)."""
 
@@ -99,9 +131,12 @@ class SSDCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as err:
             cause = data_error_cause(err)
-            if cause is None:
+            if cause is not None:
+                raise cause from None
+            refused = config_error(err)
+            if refused is None:
                 raise
-            raise cause from None
+            raise refused from None
 
     def before_instantiate_classes(self) -> None:
         """Give every run its own folder ``<default_root_dir>/<run_name>`` for logs, checkpoints and summary.
@@ -385,8 +420,8 @@ if __name__ == "__main__":
             tool_main(sys.argv[1:])
         else:
             main()
-    except (DataError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError, RanksInconsistentError,
-            CompareError) as err:
+    except (DataError, ConfigError, ScheduleError, CheckpointError, WeightsMismatchError, FileNotFoundError,
+            RanksInconsistentError, CompareError) as err:
         print(f"error: {err}", file=sys.stderr)
         drop_empty_run_dir()
         sys.exit(2)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.samplers import EvalSampler, TrainSampler
 from datamodules.transforms import init_loader_worker, opencv_one_thread
-from datamodules.voc import DataError
+from datamodules.voc import DataError, check_loader_args
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_LAYOUT = ("Expected layout (torchvision.datasets.CIFAR10): <root>/cifar-10-batches-py/{data_batch_1 ... "
@@ -84,6 +84,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                  val_seed: int = 0, train_limit: int | None = None, batch_size: int = 128, num_workers: int = 4):
         super().__init__()
         self.save_hyperparameters()
+        check_loader_args(batch_size, num_workers)
         self.root = Path(root)
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")

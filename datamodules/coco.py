@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.voc import Annotation, DataError, DetectionDataModule, clip_box, warn_repairs
+from datamodules.voc import Annotation, DataError, DetectionDataModule, check_loader_args, clip_box, warn_repairs
 
 LAYOUT_HELP = ("Expected layout: <root>/annotations/instances_<split>.json and the images in <root>/<split>/ "
                "(e.g. train2017/, val2017/); --data.train_split / --data.val_split name the splits.")
@@ -179,6 +179,7 @@ class COCODataModule(DetectionDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_loader_args(batch_size, num_workers)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"--data.root {self.root} does not exist. {LAYOUT_HELP}")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.voc import Annotation, DataError, DetectionDataModule, clip_box, image_header, warn_repairs
+from datamodules.voc import (Annotation, DataError, DetectionDataModule, check_loader_args, clip_box, image_header,
+                             warn_repairs)
 
 GTSRB_CLASSES = (
     "speed limit 20", "speed limit 30", "speed limit 50", "speed limit 60", "speed limit 70", "speed limit 80",
@@ -130,6 +131,7 @@ class GTSDBDataModule(DetectionDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_loader_args(batch_size, num_workers)
         self.root = Path(root)
         for name, r in (("train_ids", train_ids), ("test_ids", test_ids)):
             if len(r) != 2 or not 0 <= r[0] < r[1]:

@@ -68,6 +68,14 @@ FIX_KINDS = {
 }
 
 
+def check_loader_args(batch_size, num_workers) -> None:
+    """A data module's batch size and worker count, checked when it is built (before a run starts logging)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"data.batch_size must be a whole number >= 1 (the global batch), got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"data.num_workers must be a whole number >= 0, got {num_workers!r}")
+
+
 def warn_repairs(where: str, fixes: Counter) -> None:
     """One warning per data set that counts each kind of repair (``FIX_KINDS``)."""
     if fixes:
@@ -615,6 +623,7 @@ class VOCDataModule(DetectionDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_loader_args(batch_size, num_workers)
         self.root = Path(root)
         self.train_sets = [tuple(s) for s in train_sets]
         self.test_set = tuple(test_set)

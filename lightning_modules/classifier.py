@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.common import (ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile,
+from lightning_modules.common import (OPTIMIZERS, ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile,
                                      log_training_loss)
 
 VGG16_WIDTHS = {"conv1_1": 64, "conv1_2": 64, "conv2_1": 128, "conv2_2": 128, "conv3_1": 256, "conv3_2": 256,
@@ -138,6 +138,8 @@ class VGGClassifier(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningM
         super().__init__()
         check_compile(compile)
         self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.classes = list(classes)
         if len(self.classes) < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {self.classes}")
@@ -239,10 +241,8 @@ class VGGClassifier(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningM
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
                                   nesterov=True)
-        elif hp.optimizer == "adamw":
+        else:  # "adamw" (checked when the module was built)
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
         steps = max(1, math.ceil(self.trainer.estimated_stepping_batches / max(self.trainer.max_epochs, 1)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: self.lr_factor(it / steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

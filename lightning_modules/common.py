@@ -196,6 +196,7 @@ class ClassBalance:
             self._class_counts = torch.tensor(checkpoint["class_counts"], dtype=torch.long)
 
 
+OPTIMIZERS = ("sgd", "adamw")  # what configure_optimizers builds (SGD with momentum, or AdamW)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

@@ -12,7 +12,8 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_modules.box_ops import MultiBoxLoss, decode, packed_field
 from lightning_modules.common import NonFiniteLossError  # noqa: F401 (public here)
-from lightning_modules.common import ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile, log_training_loss
+from lightning_modules.common import (OPTIMIZERS, ClassBalance, EvalHooks, LossGuard, NetRunner, check_compile,
+                                      log_training_loss)
 from lightning_modules.metrics import VOCMeanAveragePrecision
 from lightning_modules.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, build_ssd
 
@@ -88,6 +89,8 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
         super().__init__()
         check_compile(compile)
         self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.classes = list(classes)
         self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone,
                                     batch_norm, prior_sizes)
@@ -303,9 +306,7 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        elif hp.optimizer == "adamw":
+        else:  # "adamw" (checked when the module was built)
             opt = torch.optim.AdamW(groups, lr=hp.lr)
-        else:
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {hp.optimizer!r}")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -247,10 +247,15 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
     # images folder
-    ("P1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",
+    ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",
      ["tests/test_persistence.py", "tests/test_classifier.py"], ""),
-    ("P2", EX, "f.stem if stems[f.stem] == 1 else f.name", "f.stem", ["tests/test_persistence.py"], ""),
-    ("P3", EX, "if dst.resolve() == src.resolve():", "if False:", ["tests/test_persistence.py"], ""),
+    ("Pd2", EX, "f.stem if stems[f.stem] == 1 else f.name", "f.stem", ["tests/test_persistence.py"], ""),
+    ("Pd3", EX, "if dst.resolve() == src.resolve():", "if False:", ["tests/test_persistence.py"], ""),
+    # a setting a class refuses when it is built: its message and the class, one line (train.py's config_error)
+    ("Cf1", "train.py", 'and f.f_code.co_name == "__init__"', 'and f.f_code.co_name != "__init__"',
+     ["tests/test_real_data.py"], ""),
+    ("Cf2", "train.py", "    if not ours(frames[-1]):\n        return None\n", "", ["tests/test_real_data.py"], ""),
+    ("Cf3", VO, "or batch_size < 1:", "or batch_size < 0:", ["tests/test_real_data.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),

@@ -297,6 +297,60 @@ def test_a_missing_data_root_stops_in_one_line_before_the_run_starts(tmp_path, c
     assert not (tmp_path / "runs" / "typo").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--data.image_size", "320"], "error: SSDDetector: size must be 300 or 512, got 320"),
+    (["--model.optimizer", "adam"], "error: SSDDetector: optimizer must be one of ('sgd', 'adamw'), got 'adam'"),
+    (["--data.batch_size", "0"], "error: data.batch_size must be a whole number >= 1 (the global batch), got 0"),
+    (["--data.num_workers", "-1"], "error: data.num_workers must be a whole number >= 0, got -1"),
+    ("l1_mode: proximl", "error: SparsityInduction: l1_mode must be 'gradient' or 'proximal', got 'proximl'"),
+])
+def test_a_setting_a_class_refuses_stops_in_one_line_naming_the_class(tmp_path, args, message):
+    """A value the model, data module or a callback refuses when it is built: its own message and the class, not a
+    dump of every argument, and no run folder or W&B run left behind."""
+    config = "experiments/demo.yaml"
+    if isinstance(args, str):  # a typo inside a callback's block of a config file
+        text = Path(config).read_text()
+        assert text.count("l1_mode: proximal ") == 1
+        config = tmp_path / "typo.yaml"
+        config.write_text(text.replace("l1_mode: proximal ", args + " "))
+        args = []
+    proc = run_train(["--config", str(config), "--run_name", "typo", "--trainer.default_root_dir",
+                      str(tmp_path / "runs"), *args], env={"WANDB_MODE": "offline"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr and "Namespace(" not in proc.stderr
+    assert not (tmp_path / "runs" / "typo").exists()
+
+
+def test_a_librarys_own_failure_keeps_its_full_report():
+    """config_error shortens only what the project's own code refused; a library's ValueError inside a constructor
+    (here the standard library's JSON parser) is left to jsonargparse's full report."""
+    import json as std_json
+
+    from train import ConfigError, config_error
+
+    class Refuses:
+        def __init__(self, text: str):
+            std_json.loads(text) if text.startswith("{") else self.check(text)
+
+        def check(self, text: str):
+            raise ValueError(f"text must start with '{{', got {text!r}")
+
+    def wrapped(text: str) -> ValueError:
+        try:
+            try:
+                Refuses(text)
+            except ValueError as err:
+                raise ValueError("Does not validate against any of the Union subtypes ...") from err
+        except ValueError as outer:
+            return outer
+
+    assert config_error(wrapped("{not json")) is None
+    ours = config_error(wrapped("plain"))
+    assert isinstance(ours, ConfigError) and str(ours) == "Refuses: text must start with '{', got 'plain'"
+    assert config_error(ValueError("not wrapped")) is None
+
+
 def test_one_class_auto_run_fits_tests_and_exports(tmp_path):
     _named_voc(tmp_path / "cells", {f"tr{i}": ["cell"] * (1 + i % 3) for i in range(6)}, {"te0": ["cell"], "te1": []})
     proc = run_train(_cli(tmp_path, tmp_path / "cells", "--data.classes", "auto", "--run_name", "one"))
