@@ -196,10 +196,12 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
     for obj in root.iter("object"):
         name = _text(obj, "name", path)
         if name not in class_to_idx:
+            listed = ", ".join([*class_to_idx, name])
             raise DataError(
                 f"{path}: unknown class {name!r}. Configured classes ({len(class_to_idx)}): "
-                f"{', '.join(map(repr, class_to_idx))}. Set --data.classes to the data set's class names "
-                "(or --data.classes auto to read them from the training annotations).")
+                f"{', '.join(map(repr, class_to_idx))} (with --data.classes auto: the names of the training "
+                f"annotations, so {name!r} has no training object there). Give every class of the data set, e.g. "
+                f"--data.classes \"[{listed}]\"")
         bnd = obj.find("bndbox")
         if bnd is None:
             raise DataError(f"{path}: malformed annotation, <object> {name!r} has no <bndbox>")

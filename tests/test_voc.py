@@ -156,7 +156,7 @@ def test_unreadable_image_names_file_or_is_skipped(tmp_path):
 
 def test_unknown_class_lists_names(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("horse", (10, 12, 50, 60), False)])})
-    with pytest.raises(DataError, match=r"unknown class 'horse'.*'cat', 'dog'.*--data.classes"):
+    with pytest.raises(DataError, match=r"unknown class 'horse'.*'cat', 'dog'.*--data.classes \"\[cat, dog, horse\]\""):
         VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
 
 
