@@ -268,10 +268,21 @@ def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, lis
                         f"links to those files and split files, by `python -m datamodules.voc_layout {source} <out>`, "
                         "then use <out> as --data.root.")
         raise DataError(f"VOC {what} not found: {ids_file} does not exist.{hint} {LAYOUT_HELP}")
-    ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # utf-8-sig: a split file saved by Windows Notepad starts with a byte-order mark, which is not part of the first id
+    ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split file {ids_file} lists no image ids")
-    return base, ids_file, ids
+    return base, ids_file, [_id_of(base, i) for i in ids]
+
+
+def _id_of(base: Path, listed: str) -> str:
+    """The id a split file line means: some tools list the image's file name (``0001.jpg``) where the devkit lists
+    its id (``0001``); the id is taken when only ``<id>.xml`` exists."""
+    stem, ext = os.path.splitext(listed)
+    if ext.lower() in IMAGE_EXTENSIONS and not (base / "Annotations" / f"{listed}.xml").exists() \
+            and (base / "Annotations" / f"{stem}.xml").exists():
+        return stem
+    return listed
 
 
 def image_index(folder: Path) -> dict[str, Path]:

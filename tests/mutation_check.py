@@ -256,6 +256,11 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     ("Cf2", "train.py", "    if not ours(frames[-1]):\n        return None\n", "", ["tests/test_real_data.py"], ""),
     ("Cf3", VO, "or batch_size < 1:", "or batch_size < 0:", ["tests/test_real_data.py"], ""),
+    # split files from other tools: a byte-order mark, image file names for ids
+    ("Sp1", VO, 'read_text(encoding="utf-8-sig").splitlines()', 'read_text(encoding="utf-8").splitlines()',
+     ["tests/test_real_data.py"], ""),
+    ("Sp2", VO, "return base, ids_file, [_id_of(base, i) for i in ids]", "return base, ids_file, ids",
+     ["tests/test_real_data.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),

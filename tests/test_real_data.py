@@ -200,6 +200,15 @@ def _named_voc(root: Path, train: dict[str, list[str]], test: dict[str, list[str
     return root
 
 
+def test_split_file_from_windows_with_file_names_for_ids(tmp_path):
+    """A split file saved by Notepad (byte-order mark, CRLF) that lists image file names (``b.jpg``) for some ids."""
+    base = write_voc(tmp_path, 2007, {}, {i: (60, 40, [("cat", (5, 5, 30, 30), False)]) for i in ("a", "b", "c.d")})
+    (base / "ImageSets" / "Main" / "trainval.txt").write_bytes("\ufeffa\r\nb.jpg\r\nc.d\r\n".encode("utf-8"))
+    ds = VOCDataset(tmp_path, [(2007, "trainval")], ("cat",), ssd_eval_transform(300))
+    assert [a.image_id for a in ds.items] == ["a", "b", "c.d"]
+    assert [a.image_path.name for a in ds.items] == ["a.jpg", "b.jpg", "c.d.jpg"]
+
+
 def test_auto_classes_by_frequency_then_name_and_variants_reported(tmp_path):
     _named_voc(tmp_path, {"a": ["dog", "cat", "Dog"], "b": ["cat", "bird", "dog "], "c": ["ant"]}, {"t": ["cat"]})
     counts, _ = count_class_names(tmp_path, [(2007, "trainval")])
