@@ -275,6 +275,20 @@ def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, lis
     return base, ids_file, [_id_of(base, i) for i in ids]
 
 
+def warn_split_overlap(splits: dict[tuple, tuple[Path, Path, list[str]]], train_sets: list[tuple],
+                       others: dict[str, tuple]) -> None:
+    """Warn when images of the test (or a named validation) split are also training images: the same id in the same
+    year's folder. Its figure would then be measured partly on what the network trained on."""
+    training = {(base, i) for s in train_sets for base, _, ids in [splits[s]] for i in ids}
+    for what, key in others.items():
+        base, ids_file, ids = splits[key]
+        shared = [i for i in dict.fromkeys(ids) if (base, i) in training]
+        if shared and (what == "test" or key != others["test"]):
+            warnings.warn(f"{len(shared)} of the {len(set(ids))} images of the {what} split ({ids_file}) are also "
+                          f"training images (e.g. {', '.join(shared[:3])}): its figures are measured partly on what "
+                          "the network trained on", stacklevel=2)
+
+
 def _id_of(base: Path, listed: str) -> str:
     """The id a split file line means: some tools list the image's file name (``0001.jpg``) where the devkit lists
     its id (``0001``); the id is taken when only ``<id>.xml`` exists."""
@@ -654,8 +668,9 @@ class VOCDataModule(DetectionDataModule):
         self.val_set = tuple(val_set) if val_set is not None else self.test_set
         self.val_is_test = val_fraction == 0 and self.val_set == self.test_set
         if synthetic is None and not download:  # a missing folder or split file stops here, before a run starts logging
-            for year, split in dict.fromkeys([*self.train_sets, self.test_set, self.val_set]):
-                read_split(self.root, year, split)
+            ids = {(year, split): read_split(self.root, year, split)
+                   for year, split in dict.fromkeys([*self.train_sets, self.test_set, self.val_set])}
+            warn_split_overlap(ids, self.train_sets, {"test": self.test_set, "validation": self.val_set})
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic is not None and not (self.root / "VOCdevkit").exists():

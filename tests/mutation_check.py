@@ -261,6 +261,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     ("Sp2", VO, "return base, ids_file, [_id_of(base, i) for i in ids]", "return base, ids_file, ids",
      ["tests/test_real_data.py"], ""),
+    ("Sp3", VO, "shared = [i for i in dict.fromkeys(ids) if (base, i) in training]",
+     "shared = [i for i in dict.fromkeys(ids) if i in training]", ["tests/test_real_data.py"], ""),
     # default boxes given per branch: each branch's own max size (the old single generator took the next min)
     ("Pr1", SSD, "scales=[mins[i] / size, maxs[i] / size]", "scales=[mins[i] / size, (mins + maxs[-1:])[i + 1] / size]",
      ["tests/test_ssd.py"], ""),

@@ -209,6 +209,22 @@ def test_split_file_from_windows_with_file_names_for_ids(tmp_path):
     assert [a.image_path.name for a in ds.items] == ["a.jpg", "b.jpg", "c.d.jpg"]
 
 
+def test_test_images_that_are_also_training_images_are_reported(tmp_path):
+    samples = {i: (60, 40, [("cat", (5, 5, 30, 30), False)]) for i in "abcde"}
+    write_voc(tmp_path, 2007, {"trainval": ["a", "b", "c"], "test": ["c", "d", "b"], "val": ["e"]}, samples)
+    with pytest.warns(UserWarning, match=r"2 of the 3 images of the test split .*test\.txt\) are also training images "
+                                         r"\(e\.g\. c, b\)"):
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "test"), classes=["cat"])
+    with warnings.catch_warnings():  # disjoint splits, and a validation split of its own: nothing to say
+        warnings.simplefilter("error")
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "val"), classes=["cat"])
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "val"),
+                      val_set=(2007, "val"), classes=["cat"])
+    with pytest.warns(UserWarning, match=r"2 of the 3 images of the validation split .*\(e\.g\. b, c\)"):
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "test")], test_set=(2007, "val"), val_set=(2007, "trainval"),
+                      classes=["cat"])
+
+
 def test_auto_classes_by_frequency_then_name_and_variants_reported(tmp_path):
     _named_voc(tmp_path, {"a": ["dog", "cat", "Dog"], "b": ["cat", "bird", "dog "], "c": ["ant"]}, {"t": ["cat"]})
     counts, _ = count_class_names(tmp_path, [(2007, "trainval")])
