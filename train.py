@@ -9,7 +9,7 @@ Other modes:
   --evaluate CKPT|EXPORT_DIR   with --config: test that model on the data module's test split, no training
                                (--model.compile applies to it)
   --export CKPT [--out DIR]    export a checkpoint (no config needed)
-  --predict CKPT|EXPORT_DIR --images DIR [--out DIR] [--score_threshold S] [--device D] [--compile [MODE]]
+  --predict CKPT|EXPORT_DIR --images DIR|IMAGE [--out DIR] [--score_threshold S] [--device D] [--compile [MODE]]
                                detections drawn + detections.json (classifiers: class + score per image)
   --compare RUN [RUN ...] [--out DIR] [--wandb_project P]   runs side by side: compare.md + Pareto/width PNGs
 """
@@ -363,7 +363,7 @@ def tool_main(argv: list[str]) -> None:
     mode.add_argument("--compare", metavar="RUN", nargs="+",
                       help="run folders or summary.json files (globs work): table and pictures side by side")
     ap.add_argument("--wandb_project", help="--compare: also log the table and pictures to this W&B project")
-    ap.add_argument("--images", help="--predict: folder of images")
+    ap.add_argument("--images", help="--predict: a folder of images, or one image file")
     ap.add_argument("--out", help="output folder (default: <checkpoint folder>/export, or <images>_detections)")
     ap.add_argument("--score_threshold", type=float, default=0.3, help="--predict: draw and list detections >= this")
     ap.add_argument("--no_onnx", action="store_true", help="--export: skip model.onnx")
@@ -397,7 +397,7 @@ def tool_main(argv: list[str]) -> None:
             print(f"{kind}: {path}")
         return
     if not a.images:
-        ap.error("--predict needs --images <folder>")
+        ap.error("--predict needs --images <folder or image file>")
     out = Path(a.out) if a.out else Path(str(Path(a.images).resolve()) + "_detections")
     from lightning_modules.classifier import load_classifier, predict_folder_classes
     from lightning_modules.common import fold_batchnorm

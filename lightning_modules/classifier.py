@@ -325,19 +325,17 @@ def load_classifier(path) -> VGGClassifier:
 
 @torch.no_grad()
 def predict_folder_classes(module: VGGClassifier, images_dir, out_dir, batch_size: int = 64):
-    """Class and score for every image of ``images_dir`` (resized to the model's input), in ``predictions.json``."""
+    """Class and score for every image of ``images_dir`` (or that one image file; resized to the model's input), in ``predictions.json``."""
     import json
     from pathlib import Path
 
     import cv2
     import numpy as np
 
-    from lightning_modules.export import IMAGE_SUFFIXES, read_images, report_skipped
+    from lightning_modules.export import IMAGE_SUFFIXES, image_files, read_images, report_skipped
 
     src, dst = Path(images_dir), Path(out_dir)
-    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES + (".ppm",)) if src.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no images in {src}")
+    files = image_files(src, IMAGE_SUFFIXES + (".ppm",))
     dst.mkdir(parents=True, exist_ok=True)
     size, results, skipped = module.model.size, {}, {}
     device = next(module.parameters()).device

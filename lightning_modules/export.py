@@ -142,6 +142,20 @@ def _read_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def image_files(src: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """What ``--predict --images`` names: a folder (its image files, sorted) or one image file."""
+    if src.is_file():
+        if src.suffix.lower() not in suffixes:
+            raise FileNotFoundError(f"{src} is not an image ({', '.join(suffixes)})")
+        return [src]
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is neither an image nor a folder of images")
+    files = sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(suffixes)}) in {src}")
+    return files
+
+
 def read_images(files: list[Path], skipped: dict[str, str]) -> tuple[list[Path], list[np.ndarray]]:
     """The readable ones of ``files`` and their RGB pixels; an unreadable or corrupt file is recorded in ``skipped``
     (name -> reason) instead of ending a prediction over a whole folder."""
@@ -183,17 +197,13 @@ def predict_images(detector, images: list[np.ndarray], batch_size: int = 8) -> l
 
 
 def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, batch_size: int = 8) -> Path:
-    """Detect objects in every image of ``images_dir``; write ``<name>.png`` with the boxes drawn (detections
+    """Detect objects in every image of ``images_dir`` (or in that one image file); write ``<name>.png`` with the boxes drawn (detections
     scoring >= ``score_threshold``) and ``detections.json`` (all of them above that score) into ``out_dir``."""
     from torchvision.utils import draw_bounding_boxes
 
     src, dst = Path(images_dir), Path(out_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src} is not a folder of images")
-    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {src}")
-    if dst.resolve() == src.resolve():  # the drawn <stem>.png would overwrite a user's own PNG
+    files = image_files(src)
+    if dst.resolve() == files[0].parent.resolve():  # the drawn <stem>.png would overwrite a user's own PNG
         raise FileNotFoundError(f"--out {dst} is the images folder: give another folder for the drawn detections")
     stems = Counter(f.stem for f in files)  # a.jpg and a.png: drawn as a.jpg.png and a.png.png, not both as a.png
     dst.mkdir(parents=True, exist_ok=True)
@@ -221,5 +231,5 @@ def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, 
 
 __all__ = [
     "AtomicCheckpointIO", "CheckpointError", "WeightsMismatchError", "export_detector", "export_onnx", "load_detector",
-    "onnx_param_count", "predict_folder", "predict_images", "read_checkpoint", "read_export_spec",
+    "image_files", "onnx_param_count", "predict_folder", "predict_images", "read_checkpoint", "read_export_spec",
 ]

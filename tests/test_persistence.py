@@ -439,6 +439,14 @@ def test_export_load_and_predict_keep_the_decoding_settings_overrides_and_image_
     assert sorted(p.name for p in (tmp_path / "pred2").glob("*.png")) == ["wide.jpg.png", "wide.png.png"]
     with pytest.raises(FileNotFoundError, match="is the images folder"):
         predict_folder(det, tmp_path / "imgs", tmp_path / "imgs" / ".." / "imgs")
+    # one image file instead of a folder; a file that is not an image, or nothing at all, is refused
+    one = json.loads(predict_folder(det, tmp_path / "imgs" / "wide.jpg", tmp_path / "one").read_text())
+    assert list(one["images"]) == ["wide.jpg"] and [p.name for p in (tmp_path / "one").glob("*.png")] == ["wide.png"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"notes\.txt is not an image \(\.jpg, "):
+        predict_folder(det, tmp_path / "notes.txt", tmp_path / "pred4")
+    with pytest.raises(FileNotFoundError, match="is neither an image nor a folder of images"):
+        predict_folder(det, tmp_path / "nowhere", tmp_path / "pred4")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="none of the 1 images in .*bad could be read"):
