@@ -41,7 +41,8 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
         warmup_iters: linear warm-up from ``warmup_factor * lr`` over this many iterations.
         lr_milestones: iterations at which the learning rate is multiplied by ``lr_gamma``
             (recipe: 80k and 100k of 120k). ``cosine_iters`` > 0 replaces the steps by a cosine decay to 0
-            over that many iterations (used by the short demo).
+            over that many iterations; ``"run"``: over the whole run (Lightning's estimated stepping batches), so
+            the decay reaches 0 at the last step whatever the data set's size (the demo: 1,100 on its synthetic set).
         conf_threshold, nms_threshold, top_k: test-time decoding (recipe: 0.01, 0.45, 200).
         use_07_metric: VOC2007 11-point AP (True) or all-point AP.
         coco_map: also log COCO-style mAP@[.5:.95], @.5, @.75 (torchmetrics, faster_coco_eval backend).
@@ -75,7 +76,7 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
         warmup_factor: float = 1.0 / 3,
         lr_milestones: list[int] = (80_000, 100_000),
         lr_gamma: float = 0.1,
-        cosine_iters: int = 0,
+        cosine_iters: int | str = 0,
         neg_pos_ratio: int = 3,
         conf_threshold: float = 0.01,
         nms_threshold: float = 0.45,
@@ -91,6 +92,8 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
         self.save_hyperparameters()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if cosine_iters != "run" and (isinstance(cosine_iters, str) or cosine_iters < 0):
+            raise ValueError(f"cosine_iters must be a number of iterations >= 0 or 'run', got {cosine_iters!r}")
         self.classes = list(classes)
         self.model: SSD = build_ssd(size, len(self.classes) + 1, channels, width_mult, num_branches, pretrained_backbone,
                                     batch_norm, prior_sizes)
@@ -287,11 +290,21 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
                 self.log(f"{stage}/coco_{key}", coco[key])
 
     # ----------------------------------------------------------------- optimisation
+    def cosine_iters(self) -> int:
+        """The cosine's length in iterations: ``cosine_iters``, or for ``"run"`` the run's stepping batches (read once,
+        when the optimiser is configured)."""
+        if self.hparams.cosine_iters != "run":
+            return self.hparams.cosine_iters
+        if getattr(self, "_run_iters", None) is None:
+            self._run_iters = max(1, int(self.trainer.estimated_stepping_batches))
+        return self._run_iters
+
     def lr_factor(self, it: int) -> float:
         """Learning-rate multiplier at iteration ``it``: linear warm-up, then steps (or cosine)."""
         hp = self.hparams
-        if hp.cosine_iters > 0:
-            factor = 0.5 * (1 + math.cos(math.pi * min(it, hp.cosine_iters) / hp.cosine_iters))
+        cosine = self.cosine_iters()
+        if cosine > 0:
+            factor = 0.5 * (1 + math.cos(math.pi * min(it, cosine) / cosine))
         else:
             factor = hp.lr_gamma ** sum(it >= m for m in hp.lr_milestones)
         if it < hp.warmup_iters:
@@ -308,5 +321,6 @@ class SSDDetector(ClassBalance, LossGuard, NetRunner, EvalHooks, pl.LightningMod
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         else:  # "adamw" (checked when the module was built)
             opt = torch.optim.AdamW(groups, lr=hp.lr)
+        self._run_iters = None  # "run": the cosine's length, read from the trainer by the first lr_factor call
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

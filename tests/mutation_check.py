@@ -4,7 +4,8 @@ state in a checkpoint, the matching and hard negatives, decode + NMS, the VOC me
 the data formats' box conventions, the metric conventions; the compare tool and ``--reference``, the device timing
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
 the classification data and GTSRB's track split, the data root's folder, the learning-rate restart, default boxes
-given per branch, the network's L2Norm, pool5 and background prior).
+given per branch, the network's L2Norm, pool5 and background prior; the folder-layout tool, split files from other
+tools, train.py's one-line errors for a missing data root or a refused setting, --predict over a folder).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and

@@ -340,6 +340,16 @@ def test_detector_learning_rate_schedule_and_weight_decay_groups():
     assert got == pytest.approx([0.1, 0.55, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
     cos = SSDDetector(["a"], width_mult=0.0625, warmup_iters=0, cosine_iters=100)
     assert [cos.lr_factor(it) for it in (0, 50, 100, 150)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    # "run": the cosine spans the run's stepping batches, whatever the data set's size (read once per optimiser)
+    run = SSDDetector(["a"], width_mult=0.0625, warmup_iters=0, cosine_iters="run")
+    from types import SimpleNamespace
+
+    run.trainer = SimpleNamespace(estimated_stepping_batches=40)
+    sched = run.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert [run.lr_factor(it) for it in (0, 20, 40, 50)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    assert sched.get_last_lr()[0] == pytest.approx(run.hparams.lr)
+    with pytest.raises(ValueError, match="cosine_iters must be a number of iterations >= 0 or 'run', got 'runs'"):
+        SSDDetector(["a"], width_mult=0.0625, cosine_iters="runs")
     decay, no_decay = det.configure_optimizers()["optimizer"].param_groups
     assert decay["weight_decay"] == det.hparams.weight_decay > 0 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 4 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
