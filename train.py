@@ -101,7 +101,8 @@ def config_error(err: ValueError) -> ConfigError | None:
 
 
 class SSDArgumentParser(LightningArgumentParser):
-    """Lightning's parser, except that a data error met while parsing stops with its own message (``data_error_cause``)."""
+    """Lightning's parser, except that a data error met while parsing stops with its own message
+    (``data_error_cause``)."""
 
     def error(self, message: str, ex: Exception | None = None):
         cause = data_error_cause(ex)

@@ -279,7 +279,10 @@ def warn_split_overlap(splits: dict[tuple, tuple[Path, Path, list[str]]], train_
                        others: dict[str, tuple]) -> None:
     """Warn when images of the test (or a named validation) split are also training images: the same id in the same
     year's folder. Its figure would then be measured partly on what the network trained on."""
-    training = {(base, i) for s in train_sets for base, _, ids in [splits[s]] for i in ids}
+    training = set()
+    for train_set in train_sets:
+        base, _, ids = splits[train_set]
+        training.update((base, i) for i in ids)
     for what, key in others.items():
         base, ids_file, ids = splits[key]
         shared = [i for i in dict.fromkeys(ids) if (base, i) in training]

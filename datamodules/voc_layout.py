@@ -1,4 +1,4 @@
-"""Lay out VOC XML annotations kept in another folder shape as the VOC devkit does, so that ``VOCDataModule`` reads them.
+"""Lay out VOC XML annotations kept in another folder shape as the VOC devkit does, for ``VOCDataModule``.
 
 Annotation tools and data-set sites write VOC XML without the devkit's folders and split files:
 
@@ -162,7 +162,8 @@ def assign_ids(pairs: dict[str, list[tuple[str, Path, Path]]]) -> dict[str, list
     return out
 
 
-def split_lists(groups: dict[str, list[tuple[str, Path, Path]]], test_fraction: float, seed: int) -> dict[str, list[str]]:
+def split_lists(groups: dict[str, list[tuple[str, Path, Path]]], test_fraction: float,
+                seed: int) -> dict[str, list[str]]:
     """Split name -> sorted ids."""
     if ALL in groups:
         ids = sorted(i for i, _, _ in groups[ALL])

@@ -325,7 +325,8 @@ def load_classifier(path) -> VGGClassifier:
 
 @torch.no_grad()
 def predict_folder_classes(module: VGGClassifier, images_dir, out_dir, batch_size: int = 64):
-    """Class and score for every image of ``images_dir`` (or that one image file; resized to the model's input), in ``predictions.json``."""
+    """Class and score for every image of ``images_dir`` (or that one image file; resized to the model's input), in
+    ``predictions.json``; unreadable files are skipped and listed."""
     import json
     from pathlib import Path
 

@@ -197,8 +197,9 @@ def predict_images(detector, images: list[np.ndarray], batch_size: int = 8) -> l
 
 
 def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, batch_size: int = 8) -> Path:
-    """Detect objects in every image of ``images_dir`` (or in that one image file); write ``<name>.png`` with the boxes drawn (detections
-    scoring >= ``score_threshold``) and ``detections.json`` (all of them above that score) into ``out_dir``."""
+    """Detect objects in every image of ``images_dir`` (or in that one image file); write ``<stem>.png`` with the
+    boxes drawn (detections scoring >= ``score_threshold``) and ``detections.json`` (all of them above that score)
+    into ``out_dir``. Unreadable files are skipped and listed (``read_images``)."""
     from torchvision.utils import draw_bounding_boxes
 
     src, dst = Path(images_dir), Path(out_dir)
@@ -221,7 +222,8 @@ def predict_folder(detector, images_dir, out_dir, score_threshold: float = 0.3, 
             ]
             text = [f"{classes[int(c)]} {float(s):.2f}" for s, c in zip(scores, labels)]
             drawn = draw_bounding_boxes(torch.from_numpy(im).permute(2, 0, 1), boxes, labels=text, colors="red", width=2)
-            cv2.imwrite(str(dst / f"{f.stem if stems[f.stem] == 1 else f.name}.png"), cv2.cvtColor(drawn.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
+            name = f.stem if stems[f.stem] == 1 else f.name
+            cv2.imwrite(str(dst / f"{name}.png"), cv2.cvtColor(drawn.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR))
     report_skipped(src, skipped, len(files))
     out = dst / "detections.json"
     out.write_text(json.dumps({"classes": classes, "score_threshold": score_threshold, "box_format": "xyxy pixels",

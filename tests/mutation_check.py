@@ -250,7 +250,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     # images folder
     ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",
      ["tests/test_persistence.py", "tests/test_classifier.py"], ""),
-    ("Pd2", EX, "f.stem if stems[f.stem] == 1 else f.name", "f.stem", ["tests/test_persistence.py"], ""),
+    ("Pd2", EX, "name = f.stem if stems[f.stem] == 1 else f.name", "name = f.stem", ["tests/test_persistence.py"], ""),
     ("Pd3", EX, "if dst.resolve() == src.resolve():", "if False:", ["tests/test_persistence.py"], ""),
     # a setting a class refuses when it is built: its message and the class, one line (train.py's config_error)
     ("Cf1", "train.py", 'and f.f_code.co_name == "__init__"', 'and f.f_code.co_name != "__init__"',

@@ -221,8 +221,8 @@ def test_test_images_that_are_also_training_images_are_reported(tmp_path):
         VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "val"),
                       val_set=(2007, "val"), classes=["cat"])
     with pytest.warns(UserWarning, match=r"2 of the 3 images of the validation split .*\(e\.g\. b, c\)"):
-        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "test")], test_set=(2007, "val"), val_set=(2007, "trainval"),
-                      classes=["cat"])
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "test")], test_set=(2007, "val"),
+                      val_set=(2007, "trainval"), classes=["cat"])
 
 
 def test_auto_classes_by_frequency_then_name_and_variants_reported(tmp_path):
