@@ -85,12 +85,13 @@ def scan(src: Path) -> tuple[dict[str, dict[str, list[Path]]], dict[str, dict[st
     return xmls, images, split_groups, ignored
 
 
-def _is_voc_annotation(path: Path) -> bool:
-    """True for VOC XML (root ``<annotation>``), False for other XML; DataError when it does not parse."""
+def _voc_root(path: Path) -> ET.Element | None:
+    """The root of VOC XML (``<annotation>``), None for other XML; DataError when it does not parse."""
     try:
-        return ET.parse(path).getroot().tag == "annotation"
+        root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise DataError(f"{path}: malformed XML ({err})") from err
+    return root if root.tag == "annotation" else None
 
 
 def _pick_image(stem: str, candidates: list[Path]) -> Path:
@@ -104,10 +105,12 @@ def _pick_image(stem: str, candidates: list[Path]) -> Path:
     return min(candidates, key=lambda p: (rank[p.suffix.lower()], p.name))
 
 
-def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, Path, Path]]], dict[str, int]]:
-    """(split folder -> [(stem, xml, image)] in stem order, counts of what was left out)."""
+def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, Path, Path]]], dict[str, int], Counter]:
+    """(split folder -> [(stem, xml, image)] in stem order, counts of what was left out, objects per class name of the
+    paired annotations): each XML is parsed once."""
     xmls, images, split_groups, ignored = scan(src)
     left_out = Counter(outside_split_folders=ignored)
+    classes: Counter = Counter()
     bad: list[str] = []
     pairs: dict[str, list[tuple[str, Path, Path]]] = {}
     for group in sorted(set(xmls) | set(images)):
@@ -115,7 +118,8 @@ def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, P
         for stem in sorted(xmls.get(group, {})):
             paths = xmls[group][stem]
             try:
-                voc = [p for p in paths if _is_voc_annotation(p)]
+                roots = {p: r for p in paths if (r := _voc_root(p)) is not None}
+                voc = list(roots)
                 if not voc:
                     left_out["xml_not_voc"] += len(paths)
                     continue
@@ -126,6 +130,8 @@ def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, P
                     raise DataError(f"{voc[0]}: no image named {stem}.<{','.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
                                     f"{where} (images are paired with annotations by file name)")
                 found.append((stem, voc[0], _pick_image(stem, images[group][stem])))
+                classes.update(name.strip() for obj in roots[voc[0]].iter("object")
+                               if (name := obj.findtext("name")) is not None)
             except DataError as err:
                 if not skip_bad:
                     raise
@@ -139,7 +145,7 @@ def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, P
         print(f"left out: {message}", file=sys.stderr)
     if not pairs:
         raise DataError(f"no VOC annotation (an .xml file whose root is <annotation>) paired with an image under {src}")
-    return pairs, {k: v for k, v in left_out.items() if v}
+    return pairs, {k: v for k, v in left_out.items() if v}, classes
 
 
 def assign_ids(pairs: dict[str, list[tuple[str, Path, Path]]]) -> dict[str, list[tuple[str, Path, Path]]]:
@@ -223,17 +229,6 @@ def train_options(splits: dict[str, list[str]], year: int) -> str:
             "or name one with --data.test_set)")
 
 
-def class_counts(groups: dict[str, list[tuple[str, Path, Path]]]) -> Counter:
-    counts: Counter = Counter()
-    for items in groups.values():
-        for _, xml, _ in items:
-            for obj in ET.parse(xml).getroot().iter("object"):
-                name = obj.findtext("name")
-                if name is not None:
-                    counts[name.strip()] += 1
-    return counts
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datamodules.voc_layout", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="folder holding the XML annotations and images (any folder shape)")
@@ -254,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         base = args.out / "VOCdevkit" / f"VOC{args.year}"
         if base.exists() and any(base.iterdir()):
             raise DataError(f"{base} exists and is not empty; choose another output folder")
-        pairs, left_out = pair(args.src, args.skip_bad)
+        pairs, left_out, counts = pair(args.src, args.skip_bad)
         groups = assign_ids(pairs)
         if ALL not in groups and args.test_fraction is not None:
             raise DataError(f"{args.src} has split folders ({', '.join(sorted(g + '/' for g in groups))}): they are "
@@ -267,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    counts = class_counts(groups)
     print(f"wrote {base}: " + ", ".join(f"{name} {len(ids)} images" for name, ids in splits.items()))
     print("classes (objects): " + ", ".join(f"{name} {n}" for name, n in counts.most_common()))
     if left_out:

@@ -237,7 +237,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("L3", LAY, "prefix = any(n > 1 for n in seen.values())", "prefix = False", ["tests/test_voc_layout.py"], ""),
     ("L4", LAY, 're.sub(r"\\s+", "_", stem.strip())', "stem.strip()", ["tests/test_voc_layout.py"], ""),
     ("L5", LAY, "return min(candidates, key=", "return max(candidates, key=", ["tests/test_voc_layout.py"], ""),
-    ("L6", LAY, 'getroot().tag == "annotation"', 'getroot().tag != ""', ["tests/test_voc_layout.py"], ""),
+    ("L6", LAY, 'return root if root.tag == "annotation" else None', "return root", ["tests/test_voc_layout.py"], ""),
     ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
     # a missing data root stops in one line before the run starts (no traceback, no run folder, no W&B run)
     ("L8", "train.py", "            raise cause from None\n", "            raise\n", ["tests/test_real_data.py"], ""),
