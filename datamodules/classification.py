@@ -90,9 +90,16 @@ class ClassificationDataModule(pl.LightningDataModule):
             raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.val_is_test = val_fraction == 0
         self.classes = tuple(self.model_classes({"root": root}))
+        if not download:  # stops here, before a run starts logging (with download, prepare_data fetches it)
+            self.check_layout()
 
     @classmethod
     def model_classes(cls, init_args: dict) -> list[str]:
+        raise NotImplementedError
+
+    def check_layout(self) -> None:
+        """Raise a ``DataError`` naming the first missing file or folder of the format's layout (existence only;
+        ``read_split`` reads and checks the contents)."""
         raise NotImplementedError
 
     def read_split(self, train: bool) -> tuple[list, np.ndarray]:
@@ -210,6 +217,12 @@ class CIFAR10DataModule(ClassificationDataModule):
 
             CIFAR10(str(self.root), train=True, download=True)
 
+    def check_layout(self) -> None:
+        folder = self.root / "cifar-10-batches-py"
+        for path in (folder, *(folder / f"data_batch_{i}" for i in range(1, 6)), folder / "test_batch"):
+            if not path.exists():
+                raise DataError(f"{path} not found. {CIFAR_LAYOUT}")
+
     def read_split(self, train: bool) -> tuple[list, np.ndarray]:
         folder = self.root / "cifar-10-batches-py"
         if not folder.is_dir():
@@ -252,6 +265,13 @@ class GTSRBDataModule(ClassificationDataModule):
 
             for split in ("train", "test"):
                 GTSRB(str(self.root), split=split, download=True)
+
+    def check_layout(self) -> None:
+        base = self.root / "gtsrb"
+        for path in (base, base / "GTSRB" / "Training", base / "GTSRB" / "Final_Test" / "Images",
+                     base / "GT-final_test.csv"):
+            if not path.exists():
+                raise DataError(f"{path} not found. {GTSRB_LAYOUT}")
 
     def split_groups(self, images: list) -> list:
         """GTSRB's training images are tracks, 30 frames of one physical sign each (``<track>_<frame>.ppm`` in

@@ -246,6 +246,9 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     ("L11", GT, "raise DataError(f\"{folder / 'gt.txt' if folder.is_dir() else folder} not found.", "print(f\"",
      ["tests/test_real_data.py"], ""),
+    ("L12", CL, "        if not download:  # stops here", "        if False:  # stops here",
+     ["tests/test_real_data.py"], ""),
+    ("L13", CL, '*(folder / f"data_batch_{i}" for i in range(1, 6)), ', "", ["tests/test_classifier.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
     # images folder
     ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",

@@ -102,8 +102,12 @@ def test_cifar10_reads_the_pickles_splits_and_limits(tmp_path):
     again = CIFAR10DataModule(str(root), val_fraction=0.2, train_limit=50, batch_size=8, num_workers=0)
     again.setup("fit")
     assert np.array_equal(again.train_ds.labels, dm.train_ds.labels)  # a fixed seeded order
-    with pytest.raises(DataError, match="cifar-10-batches-py not found"):
-        CIFAR10DataModule(str(tmp_path / "none"), batch_size=8).setup("fit")
+    with pytest.raises(DataError, match="cifar-10-batches-py not found"):  # when built, before a run starts
+        CIFAR10DataModule(str(tmp_path / "none"), batch_size=8)
+    (root / "cifar-10-batches-py" / "data_batch_4").rename(root / "aside")
+    with pytest.raises(DataError, match="cifar-10-batches-py/data_batch_4 not found"):
+        CIFAR10DataModule(str(root), batch_size=8)
+    (root / "aside").rename(root / "cifar-10-batches-py" / "data_batch_4")
     (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_3: not a CIFAR batch file"):
         CIFAR10DataModule(str(root), batch_size=8).setup("fit")
@@ -183,8 +187,13 @@ def test_gtsrb_reads_torchvision_layout_and_resizes(tmp_path):
     assert img.shape == (3, 32, 32) and label in (0, 14, 42)
     plain = dm.train_ds[0][0]
     assert torch.equal(img, plain)  # no flip, no crop: resize only
-    with pytest.raises(DataError, match="GTSRB training split not readable"):
-        GTSRBDataModule(str(tmp_path / "none"), batch_size=4).setup("fit")
+    with pytest.raises(DataError, match="none/gtsrb not found"):  # when built, before a run starts
+        GTSRBDataModule(str(tmp_path / "none"), batch_size=4)
+    (root / "gtsrb" / "GT-final_test.csv").rename(root / "aside.csv")
+    with pytest.raises(DataError, match="gtsrb/GT-final_test.csv not found"):
+        GTSRBDataModule(str(root), batch_size=4)
+    with pytest.raises(DataError, match="GTSRB test split not readable"):  # download: prepare_data fetches, no check
+        GTSRBDataModule(str(root), download=True, batch_size=4).read_split(train=False)
 
 
 def test_gtsrb_validation_holds_out_whole_tracks_and_cifar_single_images(tmp_path):

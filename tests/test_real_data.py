@@ -308,11 +308,14 @@ def _cli(tmp_path, root, *extra):
 
 
 @pytest.mark.parametrize("config,root_error", [("experiments/demo.yaml", "VOC data root not found: "),
-                                               ("experiments/gtsdb_ssd512.yaml", "FullIJCNN2013 not found. ")])
+                                               ("experiments/gtsdb_ssd512.yaml", "FullIJCNN2013 not found. "),
+                                               ("experiments/cifar10_vgg16.yaml", "cifar-10-batches-py not found. "),
+                                               ("experiments/gtsrb_vgg16.yaml", "gtsrb not found. ")])
 def test_a_missing_data_root_stops_in_one_line_before_the_run_starts(tmp_path, config, root_error):
     """A typo in --data.root: one line naming the path, no traceback, and no run folder or W&B run left behind."""
     proc = run_train(["--config", config, "--data.root", str(tmp_path / "nowhere"), "--run_name", "typo",
-                      "--trainer.default_root_dir", str(tmp_path / "runs"), "--model.pretrained_backbone", "false",
+                      "--trainer.default_root_dir", str(tmp_path / "runs"),
+                      *(["--model.pretrained_backbone", "false"] if "ssd" in config or "demo" in config else []),
                       *(["--data.synthetic", "null", "--data.classes", "[cat]"] if "demo" in config else [])],
                      env={"WANDB_MODE": "offline"}, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
