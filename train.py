@@ -31,7 +31,7 @@ from callbacks.distributed import RanksInconsistentError, check_ranks, end_distr
 from callbacks.report import (LATENCY_FORM, LATENCY_THREADS, autocast_dtype, compression, model_stats,
                               paired_device_timing, paired_latency_ms, reference_drop, training_device,
                               write_summary)
-from callbacks.state import ScheduleError
+from callbacks.state import ScheduleError, callback_order_check
 from callbacks.throughput import TrainingThroughput
 from datamodules.voc import DataError, data_classes
 from lightning_modules.common import COMPILE_MODES
@@ -231,12 +231,17 @@ def main(args: list[str] | None = None) -> Path:
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = str(run_dir / "checkpoints")
+    evaluate = cli.config.evaluate
+    if not evaluate:  # a schedule that cannot run stops here, before the W&B run starts (the callbacks' setup
+        callback_order_check(trainer)  # checks the same again)
+        for cb in trainer.callbacks:
+            if callable(getattr(cb, "preflight", None)):
+                cb.preflight(trainer, model, dm)
     meta = {"name": run_dir.name, **run_meta(cli.config.as_dict())}
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger) and trainer.is_global_zero:
             # method / dataset / model / seed as top-level keys: what W&B dashboards group and filter runs by
             lg.experiment.config.update({"resolved_config": cli.config.as_dict(), **meta}, allow_val_change=True)
-    evaluate = cli.config.evaluate
     if evaluate:
         from lightning_modules.classifier import VGGClassifier, load_classifier
 

@@ -270,8 +270,14 @@ class SparsityInduction(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.preflight(trainer, pl_module, trainer.datamodule)
+
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule) -> None:
+        """Refuse a schedule that cannot run on this model, trainer and data (``ScheduleError``, saying what to
+        change). ``setup`` calls it; ``train.py`` calls it as well before the run starts logging, so a typo in a
+        schedule leaves no W&B run behind. Reads only: the same answer both times."""
         callback_order_check(trainer)
-        if self.threshold_mode == "max_map_drop" and getattr(trainer.datamodule, "val_is_test", False):
+        if self.threshold_mode == "max_map_drop" and getattr(datamodule, "val_is_test", False):
             raise ScheduleError("threshold_mode max_map_drop chooses the threshold on validation data, and the "
                                 "validation split is the test split: carve one out of the training data with "
                                 "--data.val_fraction 0.1 (or name one with --data.val_set)")

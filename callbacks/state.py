@@ -152,6 +152,9 @@ PRUNING_STAGES = ("SparsityInduction", "FilterSelection", "StructuredSurgery")  
 def callback_order_check(trainer) -> None:
     """The three pruning callbacks, once each, in stage order (each names its stage in ``pruning_stage``)."""
     kinds = [cb.pruning_stage for cb in trainer.callbacks if getattr(cb, "pruning_stage", None) in PRUNING_STAGES]
+    if kinds and PRUNING_STAGES[0] not in kinds:
+        raise ScheduleError(f"{' and '.join(kinds)} need a SparsityInduction callback, which declares the pruning "
+                            "schedule; add it to trainer.callbacks before them")
     expected = [k for k in PRUNING_STAGES if k in kinds]
     if kinds != expected or len(kinds) != len(set(kinds)):
         raise ScheduleError("pruning callbacks must appear once each, in the order SparsityInduction, FilterSelection, "

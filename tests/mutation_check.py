@@ -5,7 +5,7 @@ the data formats' box conventions, the metric conventions; the compare tool and 
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
 the classification data and GTSRB's track split, the data root's folder, the learning-rate restart, default boxes
 given per branch, the network's L2Norm, pool5 and background prior; the folder-layout tool, split files from other
-tools, train.py's one-line errors for a missing data root or a refused setting, --predict over a folder).
+tools, train.py's one-line errors for a missing data root, a refused setting or a schedule that cannot run, --predict over a folder).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
@@ -249,6 +249,11 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("L12", CL, "        if not download:  # stops here", "        if False:  # stops here",
      ["tests/test_real_data.py"], ""),
     ("L13", CL, '*(folder / f"data_batch_{i}" for i in range(1, 6)), ', "", ["tests/test_classifier.py"], ""),
+    # a schedule that cannot run stops before the W&B run starts (train.py's preflight of the pruning callbacks)
+    ("Sc1", "train.py", "                cb.preflight(trainer, model, dm)\n", "                pass\n",
+     ["tests/test_real_data.py"], ""),
+    ("Sc2", "callbacks/state.py", "if kinds and PRUNING_STAGES[0] not in kinds:", "if False:",
+     ["tests/test_real_data.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
     # images folder
     ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",

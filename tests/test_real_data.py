@@ -350,6 +350,30 @@ def test_a_setting_a_class_refuses_stops_in_one_line_naming_the_class(tmp_path, 
     assert not (tmp_path / "runs" / "typo").exists()
 
 
+@pytest.mark.parametrize("change,message", [
+    (["--trainer.max_epochs", "3"], "error: phase 0: surgery at epoch 6 is not before trainer.max_epochs=3; the pruned "
+                                    "model would never be retrained. Raise max_epochs or move the phase earlier."),
+    ("no SparsityInduction", "error: FilterSelection and StructuredSurgery need a SparsityInduction callback, which "
+                             "declares the pruning schedule; add it to trainer.callbacks before them"),
+])
+def test_a_schedule_that_cannot_run_stops_before_the_wandb_run_starts(tmp_path, change, message):
+    """A schedule the trainer or model cannot run (found by the callbacks' checks, which ran only when fit set up,
+    after the W&B run had begun): one line, no W&B folder and no run folder left behind."""
+    config, args = Path("experiments/demo.yaml"), change
+    if isinstance(change, str):
+        raw = yaml.safe_load(config.read_text())
+        raw["trainer"]["callbacks"] = [cb for cb in raw["trainer"]["callbacks"]
+                                       if cb["class_path"] != "callbacks.SparsityInduction"]
+        config, args = tmp_path / "edited.yaml", []
+        config.write_text(yaml.safe_dump(raw))
+    proc = run_train(["--config", str(config), "--run_name", "bad", "--trainer.default_root_dir",
+                      str(tmp_path / "runs"), *args], env={"WANDB_MODE": "offline"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr and "wandb" not in proc.stderr.lower()
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
 def test_a_librarys_own_failure_keeps_its_full_report():
     """config_error shortens only what the project's own code refused; a library's ValueError inside a constructor
     (here the standard library's JSON parser) is left to jsonargparse's full report."""
