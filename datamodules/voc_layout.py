@@ -7,7 +7,8 @@ Annotation tools and data-set sites write VOC XML without the devkit's folders a
 - Roboflow's "Pascal VOC" export: ``train/``, ``valid/``, ``test/``, each holding images and XML side by side.
 
 ``python -m datamodules.voc_layout SRC OUT`` finds every XML under SRC whose root is ``<annotation>``, pairs it with the
-image of the same file stem in the same split folder, and writes ``OUT/VOCdevkit/VOC2007/{Annotations, JPEGImages,
+image of the same file stem in the same split folder (or, where there is none, the image its ``<filename>`` names; of
+one stem in several formats, the one ``<filename>`` names), and writes ``OUT/VOCdevkit/VOC2007/{Annotations, JPEGImages,
 ImageSets/Main}`` with links to the sources (``--copy`` copies). Splits: top-level folders named like a split
 (``train``, ``valid`` / ``val``, ``test``, ``trainval``) are kept as such (``trainval`` = train + val when not given);
 otherwise a seeded ``--test_fraction`` of the images goes to ``test`` and the rest to ``trainval``. The ids are the file
@@ -94,13 +95,29 @@ def _voc_root(path: Path) -> ET.Element | None:
     return root if root.tag == "annotation" else None
 
 
-def _pick_image(stem: str, candidates: list[Path]) -> Path:
-    """The image of one stem: where one folder holds it in several formats, the first of ``IMAGE_EXTENSIONS`` (as the
-    reader picks); in two folders it is ambiguous."""
+def _filename_base(root: ET.Element) -> str:
+    """The XML's ``<filename>`` without folders (Windows or POSIX separators); "" when it has none."""
+    return (root.findtext("filename") or "").strip().replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def _filename_stem(root: ET.Element, images: dict[str, list[Path]], xmls: dict[str, list[Path]]) -> str | None:
+    """Where no image has the XML's stem: the stem of the image its ``<filename>`` names, if that image is there and
+    no XML of its own claims it (tools that rename annotation files keep the image's name in ``<filename>``)."""
+    stem = os.path.splitext(_filename_base(root))[0]
+    return stem if stem and stem in images and stem not in xmls else None
+
+
+def _pick_image(stem: str, candidates: list[Path], root: ET.Element | None = None) -> Path:
+    """The image of one stem: the file its annotation's ``<filename>`` names where that is one of them; otherwise,
+    where one folder holds it in several formats, the first of ``IMAGE_EXTENSIONS`` (as the reader picks); in two
+    folders it is ambiguous."""
     folders = {p.parent for p in candidates}
     if len(folders) > 1:
         raise DataError(f"id {stem!r}: images in {len(folders)} folders ({', '.join(map(str, candidates))}); "
                         "keep one or put each set in its own split folder (train/, val/, test/)")
+    named = [p for p in candidates if root is not None and p.name == _filename_base(root)]
+    if named:
+        return named[0]
     rank = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
     return min(candidates, key=lambda p: (rank[p.suffix.lower()], p.name))
 
@@ -114,7 +131,7 @@ def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, P
     bad: list[str] = []
     pairs: dict[str, list[tuple[str, Path, Path]]] = {}
     for group in sorted(set(xmls) | set(images)):
-        found = []
+        found, used = [], set()  # (stem, xml, image); the stems of the images paired
         for stem in sorted(xmls.get(group, {})):
             paths = xmls[group][stem]
             try:
@@ -125,19 +142,22 @@ def pair(src: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple[str, P
                     continue
                 if len(voc) > 1:
                     raise DataError(f"id {stem!r}: {len(voc)} annotations ({', '.join(map(str, voc))}); keep one")
-                if stem not in images.get(group, {}):
+                image_stem = stem if stem in images.get(group, {}) else _filename_stem(
+                    roots[voc[0]], images.get(group, {}), xmls.get(group, {}))
+                if image_stem is None:
                     where = f" in split folder {group}/" if group else ""
                     raise DataError(f"{voc[0]}: no image named {stem}.<{','.join(e[1:] for e in IMAGE_EXTENSIONS)}>"
-                                    f"{where} (images are paired with annotations by file name)")
-                found.append((stem, voc[0], _pick_image(stem, images[group][stem])))
+                                    f"{where}, nor the one its <filename> names (images are paired with annotations "
+                                    "by file name)")
+                found.append((stem, voc[0], _pick_image(image_stem, images[group][image_stem], roots[voc[0]])))
+                used.add(image_stem)
                 classes.update(name.strip() for obj in roots[voc[0]].iter("object")
                                if (name := obj.findtext("name")) is not None)
             except DataError as err:
                 if not skip_bad:
                     raise
                 bad.append(str(err))
-        left_out["image_without_xml"] += len(set(images.get(group, {})) - {s for s, _, _ in found} -
-                                             set(xmls.get(group, {})))
+        left_out["image_without_xml"] += len(set(images.get(group, {})) - used - set(xmls.get(group, {})))
         if found:
             pairs[group] = found
     left_out["bad"] = len(bad)

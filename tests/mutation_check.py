@@ -238,6 +238,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("L4", LAY, 're.sub(r"\\s+", "_", stem.strip())', "stem.strip()", ["tests/test_voc_layout.py"], ""),
     ("L5", LAY, "return min(candidates, key=", "return max(candidates, key=", ["tests/test_voc_layout.py"], ""),
     ("L6", LAY, 'return root if root.tag == "annotation" else None', "return root", ["tests/test_voc_layout.py"], ""),
+    ("L14", LAY, "return stem if stem and stem in images and stem not in xmls else None",
+     "return stem if stem and stem in images else None", ["tests/test_voc_layout.py"], ""),
+    ("L15", LAY, "    if named:\n        return named[0]\n", "", ["tests/test_voc_layout.py"], ""),
+    ("L16", LAY, '.replace("\\\\", "/")', "", ["tests/test_voc_layout.py"], ""),
     ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
     # a missing data root stops in one line before the run starts (no traceback, no run folder, no W&B run)
     ("L8", "train.py", "            raise cause from None\n", "            raise\n", ["tests/test_real_data.py"], ""),

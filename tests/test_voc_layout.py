@@ -83,6 +83,30 @@ def test_labelimg_folder_ids_from_file_names_unlabelled_images_and_other_xml_lef
     assert read_split(tmp_path / "out", 2007, "trainval")[2] == ids
 
 
+def test_an_annotation_named_apart_from_its_image_is_paired_by_its_filename_field(tmp_path, capsys):
+    """Where no image has the XML's stem, the image its <filename> names (a Windows path kept by the tool); of one
+    stem in two formats, the one <filename> names; an image that has an XML of its own is not taken by another."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("IMG 7.png", "x.jpg", "x.png", "own.jpg"):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / name)
+    objects = [("cat", (5, 6, 30, 40), False)]
+    (src / "frame_0001.xml").write_text(xml_text("frame_0001", 64, 48, objects, filename="C:\\shots\\IMG 7.png"))
+    (src / "x.xml").write_text(xml_text("x", 64, 48, objects, filename="x.png"))
+    (src / "own.xml").write_text(xml_text("own", 64, 48, objects))
+    assert voc_layout([str(src), str(tmp_path / "out"), "--test_fraction", "0"]) == 0
+    out = capsys.readouterr().out
+    base = tmp_path / "out" / "VOCdevkit" / "VOC2007"
+    assert _ids(base, "trainval") == ["frame_0001", "own", "x"]
+    assert os.path.samefile(base / "JPEGImages" / "frame_0001.png", src / "IMG 7.png")
+    assert sorted(p.name for p in (base / "JPEGImages").iterdir()) == ["frame_0001.png", "own.jpg", "x.png"]
+    assert "image without xml" not in out  # IMG 7.png was paired
+    (src / "thief.xml").write_text(xml_text("thief", 64, 48, objects, filename="own.jpg"))
+    assert voc_layout([str(src), str(tmp_path / "out2"), "--test_fraction", "0"]) == 2
+    assert "thief.xml: no image named thief.<" in capsys.readouterr().err
+
+
 def test_roboflow_split_folders_kept_and_ids_prefixed_where_stems_repeat(tmp_path, capsys):
     src = tmp_path / "roboflow"
     for split, n in (("train", 3), ("valid", 2), ("test", 2)):
