@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -267,6 +268,18 @@ def read_split(root: Path, year: int | str, split: str) -> tuple[Path, Path, lis
                 hint = (f" {source} holds XML annotations but no split files (e.g. {xml}): write the layout, with "
                         f"links to those files and split files, by `python -m datamodules.voc_layout {source} <out>`, "
                         "then use <out> as --data.root.")
+        if not hint and not base.exists():  # e.g. VOC2007 alone with the default 2007 + 2012 training sets
+            years = sorted({d.name[3:] for top in (Path(root) / "VOCdevkit", Path(root)) if top.is_dir()
+                            for d in top.iterdir() if d.is_dir() and re.fullmatch(r"VOC\d{4}", d.name)})
+            if years:
+                hint = (f" {root} holds {', '.join(f'VOC{y}' for y in years)}, not VOC{year}: name only sets of the "
+                        f"years there (data.train_sets, data.test_set and data.val_set are (year, split) pairs), e.g. "
+                        f"--data.train_sets \"[[{years[0]}, trainval]]\" --data.test_set \"[{years[0]}, test]\".")
+        elif not hint and (base / "ImageSets" / "Main").is_dir():
+            listed = sorted(f.stem for f in (base / "ImageSets" / "Main").glob("*.txt")
+                            if not re.search(r"_(train|val|trainval|test)$", f.stem))  # not VOC's per-class files
+            hint = (f" The split files there are: {', '.join(listed)}." if listed else
+                    f" {base / 'ImageSets' / 'Main'} holds no split file.")
         raise DataError(f"VOC {what} not found: {ids_file} does not exist.{hint} {LAYOUT_HELP}")
     # utf-8-sig: a split file saved by Windows Notepad starts with a byte-order mark, which is not part of the first id
     ids = [line.split()[0] for line in ids_file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]

@@ -242,6 +242,9 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      "return stem if stem and stem in images else None", ["tests/test_voc_layout.py"], ""),
     ("L15", LAY, "    if named:\n        return named[0]\n", "", ["tests/test_voc_layout.py"], ""),
     ("L16", LAY, '.replace("\\\\", "/")', "", ["tests/test_voc_layout.py"], ""),
+    ("L17", VO, 'if not re.search(r"_(train|val|trainval|test)$", f.stem)', "", ["tests/test_voc.py"], ""),
+    ("L18", VO, "hint = (f\" {root} holds {', '.join(f'VOC{y}' for y in years)}", "hint = (f\" {root} holds {years[0]}",
+     ["tests/test_voc.py"], ""),
     ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
     # a missing data root stops in one line before the run starts (no traceback, no run folder, no W&B run)
     ("L8", "train.py", "            raise cause from None\n", "            raise\n", ["tests/test_real_data.py"], ""),

@@ -120,9 +120,19 @@ def test_root_may_be_the_vocdevkit_or_the_year_folder_itself(tmp_path):
 
 
 def test_missing_split_file(tmp_path):
+    """The message names the missing file and what is there instead: the split files of that year (not VOC's
+    per-class ones), or the years of the root (the VOC configs train on 2007 + 2012)."""
     tiny_voc(tmp_path)
-    with pytest.raises(DataError, match="split file not found: .*VOC2007/ImageSets/Main/val.txt"):
+    main = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    (main / "cat_trainval.txt").write_text("2007_0000  1\n")  # VOC's per-class files: not split files
+    with pytest.raises(DataError, match=r"split file not found: .*VOC2007/ImageSets/Main/val.txt does not exist\. "
+                                        r"The split files there are: test, trainval\. "):
         VOCDataset(tmp_path, [(2007, "val")], CLASSES, ssd_eval_transform(300))
+    with pytest.raises(DataError, match=r"VOCdevkit folder not found: .*VOC2012/ImageSets/Main/trainval.txt does not "
+                                        r"exist\. \S+ holds VOC2007, not VOC2012: .* --data.train_sets "
+                                        r'"\[\[2007, trainval\]\]" --data.test_set "\[2007, test\]"\.'):
+        VOCDataModule(str(tmp_path), train_sets=[(2007, "trainval"), (2012, "trainval")], test_set=(2007, "test"),
+                      classes=list(CLASSES))
 
 
 def test_malformed_xml_names_file_or_is_skipped(tmp_path):
