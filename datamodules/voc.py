@@ -58,6 +58,9 @@ class DataError(ValueError):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 EXTENSIONS_TEXT = ",".join(e[1:] for e in IMAGE_EXTENSIONS)
 
+# What an object of a class outside data.classes does: stop naming the file, or be left out (counted).
+OTHER_CLASSES = ("error", "drop")
+
 # What parse_voc_xml repairs, counted per kind and reported in one summary warning per data set.
 FIX_KINDS = {
     "clipped": "boxes past the image border clipped to it (0-based or 1 px past the edge included)",
@@ -167,13 +170,15 @@ def _read_size(root: ET.Element) -> tuple[int, int] | None:
 
 
 def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dict[str, int],
-                  fixes: Counter | None = None, image_size: tuple[int, int, int] | None = None) -> Annotation:
+                  fixes: Counter | None = None, image_size: tuple[int, int, int] | None = None,
+                  dropped: Counter | None = None) -> Annotation:
     """Parse one VOC XML file (children in any order) into an ``Annotation``.
 
     ``image_size`` is ``image_header(image_path)``: the image's own (displayed) size, which wins over ``<size>``
     when that is missing or disagrees. Coordinates may be floats; boxes are clipped to the image (VOC's 1-based
     inclusive pixels, so a 0-based ``xmin`` of 0 becomes 1) or dropped when empty, outside or not finite.
-    Each repair is counted by kind in ``fixes`` (see ``FIX_KINDS``)."""
+    Each repair is counted by kind in ``fixes`` (see ``FIX_KINDS``). An object of a class outside ``class_to_idx``
+    stops with a ``DataError``, or, where ``dropped`` is given, is left out and counted there by class name."""
     fixes = Counter() if fixes is None else fixes
     try:
         root = ET.parse(path).getroot()
@@ -196,13 +201,16 @@ def parse_voc_xml(path: Path, image_path: Path, image_id: str, class_to_idx: dic
     boxes, labels, difficult = [], [], []
     for obj in root.iter("object"):
         name = _text(obj, "name", path)
+        if name not in class_to_idx and dropped is not None:
+            dropped[name] += 1
+            continue
         if name not in class_to_idx:
             listed = ", ".join([*class_to_idx, name])
             raise DataError(
                 f"{path}: unknown class {name!r}. Configured classes ({len(class_to_idx)}): "
                 f"{', '.join(map(repr, class_to_idx))} (with --data.classes auto: the names of the training "
                 f"annotations, so {name!r} has no training object there). Give every class of the data set, e.g. "
-                f"--data.classes \"[{listed}]\"")
+                f"--data.classes \"[{listed}]\", or train on the listed classes alone with --data.other_classes drop")
         bnd = obj.find("bndbox")
         if bnd is None:
             raise DataError(f"{path}: malformed annotation, <object> {name!r} has no <bndbox>")
@@ -330,12 +338,16 @@ def image_index(folder: Path) -> dict[str, Path]:
 
 
 def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classes: tuple[str, ...],
-                     skip_bad_samples: bool = False) -> tuple[list[Annotation], list[str]]:
+                     skip_bad_samples: bool = False, other_classes: str = "error") -> tuple[list[Annotation], list[str]]:
     """Parse every annotation of ``sets`` up front, so bad files are reported before training starts.
 
     Returns the annotations and the messages of samples skipped (``skip_bad_samples``). Repairs of odd boxes and
     sizes are reported in one warning that counts each kind; an id whose XML or image is missing names both paths.
+    ``other_classes``: an object of a class outside ``classes`` stops (``"error"``) or is left out (``"drop"``; one
+    warning counts them by class; an image left without objects stays, as background).
     """
+    check_other_classes(other_classes)
+    dropped: Counter | None = Counter() if other_classes == "drop" else None
     class_to_idx = {c: i for i, c in enumerate(classes)}
     items: list[Annotation] = []
     skipped: list[str] = []
@@ -352,18 +364,27 @@ def load_annotations(root: str | Path, sets: list[tuple[int | str, str]], classe
                     raise DataError(
                         f"id {image_id!r} listed in {ids_file}: annotation {xml}{'' if xml.is_file() else ' (missing)'}, "
                         f"image {img_text}")
-                items.append(parse_voc_xml(xml, img, image_id, class_to_idx, fixes, image_header(img)))
+                items.append(parse_voc_xml(xml, img, image_id, class_to_idx, fixes, image_header(img), dropped))
             except DataError as err:
                 if not skip_bad_samples or "unknown class" in str(err):
                     raise
                 skipped.append(str(err))
     warn_repairs(f"{root} {sets}", fixes)
+    if dropped:
+        counts = ", ".join(f"{name} {n:,}" for name, n in dropped.most_common())
+        warnings.warn(f"{root} {sets}: {sum(dropped.values()):,} objects of classes outside data.classes left out "
+                      f"(data.other_classes drop): {counts}", stacklevel=2)
     if skipped:
         warnings.warn(f"{len(skipped)} bad samples skipped (--data.skip_bad_samples true); first: {skipped[0]}",
                       stacklevel=2)
     if not items:
         raise DataError(f"no usable samples in {root} for sets {sets}")
     return items, skipped
+
+
+def check_other_classes(other_classes: str) -> None:
+    if other_classes not in OTHER_CLASSES:
+        raise DataError(f"data.other_classes must be one of {OTHER_CLASSES}, got {other_classes!r}")
 
 
 def count_class_names(root: str | Path, sets: list[tuple[int | str, str]]) -> tuple[Counter, dict[str, Counter]]:
@@ -640,6 +661,9 @@ class VOCDataModule(DetectionDataModule):
         download: fetch PASCAL VOC with torchvision's downloader when missing (years 2007 and 2012).
         keep_difficult_train: train on objects flagged difficult too (off in the SSD recipe).
         skip_bad_samples: warn and skip malformed annotations / unreadable images instead of stopping.
+        other_classes: an object of a class not in ``classes``: ``"error"`` stops naming its file (a typo in a
+            class name shows at once); ``"drop"`` leaves such objects out (one warning counts them), to train on
+            some classes of a data set, e.g. VOC's ``person`` alone; their images stay, as background for the rest.
         synthetic: when set and ``root`` holds no data set yet, generate the synthetic one there.
         zoom_out: largest zoom-out ratio of the augmentation (1 disables it).
         augment: training augmentation policy, "ssd" (the paper's) or "light" (photometric + flip only).
@@ -660,6 +684,7 @@ class VOCDataModule(DetectionDataModule):
         download: bool = False,
         keep_difficult_train: bool = False,
         skip_bad_samples: bool = False,
+        other_classes: str = "error",
         synthetic: SyntheticSpec | None = None,
         zoom_out: float = 4.0,
         augment: str = "ssd",
@@ -667,6 +692,7 @@ class VOCDataModule(DetectionDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_loader_args(batch_size, num_workers)
+        check_other_classes(other_classes)
         self.root = Path(root)
         self.train_sets = [tuple(s) for s in train_sets]
         self.test_set = tuple(test_set)
@@ -710,4 +736,5 @@ class VOCDataModule(DetectionDataModule):
 
     def load_items(self, which: str) -> list[Annotation]:
         sets = {"train": self.train_sets, "val": [self.val_set], "test": [self.test_set]}[which]
-        return load_annotations(self.root, sets, self.classes, self.hparams.skip_bad_samples)[0]
+        return load_annotations(self.root, sets, self.classes, self.hparams.skip_bad_samples,
+                                self.hparams.other_classes)[0]

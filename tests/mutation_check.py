@@ -245,6 +245,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("L17", VO, 'if not re.search(r"_(train|val|trainval|test)$", f.stem)', "", ["tests/test_voc.py"], ""),
     ("L18", VO, "hint = (f\" {root} holds {', '.join(f'VOC{y}' for y in years)}", "hint = (f\" {root} holds {years[0]}",
      ["tests/test_voc.py"], ""),
+    ("Oc1", VO, "        if name not in class_to_idx and dropped is not None:\n            dropped[name] += 1\n",
+     "        if name not in class_to_idx and dropped is not None:\n", ["tests/test_voc.py"], ""),
+    ("Oc2", VO, 'dropped: Counter | None = Counter() if other_classes == "drop" else None', "dropped = None",
+     ["tests/test_voc.py"], ""),
     ("L7", "train.py", "                raise cause\n", "                break\n", ["tests/test_voc_layout.py"], ""),
     # a missing data root stops in one line before the run starts (no traceback, no run folder, no W&B run)
     ("L8", "train.py", "            raise cause from None\n", "            raise\n", ["tests/test_real_data.py"], ""),

@@ -166,8 +166,34 @@ def test_unreadable_image_names_file_or_is_skipped(tmp_path):
 
 def test_unknown_class_lists_names(tmp_path):
     write_voc(tmp_path, 2007, {"trainval": ["a"]}, {"a": (100, 80, [("horse", (10, 12, 50, 60), False)])})
-    with pytest.raises(DataError, match=r"unknown class 'horse'.*'cat', 'dog'.*--data.classes \"\[cat, dog, horse\]\""):
+    with pytest.raises(DataError, match=r"unknown class 'horse'.*'cat', 'dog'.*--data.classes \"\[cat, dog, horse\]\", "
+                                        r"or train on the listed classes alone with --data.other_classes drop"):
         VOCDataset(tmp_path, [(2007, "trainval")], CLASSES, ssd_eval_transform(300))
+
+
+def test_other_classes_drop_trains_on_the_listed_classes_alone(tmp_path):
+    """--data.other_classes drop: objects of unlisted classes are left out and counted in one warning; an image left
+    with none stays (background); the listed classes keep their labels; a wrong value stops when the module is
+    built."""
+    write_voc(tmp_path, 2007, {"trainval": ["a", "b"], "test": ["c"]},
+              {"a": (100, 80, [("horse", (10, 12, 50, 60), False), ("dog", (5, 5, 40, 40), False),
+                               ("horse", (1, 1, 20, 20), False)]),
+               "b": (100, 80, [("person", (10, 12, 50, 60), False)]),
+               "c": (100, 80, [("cat", (10, 12, 50, 60), False)])})
+    dm = VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "test"),
+                       classes=["cat", "dog"], other_classes="drop", batch_size=1, num_workers=0)
+    with pytest.warns(UserWarning, match=r"3 objects of classes outside data.classes left out \(data.other_classes "
+                                         r"drop\): horse 2, person 1"):
+        dm.setup("fit")
+    items = {a.image_id: a for a in dm.train_ds.items}
+    assert sorted(items) == ["a", "b"] and items["a"].labels.tolist() == [1] and len(items["b"].labels) == 0
+    assert items["a"].boxes.tolist() == [[5.0, 5.0, 40.0, 40.0]]
+    with pytest.raises(DataError, match=r"data.other_classes must be one of \('error', 'drop'\), got 'ignore'"):
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "test"),
+                      classes=["cat", "dog"], other_classes="ignore")
+    with pytest.raises(DataError, match="unknown class 'horse'"):  # the default stops
+        VOCDataModule(root=str(tmp_path), train_sets=[(2007, "trainval")], test_set=(2007, "test"),
+                      classes=["cat", "dog"], batch_size=1, num_workers=0).setup("fit")
 
 
 def test_numeric_class_names_written_unquoted_in_yaml_match_the_xml(tmp_path):
