@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -100,14 +101,83 @@ def config_error(err: ValueError) -> ConfigError | None:
     return ConfigError(f"{type(owner).__name__ + ': ' if owner is not None else ''}{first}")
 
 
+def _init_options(class_path: str) -> list[str]:
+    """The keyword arguments a class's constructor takes (its options in a config), [] when it cannot be imported."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def short_parse_error(message: str, option_strings: list[str]) -> str | None:
+    """One line for the parse errors a user makes most (a misspelt option in a config file or on the command line, a
+    value of the wrong type), with the closest option and the list of those accepted; None for anything else, which
+    keeps jsonargparse's full report. ``option_strings``: the parser's ``--options``."""
+    key = re.match(r'Parser key "([\w.]+)":', message)
+    lines = message.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"\s*- Problem with given class_path '", line)]
+    if key and len(starts) == 1:  # one class of the union was meant: follow its nested keys down to the error
+        path, classes, leaf, indent = [key.group(1)], [], None, -1
+        for line in lines[starts[0]:]:
+            depth = len(line) - len(line.lstrip(" -"))
+            if depth <= indent:
+                break
+            indent, text = depth, line.strip(" -")
+            if m := re.fullmatch(r"Problem with given class_path '([\w.]+)':", text):
+                classes.append(m.group(1))
+            elif m := re.fullmatch(r'Parser key "([\w.]+)":', text):
+                path.append(m.group(1))
+            else:
+                leaf = text
+                break
+        if leaf is not None and classes:
+            where = f"{'.'.join(path)} ({classes[-1].rpartition('.')[2]})"
+            option = re.fullmatch(r"Option '(\w+)' is not accepted", leaf)
+            if option:
+                accepted = _init_options(classes[-1])
+                listed = f" Its options: {', '.join(accepted)}." if accepted else ""
+                closest = _did_you_mean(option.group(1), accepted) or "."
+                return f"{where}: no option {option.group(1)!r}{closest}{listed}"
+            return f"{where}: {leaf}"
+    group = re.fullmatch(r"Group '([\w.]+)' does not accept option '(\w+)'", message.strip())
+    if group:
+        prefix = f"--{group.group(1)}."
+        accepted = [o[len(prefix):] for o in option_strings if o.startswith(prefix)]
+        return f"{message.strip()}{_did_you_mean(group.group(2), accepted)}"
+    unknown = re.fullmatch(r"unrecognized arguments: (.+)", message.strip())
+    if unknown:
+        first = unknown.group(1).split()[0].split("=")[0]
+        hint = _did_you_mean(first, option_strings) if first.startswith("--") else ""
+        return f"{message.strip()}{hint}"
+    return None
+
+
 class SSDArgumentParser(LightningArgumentParser):
     """Lightning's parser, except that a data error met while parsing stops with its own message
-    (``data_error_cause``)."""
+    (``data_error_cause``), and a misspelt option or a value of the wrong type with one line (``short_parse_error``)
+    instead of the usage and a dump of the config."""
 
     def error(self, message: str, ex: Exception | None = None):
         cause = data_error_cause(ex)
         if cause is not None:
             raise cause
+        if self.exit_on_error:  # a parser that raises instead (jsonargparse's nested ones) is left as it is
+            short = short_parse_error(str(message), [o for a in self._actions for o in a.option_strings])
+            if short is not None:
+                raise ConfigError(f"{short} (all options: {self.prog} --help)")
         super().error(message, ex)
 
 

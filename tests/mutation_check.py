@@ -5,7 +5,8 @@ the data formats' box conventions, the metric conventions; the compare tool and 
 and the training-rate report, the DDP rank check, loss guard and re-wrap, export / load / predict, checkpoint files,
 the classification data and GTSRB's track split, the data root's folder, the learning-rate restart, default boxes
 given per branch, the network's L2Norm, pool5 and background prior; the folder-layout tool, split files from other
-tools, train.py's one-line errors for a missing data root, a refused setting or a schedule that cannot run, --predict over a folder).
+tools, train.py's one-line errors for a missing data root, a refused setting, a schedule that cannot run or a
+misspelt option, --predict over a folder).
 
 Each mutant is one plausible slip (a flipped comparison, a dropped term, a reversed order). It is applied in a
 throwaway git worktree of HEAD (this checkout's ``.venv`` linked in), the named test files run with ``-x`` and
@@ -265,6 +266,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
      ["tests/test_real_data.py"], ""),
     ("Sc2", "callbacks/state.py", "if kinds and PRUNING_STAGES[0] not in kinds:", "if False:",
      ["tests/test_real_data.py"], ""),
+    # a misspelt option or a value of the wrong type: one line with the closest option (train.py's short_parse_error)
+    ("Pe1", "train.py", "            if depth <= indent:\n                break\n", "", ["tests/test_train.py"], ""),
+    ("Pe2", "train.py", "                classes.append(m.group(1))", "                classes[:] = [m.group(1)]",
+     ["tests/test_train.py"], ""),
+    ("Pe3", "train.py", "                path.append(m.group(1))", "                pass", ["tests/test_train.py"], ""),
+    ("Pe4", "train.py", 'accepted = [o[len(prefix):] for o in option_strings if o.startswith(prefix)]',
+     "accepted = option_strings", ["tests/test_train.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
     # images folder
     ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",

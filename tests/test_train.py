@@ -155,10 +155,38 @@ def test_missing_data_root_stops_with_clear_message(tmp_path):
     assert "--data.download true" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_wrong_config_key_is_a_cli_error(tmp_path):
-    proc = run_train(["--config", "experiments/demo.yaml", "--model.learning_rate", "0.1"])
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "learning_rate" in proc.stderr
+@pytest.mark.parametrize("args,edit,message", [
+    (["--model.learning_rate", "0.1"], None, "error: model (SSDDetector): no option 'learning_rate'. Its options: "
+                                             "classes, size, channels,"),
+    (["--data.batchsize", "4"], None, "error: data (VOCDataModule): no option 'batchsize'; did you mean 'batch_size'? "
+                                      "Its options: root, train_sets,"),
+    ([], ("l1_mode: proximal ", "l1_mod: proximal "), "error: trainer.callbacks (SparsityInduction): no option "
+                                                      "'l1_mod'; did you mean 'l1_mode'? Its options: schedule,"),
+    ([], ("l1_epochs: [4, 6]", "l1_epoch: [4, 6]"), "error: trainer.callbacks.schedule (Phase): no option 'l1_epoch'; "
+                                                    "did you mean 'l1_epochs'? Its options: layers, l1_epochs, "
+                                                    "surgery_epoch, target_sparsity. (all options: train.py --help)"),
+    ([], ("max_epochs: 11", "max_epoch: 11"), "error: Group 'trainer' does not accept option 'max_epoch'; did you mean "
+                                              "'max_epochs'? (all options: train.py --help)"),
+    (["--model.width_mult", "wide"], None, "error: model.width_mult (SSDDetector): Expected a <class 'float'>. Got "
+                                           "value: wide (all options: train.py --help)"),
+    (["--runname", "x"], None, "error: unrecognized arguments: --runname x; did you mean '--run_name'? (all options: "
+                               "train.py --help)"),
+])
+def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, args, edit, message):
+    """A misspelt option on the command line or in a config file (in a callback's block, in a nested Phase, in the
+    trainer group), a value of the wrong type, an unknown argument: one line naming where, the closest option and
+    the accepted ones; no usage block, no dump of the config, no traceback."""
+    config = Path("experiments/demo.yaml")
+    if edit:
+        text = config.read_text()
+        assert text.count(edit[0]) == 1
+        config = tmp_path / "typo.yaml"
+        config.write_text(text.replace(*edit))
+    proc = run_train(["--config", str(config), *args], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(message), last
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr and "Given value" not in proc.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
