@@ -152,6 +152,14 @@ def short_parse_error(message: str, option_strings: list[str]) -> str | None:
                 closest = _did_you_mean(option.group(1), accepted) or "."
                 return f"{where}: no option {option.group(1)!r}{closest}{listed}"
             return f"{where}: {leaf}"
+    config = re.fullmatch(r"Parser key \"config\": (File does not exist|Path is not a file): '(.+)'", message.strip())
+    if config:  # a misspelt --config: the closest file of its folder, and the configs there
+        path = Path(config.group(2))
+        folder = path if path.is_dir() else path.parent
+        configs = sorted(f.name for f in folder.glob("*.yaml")) if folder.is_dir() else []
+        close = (_did_you_mean(path.name, configs) if not path.is_dir() else "") or "."
+        listed = f" The configs in {folder}: {', '.join(configs)}." if configs else ""
+        return f"--config {path}: {config.group(1).lower()}{close}{listed}"
     group = re.fullmatch(r"Group '([\w.]+)' does not accept option '(\w+)'", message.strip())
     if group:
         prefix = f"--{group.group(1)}."

@@ -171,12 +171,17 @@ def test_missing_data_root_stops_with_clear_message(tmp_path):
                                            "value: wide (all options: train.py --help)"),
     (["--runname", "x"], None, "error: unrecognized arguments: --runname x; did you mean '--run_name'? (all options: "
                                "train.py --help)"),
+    ("experiments/voc_ssd300_defualt.yaml", None, "error: --config {cwd}/experiments/voc_ssd300_defualt.yaml: file does "
+                                                  "not exist; did you mean 'voc_ssd300_default.yaml'? The configs in "
+                                                  "{cwd}/experiments: cifar10_vgg16.yaml,"),
 ])
 def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, args, edit, message):
     """A misspelt option on the command line or in a config file (in a callback's block, in a nested Phase, in the
     trainer group), a value of the wrong type, an unknown argument: one line naming where, the closest option and
     the accepted ones; no usage block, no dump of the config, no traceback."""
     config = Path("experiments/demo.yaml")
+    if isinstance(args, str):  # a misspelt --config
+        config, args, message = Path(args), [], message.format(cwd=Path.cwd())
     if edit:
         text = config.read_text()
         assert text.count(edit[0]) == 1
