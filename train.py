@@ -130,24 +130,24 @@ def short_parse_error(message: str, option_strings: list[str]) -> str | None:
     lines = message.splitlines()
     starts = [i for i, line in enumerate(lines) if re.match(r"\s*- Problem with given class_path '", line)]
     if key and len(starts) == 1:  # one class of the union was meant: follow its nested keys down to the error
-        path, classes, leaf, indent = [key.group(1)], [], None, -1
+        keys, owner, leaf, indent = [key.group(1)], "", None, -1  # owner: the innermost class path
         for line in lines[starts[0]:]:
             depth = len(line) - len(line.lstrip(" -"))
-            if depth <= indent:
+            if depth <= indent:  # out of that class's report without reaching its error: a shape not known here
                 break
             indent, text = depth, line.strip(" -")
             if m := re.fullmatch(r"Problem with given class_path '([\w.]+)':", text):
-                classes.append(m.group(1))
+                owner = m.group(1)
             elif m := re.fullmatch(r'Parser key "([\w.]+)":', text):
-                path.append(m.group(1))
+                keys.append(m.group(1))
             else:
                 leaf = text
                 break
-        if leaf is not None and classes:
-            where = f"{'.'.join(path)} ({classes[-1].rpartition('.')[2]})"
+        if leaf is not None:
+            where = f"{'.'.join(keys)} ({owner.rpartition('.')[2]})"
             option = re.fullmatch(r"Option '(\w+)' is not accepted", leaf)
             if option:
-                accepted = _init_options(classes[-1])
+                accepted = _init_options(owner)
                 listed = f" Its options: {', '.join(accepted)}." if accepted else ""
                 closest = _did_you_mean(option.group(1), accepted) or "."
                 return f"{where}: no option {option.group(1)!r}{closest}{listed}"

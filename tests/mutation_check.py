@@ -267,10 +267,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Sc2", "callbacks/state.py", "if kinds and PRUNING_STAGES[0] not in kinds:", "if False:",
      ["tests/test_real_data.py"], ""),
     # a misspelt option or a value of the wrong type: one line with the closest option (train.py's short_parse_error)
-    ("Pe1", "train.py", "            if depth <= indent:\n                break\n", "", ["tests/test_train.py"], ""),
-    ("Pe2", "train.py", "                classes.append(m.group(1))", "                classes[:] = [m.group(1)]",
+    ("Pe1", "train.py", "            if depth <= indent:  # out of", "            if False:  # out of",
      ["tests/test_train.py"], ""),
-    ("Pe3", "train.py", "                path.append(m.group(1))", "                pass", ["tests/test_train.py"], ""),
+    ("Pe2", "train.py", "({owner.rpartition('.')[2]})", "({owner})", ["tests/test_train.py"], ""),
+    ("Pe3", "train.py", "                keys.append(m.group(1))", "                pass", ["tests/test_train.py"], ""),
     ("Pe4", "train.py", 'accepted = [o[len(prefix):] for o in option_strings if o.startswith(prefix)]',
      "accepted = option_strings", ["tests/test_train.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the

@@ -155,6 +155,23 @@ def test_missing_data_root_stops_with_clear_message(tmp_path):
     assert "--data.download true" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_parse_report_of_an_unknown_shape_keeps_jsonargparse_full_report():
+    """short_parse_error follows one class's nested keys down to its error line; where that class's report ends
+    without one (the next line is a sibling branch of the union), it answers None and the full report stays."""
+    from train import short_parse_error
+
+    known = ('Parser key "data":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+             "    - Problem with given class_path 'datamodules.voc.VOCDataModule':\n"
+             '        Parser key "batch_size":\n          Expected a <class \'int\'>. Got value: abc\n'
+             "    - Expected a <class 'NoneType'>\n")
+    assert short_parse_error(known, []) == "data.batch_size (VOCDataModule): Expected a <class 'int'>. Got value: abc"
+    unknown = ('Parser key "data":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+               "    - Problem with given class_path 'datamodules.voc.VOCDataModule':\n"
+               "    - Expected a <class 'NoneType'>\n")
+    assert short_parse_error(unknown, []) is None
+    assert short_parse_error("something else entirely", ["--run_name"]) is None
+
+
 @pytest.mark.parametrize("args,edit,message", [
     (["--model.learning_rate", "0.1"], None, "error: model (SSDDetector): no option 'learning_rate'. Its options: "
                                              "classes, size, channels,"),
