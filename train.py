@@ -135,7 +135,7 @@ def short_parse_error(message: str, option_strings: list[str]) -> str | None:
             depth = len(line) - len(line.lstrip(" -"))
             if depth <= indent:  # out of that class's report without reaching its error: a shape not known here
                 break
-            indent, text = depth, line.strip(" -")
+            indent, text = depth, re.sub(r"^[\s-]*", "", line).rstrip()  # the text after the indent and bullet
             if m := re.fullmatch(r"Problem with given class_path '([\w.]+)':", text):
                 owner = m.group(1)
             elif m := re.fullmatch(r'Parser key "([\w.]+)":', text):
