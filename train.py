@@ -185,7 +185,7 @@ class SSDArgumentParser(LightningArgumentParser):
         if self.exit_on_error:  # a parser that raises instead (jsonargparse's nested ones) is left as it is
             short = short_parse_error(str(message), [o for a in self._actions for o in a.option_strings])
             if short is not None:
-                raise ConfigError(f"{short} (all options: {self.prog} --help)")
+                raise ConfigError(f"{short} (all options: python train.py --help)")
         super().error(message, ex)
 
 

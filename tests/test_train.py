@@ -181,21 +181,27 @@ def test_a_parse_report_of_an_unknown_shape_keeps_jsonargparse_full_report():
                                                       "'l1_mod'; did you mean 'l1_mode'? Its options: schedule,"),
     ([], ("l1_epochs: [4, 6]", "l1_epoch: [4, 6]"), "error: trainer.callbacks.schedule (Phase): no option 'l1_epoch'; "
                                                     "did you mean 'l1_epochs'? Its options: layers, l1_epochs, "
-                                                    "surgery_epoch, target_sparsity. (all options: train.py --help)"),
+                                                    "surgery_epoch, target_sparsity. (all options: python train.py "
+                                                    "--help)"),
     ([], ("max_epochs: 11", "max_epoch: 11"), "error: Group 'trainer' does not accept option 'max_epoch'; did you mean "
-                                              "'max_epochs'? (all options: train.py --help)"),
+                                              "'max_epochs'? (all options: python train.py --help)"),
     (["--model.width_mult", "wide"], None, "error: model.width_mult (SSDDetector): Expected a <class 'float'>. Got "
-                                           "value: wide (all options: train.py --help)"),
+                                           "value: wide (all options: python train.py --help)"),
     (["--runname", "x"], None, "error: unrecognized arguments: --runname x; did you mean '--run_name'? (all options: "
-                               "train.py --help)"),
+                               "python train.py --help)"),
     ("experiments/voc_ssd300_defualt.yaml", None, "error: --config {cwd}/experiments/voc_ssd300_defualt.yaml: file does "
                                                   "not exist; did you mean 'voc_ssd300_default.yaml'? The configs in "
                                                   "{cwd}/experiments: cifar10_vgg16.yaml,"),
 ])
-def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, args, edit, message):
+def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, monkeypatch, capsys, args, edit,
+                                                                           message):
     """A misspelt option on the command line or in a config file (in a callback's block, in a nested Phase, in the
-    trainer group), a value of the wrong type, an unknown argument: one line naming where, the closest option and
-    the accepted ones; no usage block, no dump of the config, no traceback."""
+    trainer group), a value of the wrong type, an unknown argument, a misspelt --config: one line naming where, the
+    closest option and the accepted ones; no usage block, no dump of the config. (In process: train.py's __main__
+    prints a ConfigError as "error: ..." with exit status 2, the next test runs that end to end.)"""
+    from train import ConfigError, main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
     config = Path("experiments/demo.yaml")
     if isinstance(args, str):  # a misspelt --config
         config, args, message = Path(args), [], message.format(cwd=Path.cwd())
@@ -204,10 +210,18 @@ def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_pat
         assert text.count(edit[0]) == 1
         config = tmp_path / "typo.yaml"
         config.write_text(text.replace(*edit))
-    proc = run_train(["--config", str(config), *args], timeout=120)
+    with pytest.raises(ConfigError) as err:
+        main(["--config", str(config), *args])
+    assert f"error: {err.value}".startswith(message), str(err.value)
+    printed = capsys.readouterr()
+    assert "usage:" not in printed.err + printed.out and "Given value" not in printed.err + printed.out
+
+
+def test_a_misspelt_option_ends_the_command_with_one_line_and_status_2(tmp_path):
+    proc = run_train(["--config", "experiments/demo.yaml", "--data.batchsize", "4"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(message), last
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: data (VOCDataModule): no option 'batchsize'; did you mean 'batch_size'? Its options: root, ")
     assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr and "Given value" not in proc.stderr
 
 
