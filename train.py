@@ -176,7 +176,13 @@ def short_parse_error(message: str, option_strings: list[str]) -> str | None:
 class SSDArgumentParser(LightningArgumentParser):
     """Lightning's parser, except that a data error met while parsing stops with its own message
     (``data_error_cause``), and a misspelt option or a value of the wrong type with one line (``short_parse_error``)
-    instead of the usage and a dump of the config."""
+    instead of the usage and a dump of the config. Abbreviated options are refused (``--trainer.max_epoch`` is not
+    ``--trainer.max_epochs``): a YAML key must be spelt out, and an abbreviation that works today could name another
+    option after an update."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         cause = data_error_cause(ex)

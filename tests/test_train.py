@@ -187,6 +187,8 @@ def test_a_parse_report_of_an_unknown_shape_keeps_jsonargparse_full_report():
                                               "'max_epochs'? (all options: python train.py --help)"),
     (["--model.width_mult", "wide"], None, "error: model.width_mult (SSDDetector): Expected a <class 'float'>. Got "
                                            "value: wide (all options: python train.py --help)"),
+    (["--trainer.max_epoch", "1"], None, "error: unrecognized arguments: --trainer.max_epoch 1; did you mean "
+                                         "'--trainer.max_epochs'? (all options: python train.py --help)"),
     (["--runname", "x"], None, "error: unrecognized arguments: --runname x; did you mean '--run_name'? (all options: "
                                "python train.py --help)"),
     ("experiments/voc_ssd300_defualt.yaml", None, "error: --config {cwd}/experiments/voc_ssd300_defualt.yaml: file does "
@@ -195,7 +197,7 @@ def test_a_parse_report_of_an_unknown_shape_keeps_jsonargparse_full_report():
 ])
 def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, monkeypatch, capsys, args, edit,
                                                                            message):
-    """A misspelt option on the command line or in a config file (in a callback's block, in a nested Phase, in the
+    """A misspelt or abbreviated option on the command line or in a config file (in a callback's block, in a nested Phase, in the
     trainer group), a value of the wrong type, an unknown argument, a misspelt --config: one line naming where, the
     closest option and the accepted ones; no usage block, no dump of the config. (In process: train.py's __main__
     prints a ConfigError as "error: ..." with exit status 2, the next test runs that end to end.)"""
