@@ -241,9 +241,14 @@ def _bbox_params() -> A.BboxParams:
 
 
 def ssd_train_transform(size: int, zoom_out: float = 4.0, policy: str = "ssd") -> A.Compose:
-    """Training augmentation. ``policy="ssd"``: SSD's photometric distortion, zoom-out, min-IoU crop and resize (one
-    warp: ``ZoomOutCropResize``), flip. ``policy="light"``: photometric distortion, flip and resize only, for very short schedules
-    (the CPU demo) where the geometric policy slows convergence more than it helps generalisation.
+    """Training augmentation. ``policy="ssd"``: SSD's zoom-out, min-IoU crop and resize (one warp:
+    ``ZoomOutCropResize``), flip, photometric distortion. ``policy="light"``: flip, resize and photometric distortion
+    only, for very short schedules (the CPU demo) where the geometric policy slows convergence more than it helps
+    generalisation.
+
+    The photometric distortion comes last, on the network's input size: its cost grows with the pixels (at p=0.5 about
+    10 ms per 1360 x 800 GTSDB image on one CPU core against 0.7 ms at 300 x 300). SSD's papers distort first; the
+    difference is that the zoom-out's fill is distorted too, and contrast is taken about the crop's mean.
 
     Images stay uint8 RGB; normalisation happens on the device, on whole batches.
     """
@@ -256,7 +261,7 @@ def ssd_train_transform(size: int, zoom_out: float = 4.0, policy: str = "ssd") -
                      A.HorizontalFlip(p=0.5)]
     else:
         geometric = [A.HorizontalFlip(p=0.5), A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]
-    return A.Compose([*photometric, *geometric], bbox_params=_bbox_params())
+    return A.Compose([*geometric, *photometric], bbox_params=_bbox_params())
 
 
 def ssd_eval_transform(size: int) -> A.Compose:

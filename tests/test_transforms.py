@@ -5,6 +5,7 @@ import random
 import albumentations as A
 import cv2
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -196,6 +197,27 @@ def test_train_pipeline_outputs_fixed_size_and_valid_boxes():
         ob = np.asarray(out["bboxes"]).reshape(-1, 4)
         assert len(ob) == len(out["labels"]) == len(out["difficult"])
         assert (ob[:, 2] > ob[:, 0]).all() and (ob >= 0).all() and (ob <= 300).all()
+
+
+@pytest.mark.parametrize("policy", ["ssd", "light"])
+def test_photometric_distortion_runs_on_the_network_input_size(monkeypatch, policy):
+    """The colour distortion costs per pixel, so it comes after the resize: on a GTSDB-sized photo it sees 300 x 300,
+    not 1360 x 800 (1.6-1.7x a worker's rate there, benchmarks/README.md)."""
+    seen = []
+    for cls in (A.ColorJitter, A.ChannelShuffle):
+        original = cls.apply
+
+        def spy(self, img, *args, _original=original, **kwargs):
+            seen.append(img.shape)
+            return _original(self, img, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "apply", spy)
+    t = ssd_train_transform(300, policy=policy)
+    t.set_random_state(np.random.default_rng(0), random.Random(0))
+    img = np.random.default_rng(0).integers(0, 255, (800, 1360, 3), dtype=np.uint8)
+    for _ in range(20):
+        t(image=img, bboxes=np.array([[100, 100, 400, 300]], np.float32), labels=[0], difficult=[False])
+    assert seen and set(seen) == {(300, 300, 3)}
 
 
 def test_fused_zoom_out_crop_resize_matches_the_three_steps():
