@@ -666,7 +666,8 @@ class VOCDataModule(DetectionDataModule):
             some classes of a data set, e.g. VOC's ``person`` alone; their images stay, as background for the rest.
         synthetic: when set and ``root`` holds no data set yet, generate the synthetic one there.
         zoom_out: largest zoom-out ratio of the augmentation (1 disables it).
-        augment: training augmentation policy, "ssd" (the paper's) or "light" (flip, resize, photometric distortion: no zoom-out or crop).
+        augment: training augmentation policy, "ssd" (the paper's) or "light" (flip, resize, photometric distortion:
+            no zoom-out or crop).
     """
 
     def __init__(
