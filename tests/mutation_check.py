@@ -273,6 +273,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str], str]] = [
     ("Pe3", "train.py", "                keys.append(m.group(1))", "                pass", ["tests/test_train.py"], ""),
     ("Pe4", "train.py", 'accepted = [o[len(prefix):] for o in option_strings if o.startswith(prefix)]',
      "accepted = option_strings", ["tests/test_train.py"], ""),
+    ("Pe5", "train.py", 'kwargs.setdefault("allow_abbrev", False)', "pass", ["tests/test_train.py"], ""),
+    # the photometric distortion on the network's input size, after the geometric steps
+    ("T9", TR, "return A.Compose([*geometric, *photometric]", "return A.Compose([*photometric, *geometric]",
+     ["tests/test_transforms.py"], ""),
     # --predict over a folder: a corrupt file skipped and listed, two files of one stem drawn apart, never into the
     # images folder
     ("Pd1", EX, 'skipped[f.name] = "unreadable or corrupt image"', "raise",
