@@ -197,9 +197,9 @@ def test_a_parse_report_of_an_unknown_shape_keeps_jsonargparse_full_report():
 ])
 def test_a_wrong_config_key_or_value_is_one_line_with_the_closest_option(tmp_path, monkeypatch, capsys, args, edit,
                                                                            message):
-    """A misspelt or abbreviated option on the command line or in a config file (in a callback's block, in a nested Phase, in the
-    trainer group), a value of the wrong type, an unknown argument, a misspelt --config: one line naming where, the
-    closest option and the accepted ones; no usage block, no dump of the config. (In process: train.py's __main__
+    """A misspelt or abbreviated option on the command line or in a config file (in a callback's block, in a nested
+    Phase, in the trainer group), a value of the wrong type, an unknown argument, a misspelt --config: one line naming
+    where, the closest option and the accepted ones; no usage block, no dump of the config. (In process: train.py's __main__
     prints a ConfigError as "error: ..." with exit status 2, the next test runs that end to end.)"""
     from train import ConfigError, main
 
